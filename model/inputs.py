@@ -1,0 +1,114 @@
+"""Turn a batch (label ids, instance ids or edges, image) into the networks' input tensors, checking it first.
+
+Bad input is a `ValueError` that names the offending ids or shapes, never a device-side assert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from model.networks import instance_edges
+from model.options import ModelOptions
+
+
+@dataclass
+class Inputs:
+    label: torch.Tensor  # (B, label_channels, H, W) float: one-hot labels (+ the instance-edge map)
+    inst: torch.Tensor | None  # (B, H, W) int64 instance ids, when the batch had them
+    image: torch.Tensor | None  # (B, output_nc, H, W) float in [-1, 1]
+
+
+def _spatial(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Accept (B, H, W) or (B, 1, H, W); return (B, H, W)."""
+    if t.dim() == 4 and t.shape[1] == 1:
+        return t[:, 0]
+    if t.dim() == 3:
+        return t
+    raise ValueError(f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(t.shape)}")
+
+
+def _check_label_ids(label: torch.Tensor, label_nc: int) -> None:
+    if label.dtype.is_floating_point or label.dtype == torch.bool:
+        raise ValueError(f"label must hold integer class ids (uint8/int), got dtype {label.dtype}")
+    lo, hi = torch.aminmax(label)
+    if lo.item() < 0 or hi.item() >= label_nc:
+        bad = torch.unique(label[(label < 0) | (label >= label_nc)]).tolist()
+        shown = ", ".join(str(v) for v in bad[:20]) + (" ..." if len(bad) > 20 else "")
+        raise ValueError(
+            f"label ids {shown} are outside [0, label_nc={label_nc}): raise label_nc above {max(bad)} "
+            f"or remap those ids in the dataset"
+        )
+
+
+def prepare_inputs(
+    opt: ModelOptions,
+    label: torch.Tensor,
+    image: torch.Tensor | None = None,
+    inst: torch.Tensor | None = None,
+    edges: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> Inputs:
+    """Validate a batch and build G's semantic input.
+
+    label: (B, H, W) / (B, 1, H, W) integer ids when label_nc > 0, else (B, input_nc, H, W) float.
+    image: (B, output_nc, H, W) in [-1, 1] (training). inst: instance ids. edges: a precomputed boundary map
+    (used instead of computing it from `inst`).
+    """
+    device = torch.device(device) if device is not None else label.device
+    if opt.label_nc > 0:
+        label = _spatial(label, "label")
+        _check_label_ids(label, opt.label_nc)
+        b, h, w = label.shape
+        semantic = F.one_hot(label.to(device, torch.long), opt.label_nc).permute(0, 3, 1, 2).float()
+    else:
+        if label.dim() != 4 or label.shape[1] != opt.input_nc:
+            raise ValueError(
+                f"label with label_nc=0 must be (B, input_nc={opt.input_nc}, H, W), got {tuple(label.shape)}"
+            )
+        b, _, h, w = label.shape
+        semantic = label.to(device, torch.float32)
+
+    m = opt.size_multiple
+    if h % m or w % m:
+        raise ValueError(
+            f"label size {h}x{w} is not a multiple of {m} (2^(n_downsample_global + local enhancers)): "
+            f"crop or resize to e.g. {h // m * m or m}x{w // m * m or m}"
+        )
+
+    def same_size(t: torch.Tensor, name: str) -> None:
+        if t.shape[0] != b or tuple(t.shape[-2:]) != (h, w):
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but label is {(b, h, w)} (batch, height, width)")
+
+    inst_ids = None
+    if inst is not None:
+        inst = _spatial(inst, "inst")
+        same_size(inst, "inst")
+        if inst.dtype.is_floating_point:
+            raise ValueError(f"inst must hold integer instance ids, got dtype {inst.dtype}")
+        inst_ids = inst.to(device, torch.long)
+
+    if not opt.no_instance:
+        if edges is not None:
+            edges = _spatial(edges, "edges")
+            same_size(edges, "edges")
+            edge_map = edges.to(device, torch.float32).unsqueeze(1)
+        elif inst_ids is not None:
+            edge_map = instance_edges(inst_ids)
+        else:
+            raise ValueError(
+                "the model uses instance boundaries (no_instance=false): the batch needs 'inst' or 'edges'"
+            )
+        semantic = torch.cat([semantic, edge_map], 1)
+
+    if opt.instance_feat and inst_ids is None:
+        raise ValueError("instance_feat=true needs instance ids ('inst') in the batch for the feature encoder")
+
+    if image is not None:
+        if image.dim() != 4 or image.shape[1] != opt.output_nc:
+            raise ValueError(f"image must be (B, output_nc={opt.output_nc}, H, W), got {tuple(image.shape)}")
+        same_size(image, "image")
+        image = image.to(device, torch.float32)
+    return Inputs(label=semantic, inst=inst_ids, image=image)
