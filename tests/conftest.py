@@ -38,3 +38,65 @@ def tiny_batch(opt: ModelOptions, n: int = 2, h: int = 32, w: int = 32, seed: in
 @pytest.fixture
 def opt() -> ModelOptions:
     return tiny_options()
+
+
+# ---- real local services ---------------------------------------------------------------------------------
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
+CITYSCAPES_SAMPLES = SHARED / "datasets" / "cityscapes_samples"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1, with the AWS environment pointing at it. Yields the endpoint URL."""
+    from tests.services import apply_env, moto_s3_server, restore_env, s3_environment
+
+    with moto_s3_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        old = apply_env(s3_environment(endpoint))
+        try:
+            yield endpoint
+        finally:
+            restore_env(old)
+
+
+@pytest.fixture
+def bucket(s3, request):
+    """A fresh bucket per test; yields its s3:// URI."""
+    import re
+
+    from tests.services import make_bucket
+
+    name = (
+        re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+        + "-"
+        + str(abs(hash(request.node.nodeid)) % 10**6)
+    )
+    make_bucket(s3, name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """A local Ray instance with 2 CPUs (started after the S3 environment, so its workers inherit it)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, object_store_memory=500 * 2**20, include_dashboard=False, log_to_driver=False)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def cityscapes_samples():
+    if not CITYSCAPES_SAMPLES.is_dir():
+        pytest.skip(
+            f"real Cityscapes samples not present at {CITYSCAPES_SAMPLES} (they ship in ../shared, not the repo)"
+        )
+    return CITYSCAPES_SAMPLES
