@@ -11,7 +11,7 @@ Worker side: `iter_epoch(ray.train.get_dataset_shard("train"), cfg, epoch)` yiel
     edges  float (B, H, W) boundary map      when cfg.instance_output == "edges"
     image  float (B, 3, H, W) in [-1, 1]
     index  int64 (B,) sample index in the manifest
-Order is reproducible from cfg.seed: block order is seeded (a different order each epoch), execution preserves
+Order is reproducible from cfg.seed: shard order is seeded (a different order each epoch), execution preserves
 order (`execution_options()`), and the local shuffle buffer is seeded with (seed, epoch).
 """
 
@@ -95,15 +95,21 @@ def execution_options():
 def build_dataset(uri: str, split: str, cfg: PipelineConfig):
     """Verify the split's manifest and shards, then build the (lazy) Ray Dataset of decoded samples."""
     import ray.data
-    from ray.data import RandomSeedConfig
+    from ray.data import FileShuffleConfig
 
     manifest = shards.load_manifest(uri, split)
     if cfg.verify != "none":
         shards.verify(manifest, cfg.verify)
     locs = manifest.shard_locations
-    ds = ray.data.read_parquet([loc.path for loc in locs], filesystem=locs[0].fs, num_cpus=cfg.read_cpus)
+    # Shard order is shuffled per execution (= per epoch), deterministically from the seed; a file-level
+    # shuffle keeps the pipeline streaming (randomize_block_order would be an all-to-all barrier).
+    ds = ray.data.read_parquet(
+        [loc.path for loc in locs],
+        filesystem=locs[0].fs,
+        num_cpus=cfg.read_cpus,
+        shuffle=FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True),
+    )
     ds = ds.select_columns(["index", "stem", "label", "inst", "image"])
-    ds = ds.randomize_block_order(seed=RandomSeedConfig(cfg.seed, reseed_after_execution=True))
     return ds.map_batches(
         Decode(cfg.geometry, cfg.instance_output),
         batch_size=cfg.decode_batch,
