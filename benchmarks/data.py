@@ -22,10 +22,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from data import shards
-from data.pipeline import Decode, PipelineConfig, build_dataset, iter_epoch
+from data.pipeline import Decode, PipelineConfig, build_dataset, iter_epoch, to_model_batch
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
-from data.transforms import Geometry, random_crop_flip
+from data.transforms import Geometry
 
 RESOLUTIONS = {
     "2048x1024": Geometry("none", size_multiple=32),
@@ -58,11 +58,7 @@ def one_process(uri: str, cfg: PipelineConfig) -> float:
             table = pq.read_table(f, columns=["index", "stem", "label", "inst", "image"])
         for batch in table.to_batches(max_chunksize=cfg.decode_batch):
             cols = {k: batch.column(k).to_pylist() for k in batch.schema.names}
-            out = decode(cols)
-            tensors = {k: torch.from_numpy(v) for k, v in out.items()}
-            tensors["image"] = tensors["image"].permute(0, 3, 1, 2)
-            tensors = random_crop_flip(cfg.geometry, tensors, 0, 0)
-            tensors["image"].float().div_(127.5).sub_(1)
+            to_model_batch({k: torch.from_numpy(v) for k, v in decode(cols).items()}, cfg, 0, train=True)
             n += len(cols["index"])
     return n / (time.perf_counter() - t0)
 

@@ -21,6 +21,7 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image
 
 from data import shards
@@ -127,15 +128,34 @@ def iter_epoch(shard, cfg: PipelineConfig, epoch: int, train: bool = True):
         local_shuffle_buffer_size=shuffle,
         local_shuffle_seed=(cfg.seed * 1_000_003 + epoch) if shuffle else None,
     ):
-        batch["image"] = batch["image"].permute(0, 3, 1, 2)  # (B, 3, H, W): crop and flip act on the last two
-        batch = random_crop_flip(cfg.geometry, batch, cfg.seed, epoch, train=train)
-        out = {
-            "index": batch["index"],
-            "label": batch["label"],
-            "image": batch["image"].float().div_(127.5).sub_(1.0),
-        }
-        if "inst" in batch:
-            out["inst"] = batch["inst"].long()
-        if "edges" in batch:
-            out["edges"] = batch["edges"].float()
-        yield out
+        yield to_model_batch(batch, cfg, epoch, train)
+
+
+def read_samples(uri: str, split: str, cfg: PipelineConfig, n: int) -> dict[str, torch.Tensor]:
+    """The first `n` samples of a split, decoded at the load geometry in this process (no Ray): for pictures and
+    inference on the driver. Same tensors as `iter_epoch(..., train=False)`."""
+    import pyarrow.parquet as pq
+
+    manifest = shards.load_manifest(uri, split)
+    decode = Decode(cfg.geometry, cfg.instance_output)
+    rows: list[dict] = []
+    for loc in manifest.shard_locations:
+        with loc.fs.open_input_file(loc.path) as f:
+            table = pq.read_table(f, columns=["index", "stem", "label", "inst", "image"])
+        rows += table.slice(0, n - len(rows)).to_pylist()
+        if len(rows) >= n:
+            break
+    arrays = decode({k: [r[k] for r in rows] for k in rows[0]})
+    return to_model_batch({k: torch.from_numpy(v) for k, v in arrays.items()}, cfg, 0, train=False)
+
+
+def to_model_batch(batch: dict[str, torch.Tensor], cfg: PipelineConfig, epoch: int, train: bool) -> dict:
+    """Decoded arrays -> model tensors: crop/flip, image (B, 3, H, W) in [-1, 1], int64 ids, float edges."""
+    batch["image"] = batch["image"].permute(0, 3, 1, 2)  # crop and flip act on the last two dimensions
+    batch = random_crop_flip(cfg.geometry, batch, cfg.seed, epoch, train=train)
+    out = {"index": batch["index"], "label": batch["label"], "image": batch["image"].float().div_(127.5).sub_(1.0)}
+    if "inst" in batch:
+        out["inst"] = batch["inst"].long()
+    if "edges" in batch:
+        out["edges"] = batch["edges"].float()
+    return out

@@ -1,20 +1,24 @@
-"""`make demo`: the main job on embedded defaults. Usage: python -m jobs.demo [--epochs N] [--out DIR]"""
+"""`make demo`: generate data, shard it, run the three-stage curriculum on local Ray, write a PNG grid.
+
+python -m jobs.demo [--out DIR] [--samples N] [--set section.key=value ...]
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from orchestration.quick_demo import DemoSettings, run
+from orchestration.demo import DemoSettings, run_demo
 
 
 def main(argv: list[str] | None = None) -> None:
     d = DemoSettings()
-    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--out", default=d.out_dir, help="output folder for the PNG grid")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=d.out_dir, help="output folder (data, runs, demo.png)")
+    p.add_argument("--config", default=d.config)
+    p.add_argument("--samples", type=int, default=d.samples, help="procedural scenes to generate")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     a = p.parse_args(argv)
-    run(DemoSettings(out_dir=a.out, epochs=a.epochs, seed=a.seed))
+    run_demo(DemoSettings(out_dir=a.out, config=a.config, samples=a.samples, overrides=tuple(a.set)))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -38,6 +39,12 @@ def comparison_rows(labels: LabelSet, label: torch.Tensor, *images: torch.Tensor
         lab = label[i].reshape(label.shape[-2:]).cpu().numpy()
         rows.append([labels.colorize(lab)] + [to_uint8(batch[i]) for batch in images])
     return rows
+
+
+def to_png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:

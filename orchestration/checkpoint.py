@@ -1,0 +1,128 @@
+"""Training checkpoints: one directory with `state.pt` and `meta.json`.
+
+`state.pt` holds G, D, E, both optimizers, the trainable set, epoch (completed), global step, lr, RNG states
+and the resolved config. `meta.json` is written last and carries state.pt's sha256: a directory without it, or
+whose state.pt does not match it, is a partial checkpoint and is refused. Loading uses `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.step import TrainStep
+
+STATE, META = "state.pt", "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached": float(cached)},
+        "python": random.getstate(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(directory: str | Path, step: TrainStep, *, stage: int, epoch: int, global_step: int, lr: float,
+         config: dict) -> Path:  # fmt: skip
+    """Write a checkpoint into `directory` (created): state.pt first, meta.json (with its sha256) last."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = step.state_dict()
+    state.update(stage=stage, epoch=epoch, global_step=global_step, lr=lr, rng=rng_state(),
+                 config=json.dumps(config, sort_keys=True))  # fmt: skip
+    torch.save(state, d / STATE)
+    meta = {"sha256": _sha256(d / STATE), "stage": stage, "epoch": epoch, "global_step": global_step}
+    tmp = d / (META + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(d / META)
+    return d
+
+
+def load(directory: str | Path) -> dict[str, Any]:
+    d = Path(directory)
+    if not (d / META).is_file():
+        raise CheckpointError(f"{d} has no {META}: a partly written checkpoint, refused")
+    meta = json.loads((d / META).read_text())
+    if not (d / STATE).is_file() or _sha256(d / STATE) != meta["sha256"]:
+        raise CheckpointError(f"{d}/{STATE} does not match the sha256 in {META}: a partial or damaged checkpoint")
+    return torch.load(d / STATE, map_location="cpu", weights_only=True)
+
+
+def restore(step: TrainStep, state: dict[str, Any]) -> None:
+    """Resume within a stage: networks, optimizers, trainable set and RNG as they were."""
+    step.load_state_dict(state)
+    set_rng_state(state["rng"])
+
+
+def shift_discriminator_scales(d_state: dict[str, torch.Tensor], shift: int) -> dict[str, torch.Tensor]:
+    """Stage 1's D_k sees the half-resolution image pooled k times, which stage 2's D_{k+shift} sees at full
+    resolution: rename `scales.k.` -> `scales.{k+shift}.`."""
+    out = {}
+    for name, t in d_state.items():
+        _, k, rest = name.split(".", 2)
+        out[f"scales.{int(k) + shift}.{rest}"] = t
+    return out
+
+
+def fetch(uri: str, into: str | Path) -> dict[str, Any]:
+    """Load a checkpoint directory from any storage URI (copied into the local folder `into`)."""
+    import pyarrow.fs as pafs
+
+    from data import storage
+
+    loc = storage.resolve(uri)
+    if loc.is_s3:
+        pafs.copy_files(loc.path, str(into), source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
+        return load(into)
+    return load(loc.path)
+
+
+def init_from_previous_stage(step: TrainStep, state: dict[str, Any], stage: int) -> str:
+    """Start stage 2 from stage 1 (G1 into the enhancer's global part, D scales shifted, fresh optimizers) or
+    stage 3 from stage 2 (everything, optimizers included). Returns a one-line report."""
+    if stage == 2:
+        report = step.load_stage1_generator(state["G"])
+        shift = step.opt.num_D - sum(1 for k in state["D"] if k.endswith("layers.0.0.weight"))
+        missing, _ = step.D.load_state_dict(shift_discriminator_scales(state["D"], shift), strict=False)
+        if step.E is not None and "E" in state:
+            step.E.load_state_dict(state["E"])
+        return (
+            f"stage 1 -> 2: loaded {len(report['loaded'])} G1 tensors into the global generator, "
+            f"{len(report['initialised'])} enhancer parameters new; D scales 0..{shift - 1} new "
+            f"({len(missing)} tensors), the rest from stage 1"
+        )
+    step.load_state_dict(state)
+    return f"stage {stage - 1} -> {stage}: loaded G, D{', E' if step.E is not None else ''} and both optimizers"

@@ -1,0 +1,283 @@
+"""The job configuration: one YAML file, typed, with pix2pixHD's option names, a section per stage.
+
+    name: label2city_1024p          # run name prefix
+    dataset: cityscapes             # registry name: pix2pixhd-<dataset>
+    model:  {label_nc: 35, ngf: 32, ...}      # ModelOptions; ngf is the local enhancer's (G1 uses ngf*2^n)
+    data:   {uri: s3://..., resize_or_crop: none, ...}
+    train:  {num_workers: 8, use_gpu: true, batch_size: 1, save_epoch_freq: 10, storage: s3://..., ...}
+    stage1: {niter: 100, niter_decay: 100, resize_or_crop: scale_width, load_size: 1024, num_D: 2}
+    stage2: {niter: 10, niter_decay: 0, niter_fix_global: 10}
+    stage3: {niter: 50, niter_decay: 50}
+
+Unknown keys and invalid values are errors naming the key (and the file). `--set stage2.niter=5` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data.transforms import Geometry
+from model.options import ModelOptions
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and key."""
+
+
+@dataclass
+class DataConfig:
+    uri: str | None = None  # a prepared dataset (jobs.prepare_data --dest); --data overrides
+    train_split: str = "train"
+    val_split: str | None = "val"  # None: no validation
+    resize_or_crop: str = "scale_width"
+    load_size: int = 1024
+    fine_size: int = 512
+    no_flip: bool = False
+    shuffle_buffer: int = 16
+    verify: str = "sha256"  # shard check before each stage: sha256, size, none
+    read_cpus: float = 0.25
+    decode_cpus: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    batch_size: int = 1
+    save_epoch_freq: int = 10  # epochs between checkpoints (and always at stage end)
+    max_failures: int = 3  # worker-group restarts per stage, each resuming from the latest checkpoint
+    storage: str | None = None  # run storage: a path or s3://; default outputs/runs
+    precision: str = "auto"  # auto (bf16 on GPU), bf16, fp32
+    channels_last: bool = False
+    image_every: int = 1  # epochs between image grids
+    log_every: int = 0  # steps between progress lines; 0 = once per epoch
+    val_samples: int = 4  # held-out samples shown in image grids
+    seed: int = 0
+
+
+@dataclass
+class StageConfig:
+    niter: int = 1
+    niter_decay: int = 0
+    niter_fix_global: int = 0  # stage 2: epochs during which G1 is frozen
+    # optional per-stage overrides of the shared sections
+    batch_size: int | None = None
+    lr: float | None = None
+    num_D: int | None = None
+    resize_or_crop: str | None = None
+    load_size: int | None = None
+    fine_size: int | None = None
+    save_epoch_freq: int | None = None
+
+    @property
+    def epochs(self) -> int:
+        return self.niter + self.niter_decay
+
+
+@dataclass
+class Config:
+    name: str = "pix2pixhd"
+    dataset: str = "dataset"
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
+    stage3: StageConfig = field(default_factory=StageConfig)
+
+    def stage(self, k: int) -> StageConfig:
+        return getattr(self, f"stage{k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # ---- what each stage trains ----------------------------------------------------------------
+    def stage_model(self, k: int) -> ModelOptions:
+        """ModelOptions of stage k: G1 (ngf*2^n) in stage 1, the local enhancer after; stage lr / epochs."""
+        s = self.stage(k)
+        m = self.model
+        overrides: dict[str, Any] = dict(niter=s.niter, niter_decay=s.niter_decay, lr=s.lr or m.lr)
+        if s.num_D is not None:
+            overrides["num_D"] = s.num_D
+        if k == 1:
+            overrides.update(netG="global", ngf=m.ngf * 2**m.n_local_enhancers)
+        else:
+            overrides.update(netG="local")
+        return dataclasses.replace(m, **overrides)
+
+    def stage_geometry(self, k: int) -> Geometry:
+        s, d = self.stage(k), self.data
+        return Geometry(
+            resize_or_crop=s.resize_or_crop or d.resize_or_crop,
+            load_size=s.load_size or d.load_size,
+            fine_size=s.fine_size or d.fine_size,
+            size_multiple=self.stage_model(k).size_multiple,
+            no_flip=d.no_flip,
+        )
+
+    def stage_batch_size(self, k: int) -> int:
+        return self.stage(k).batch_size or self.train.batch_size
+
+    def stage_save_freq(self, k: int) -> int:
+        return self.stage(k).save_epoch_freq or self.train.save_epoch_freq
+
+    def instance_output(self) -> str:
+        if self.model.instance_feat:
+            return "ids"
+        return "none" if self.model.no_instance else "edges"
+
+    def validate(self) -> None:
+        """Cross-field checks (each section's own checks ran when it was built)."""
+        for k in (1, 2, 3):
+            s = self.stage(k)
+            where = f"stage{k}"
+            if s.niter < 0 or s.niter_decay < 0 or s.epochs < 1:
+                raise ConfigError(f"{where}: niter + niter_decay must be >= 1 (got {s.niter} + {s.niter_decay})")
+            if s.niter_fix_global and k != 2:
+                raise ConfigError(f"{where}.niter_fix_global: only stage 2 freezes the global generator")
+            if s.niter_fix_global > s.epochs:
+                raise ConfigError(f"stage2.niter_fix_global={s.niter_fix_global} exceeds stage 2's {s.epochs} epochs")
+            try:
+                self.stage_model(k)
+                self.stage_geometry(k)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        if self.stage_model(2).num_D < self.stage_model(1).num_D:
+            raise ConfigError("stage2.num_D must be >= stage1.num_D (stage 2 adds a discriminator scale)")
+        t = self.train
+        if t.num_workers < 1 or t.batch_size < 1 or t.save_epoch_freq < 1:
+            raise ConfigError("train.num_workers, train.batch_size and train.save_epoch_freq must be >= 1")
+        if t.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision={t.precision!r} is not one of auto, bf16, fp32")
+
+
+# ---- building from YAML ---------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls, raw: Any, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+            raise ConfigError(f"unknown key '{path}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """`section.key=value` (value parsed as YAML) into the raw mapping."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. stage2.niter=5")
+    path, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({e})") from None
+    node = raw
+    parts = path.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist (see configs/ for examples)") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    try:
+        for assignment in overrides or []:
+            apply_override(raw, assignment)
+        cfg = _build(Config, raw, "")
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    return cfg
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    cfg.validate()
+    return cfg

@@ -1,0 +1,179 @@
+"""The three-stage pix2pixHD curriculum, each stage one Ray Train `TorchTrainer.fit()`.
+
+    stage 1: GlobalGenerator G1 at half resolution
+    stage 2: LocalEnhancer at full resolution, G1 loaded from stage 1 and frozen for niter_fix_global epochs,
+             D scales carried over (one new, finest scale)
+    stage 3: everything jointly, lr constant for niter then linear decay over niter_decay
+
+Run layout in storage (a local folder by default, s3://... on a cluster):
+    {storage}/{run_id}/run.json           stage status and final checkpoints (written after each stage)
+    {storage}/{run_id}/stage{k}/...       Ray Train's run folder: checkpoints, images/epoch_NNNN.png
+
+A resubmitted run id skips finished stages and resumes an unfinished one from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from data import shards, storage
+from data.layouts import label_set
+from data.pipeline import build_dataset, execution_options
+from orchestration.config import Config, ConfigError
+from orchestration.worker import StageContext, pipeline_config, train_stage
+
+
+@dataclass(frozen=True)
+class Stage:
+    k: int
+    what: str
+
+
+STAGES = (
+    Stage(1, "global generator G1 at half resolution"),
+    Stage(2, "local enhancer at full resolution, G1 frozen for niter_fix_global epochs"),
+    Stage(3, "joint fine-tune of G1 and the enhancer"),
+)
+
+
+class RunState:
+    """run.json: which stages finished, with their final checkpoints. Written atomically by the driver."""
+
+    def __init__(self, root: storage.Location):
+        self.loc = root.join("run.json")
+        try:
+            self.data = json.loads(storage.read_bytes(self.loc))
+        except FileNotFoundError:
+            self.data = {"stages": {}}
+
+    def done(self, k: int) -> dict | None:
+        entry = self.data["stages"].get(str(k))
+        return entry if entry and entry.get("status") == "done" else None
+
+    def record(self, k: int, **entry) -> None:
+        self.data["stages"][str(k)] = {"status": "done", **entry}
+        storage.write_bytes_atomic(self.loc, json.dumps(self.data, indent=1).encode())
+
+
+@dataclass
+class RunPlan:
+    cfg: Config
+    run_id: str
+    stages: list[int]
+    data_uri: str
+    storage_uri: str
+    from_run: str | None = None
+
+
+def default_run_id(cfg: Config) -> str:
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def preflight(plan: RunPlan) -> tuple[storage.Location, RunState, dict[int, str]]:
+    """Every check that can fail before a worker starts: data manifest, storage, earlier stages."""
+    if not plan.stages or any(k not in (1, 2, 3) for k in plan.stages) or plan.stages != sorted(set(plan.stages)):
+        raise ConfigError(f"--stages {plan.stages}: give increasing stage numbers from 1, 2, 3 (e.g. 2,3)")
+    manifest = shards.load_manifest(plan.data_uri, plan.cfg.data.train_split)
+    label_nc = plan.cfg.model.label_nc
+    if label_nc and manifest["label_nc"] > label_nc:
+        raise ConfigError(
+            f"model.label_nc={label_nc} but the dataset {plan.data_uri} has label_nc {manifest['label_nc']}"
+        )
+    if plan.cfg.instance_output() != "none" and not manifest["has_instances"]:
+        raise ConfigError(
+            f"{plan.data_uri} has no instance maps: set model.no_instance: true (and instance_feat: false)"
+        )
+    root = storage.resolve(plan.storage_uri).join(plan.run_id)
+    storage.check_writable(root)
+    state = RunState(root)
+    inits: dict[int, str] = {}
+    first = plan.stages[0]
+    if first > 1:
+        source = state if plan.from_run is None else RunState(storage.resolve(plan.storage_uri).join(plan.from_run))
+        prev = source.done(first - 1) or state.done(first - 1)
+        if prev is None:
+            raise ConfigError(
+                f"stage {first} starts from stage {first - 1}'s final checkpoint, but run "
+                f"'{plan.from_run or plan.run_id}' in {plan.storage_uri} has no finished stage {first - 1}; "
+                f"pass --from-run RUN_ID of a run that finished it"
+            )
+        inits[first] = prev["checkpoint"]
+    return root, state, inits
+
+
+def run(plan: RunPlan, log=print) -> dict[int, dict]:
+    """Run the planned stages; returns {stage: run.json entry}."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = plan.cfg
+    root, state, inits = preflight(plan)
+    val_split = cfg.data.val_split
+    if val_split:
+        try:
+            shards.load_manifest(plan.data_uri, val_split)
+        except shards.ManifestError:
+            log(f"note: {plan.data_uri} has no '{val_split}' split; images and val_L1 use training samples")
+            val_split = None
+    if not ray.is_initialized():
+        ray.init()
+    log(f"run {plan.run_id}: stages {plan.stages}, data {plan.data_uri}, storage {root}")
+    labels = label_set(shards.load_manifest(plan.data_uri, cfg.data.train_split)["layout"]).name
+    results: dict[int, dict] = {}
+    for k in plan.stages:
+        done = state.done(k)
+        if done:
+            log(f"[stage {k}] already finished in run {plan.run_id} ({done['epochs']} epochs): skipped")
+            results[k] = done
+            inits[k + 1] = done["checkpoint"]
+            continue
+        stage_cfg = cfg.stage(k)
+        model = cfg.stage_model(k)
+        geo = cfg.stage_geometry(k)
+        log(
+            f"[stage {k}] {STAGES[k - 1].what}: netG={model.netG} ngf={model.ngf} num_D={model.num_D} "
+            f"{geo.resize_or_crop}/{geo.load_size} batch {cfg.stage_batch_size(k)} x {cfg.train.num_workers} workers, "
+            f"{stage_cfg.epochs} epochs"
+        )
+        pcfg = pipeline_config(cfg, k)
+        datasets = {"train": build_dataset(plan.data_uri, cfg.data.train_split, pcfg)}
+        datasets["val"] = build_dataset(plan.data_uri, val_split or cfg.data.train_split, pcfg)
+        context = StageContext(cfg.to_dict(), k, root.uri, inits.get(k), labels)
+        resources = {"CPU": cfg.train.cpus_per_worker}
+        if cfg.train.use_gpu:
+            resources["GPU"] = cfg.train.gpus_per_worker
+        trainer = TorchTrainer(
+            train_stage,
+            train_loop_config=vars(context),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+            ),  # fmt: skip
+            run_config=RunConfig(
+                name=f"stage{k}",
+                storage_path=root.path,
+                storage_filesystem=root.fs,
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            ),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=["train"], execution_options=execution_options()),
+        )
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"stage {k} failed: {result.error}") from result.error
+        if result.checkpoint is None:
+            raise RuntimeError(f"stage {k} finished without a checkpoint")
+        ckpt_uri = ("s3://" if root.is_s3 else "") + result.checkpoint.path
+        metrics = result.metrics or {}
+        entry = dict(checkpoint=ckpt_uri, epochs=metrics.get("epoch"), global_step=metrics.get("global_step"),
+                     seconds=round(time.perf_counter() - t0, 1), metrics=metrics)  # fmt: skip
+        state.record(k, **entry)
+        results[k] = state.done(k)
+        inits[k + 1] = ckpt_uri
+        log(f"[stage {k}] finished: {entry['epochs']} epochs, {entry['global_step']} steps in {entry['seconds']}s; "
+            f"checkpoint {ckpt_uri}")  # fmt: skip
+    return results

@@ -1,0 +1,187 @@
+"""The per-worker training loop of one curriculum stage (runs inside Ray Train workers).
+
+Every rank runs the same loop; rank 0 alone prints progress, writes image grids and checkpoints.
+`ray.train.report` is called once per epoch on every rank (it is a barrier).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from data import storage
+from data.labels import LABEL_SETS
+from data.pipeline import PipelineConfig, iter_epoch
+from model.inference import generate
+from model.step import LOSS_NAMES, TrainStep
+from orchestration import checkpoint
+from orchestration.config import Config, from_dict
+from orchestration.visuals import comparison_rows, grid, to_png_bytes
+
+
+@dataclass
+class StageContext:
+    """What the driver hands each worker (as train_loop_config)."""
+
+    config: dict
+    stage: int
+    run_root: str  # URI of {storage}/{run_id}
+    init_checkpoint: str | None  # URI of the previous stage's final checkpoint
+    label_set: str = "cityscapes"
+
+
+def pipeline_config(cfg: Config, k: int) -> PipelineConfig:
+    d = cfg.data
+    return PipelineConfig(
+        geometry=cfg.stage_geometry(k),
+        instance_output=cfg.instance_output(),
+        batch_size=cfg.stage_batch_size(k),
+        seed=cfg.train.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        read_cpus=d.read_cpus,
+        decode_cpus=d.decode_cpus,
+        verify=d.verify,
+    )
+
+
+def _wrap(module: torch.nn.Module) -> torch.nn.Module:
+    return ray.train.torch.prepare_model(module, move_to_device=False)
+
+
+def _load_checkpoint_uri(uri: str) -> dict:
+    loc = storage.resolve(uri)
+    with ray.train.Checkpoint(path=loc.path, filesystem=loc.fs).as_directory() as d:
+        return checkpoint.load(d)
+
+
+def _heldout(shard, pcfg: PipelineConfig, n: int, device) -> dict[str, torch.Tensor] | None:
+    """The first `n` samples of the validation stream (no augmentation), kept for images and val_L1."""
+    if shard is None or n <= 0:
+        return None
+    parts: dict[str, list[torch.Tensor]] = {}
+    got = 0
+    for b in iter_epoch(shard, pcfg, epoch=0, train=False):
+        for k, v in b.items():
+            parts.setdefault(k, []).append(v)
+        got += len(b["index"])
+        if got >= n:
+            break
+    if not got:
+        return None
+    return {k: torch.cat(v)[:n].to(device) for k, v in parts.items()}
+
+
+def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def train_stage(context: dict) -> None:
+    ctx = StageContext(**context)
+    cfg = from_dict(ctx.config)
+    k = ctx.stage
+    stage_cfg = cfg.stage(k)
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    opt = cfg.stage_model(k)
+    step = TrainStep(opt, device, wrap=_wrap, precision=cfg.train.precision, channels_last=cfg.train.channels_last,
+                     seed=cfg.train.seed)  # fmt: skip
+    say = _emit if rank == 0 else (lambda *a, **kw: None)
+
+    start_epoch, global_step = 0, 0
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = checkpoint.load(d)
+        checkpoint.restore(step, state)
+        start_epoch, global_step = state["epoch"], state["global_step"]
+        say(f"[stage {k}] resuming from its checkpoint: epoch {start_epoch}, step {global_step}")
+    elif ctx.init_checkpoint:
+        say(f"[stage {k}] {checkpoint.init_from_previous_stage(step, _load_checkpoint_uri(ctx.init_checkpoint), k)}")  # fmt: skip
+
+    pcfg = pipeline_config(cfg, k)
+    shard = ray.train.get_dataset_shard("train")
+    heldout = _heldout(ray.train.get_dataset_shard("val"), pcfg, cfg.train.val_samples, device) if rank == 0 else None
+    labels = LABEL_SETS[ctx.label_set]
+    images_root = storage.resolve(ctx.run_root).join(f"stage{k}", "images")
+    epochs = stage_cfg.epochs
+    stage_start = time.perf_counter()
+
+    for epoch in range(start_epoch, epochs):
+        trainable = "local" if k == 2 and epoch < stage_cfg.niter_fix_global else "all"
+        step.set_trainable(trainable)
+        step.train(True)
+        lr = step.set_epoch(epoch)
+        sums = torch.zeros(len(LOSS_NAMES), device=device)
+        batches, samples, wait = 0, 0, 0.0
+        t_epoch = time.perf_counter()
+        t_ready = t_epoch
+        for batch in iter_epoch(shard, pcfg, epoch):
+            wait += time.perf_counter() - t_ready
+            losses = step.step(batch)
+            sums += torch.stack([losses[n] for n in LOSS_NAMES])
+            batches += 1
+            samples += len(batch["index"])
+            global_step += 1
+            if cfg.train.log_every and global_step % cfg.train.log_every == 0:
+                shown = " ".join(f"{n}={v.item():.3f}" for n, v in losses.items())
+                say(f"[stage {k}] epoch {epoch + 1}/{epochs} step {global_step} {shown}")
+            t_ready = time.perf_counter()
+        took = time.perf_counter() - t_epoch
+        totals = _reduce_sum(torch.cat([sums, torch.tensor([batches, samples], device=device, dtype=sums.dtype)]))
+        n_batches, n_samples = totals[-2].item(), totals[-1].item()
+        metrics = {name: (totals[i] / max(n_batches, 1)).item() for i, name in enumerate(LOSS_NAMES)}
+        metrics.update(stage=k, epoch=epoch + 1, global_step=global_step, lr=lr, trainable=trainable,
+                       img_per_s=n_samples / took, data_wait=wait / took, samples=n_samples)  # fmt: skip
+
+        last = epoch + 1 == epochs
+        if heldout is not None:
+            fake = generate(step.G, opt, heldout["label"], inst=heldout.get("inst"), edges=heldout.get("edges"),
+                            features=_features(step, heldout))  # fmt: skip
+            metrics["val_L1"] = (fake.float() - heldout["image"]).abs().mean().item()
+            if last or (epoch + 1) % cfg.train.image_every == 0:
+                png = to_png_bytes(grid(comparison_rows(labels, heldout["label"], fake, heldout["image"])))
+                storage.write_bytes_atomic(images_root.join(f"epoch_{epoch + 1:04d}.png"), png)
+
+        ckpt = None
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0 and (last or (epoch + 1) % cfg.stage_save_freq(k) == 0):
+                checkpoint.save(tmp, step, stage=k, epoch=epoch + 1, global_step=global_step, lr=lr,
+                                config=ctx.config)  # fmt: skip
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+        elapsed = time.perf_counter() - stage_start
+        eta = elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
+        shown = " ".join(f"{n}={metrics[n]:.3f}" for n in LOSS_NAMES)
+        val = f" val_L1={metrics['val_L1']:.3f}" if "val_L1" in metrics else ""
+        say(f"[stage {k}] epoch {epoch + 1}/{epochs} step {global_step} {shown}{val} lr={lr:.2e} "
+            f"{metrics['img_per_s']:.1f} img/s data-wait {100 * metrics['data_wait']:.0f}% "
+            f"eta {eta:.0f}s{' (G1 frozen)' if trainable == 'local' else ''}")  # fmt: skip
+    if start_epoch >= epochs:
+        say(f"[stage {k}] already complete ({epochs} epochs)")
+
+
+def _emit(line: str) -> None:
+    """One progress line on stdout (Ray forwards it to the driver and the job log). Ray Train's patched `print`
+    would log it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _features(step: TrainStep, heldout: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Instance features for rendering held-out samples: E's output on the real image (reconstruction)."""
+    if step.E is None:
+        return None
+    with torch.no_grad():
+        return step.E(heldout["image"], heldout["inst"])
