@@ -98,16 +98,17 @@ def shift_discriminator_scales(d_state: dict[str, torch.Tensor], shift: int) -> 
 
 
 def fetch(uri: str, into: str | Path) -> dict[str, Any]:
-    """Load a checkpoint directory from any storage URI (copied into the local folder `into`)."""
-    import pyarrow.fs as pafs
-
+    """Load a checkpoint directory from any storage URI (S3 files are copied into the local folder `into`)."""
     from data import storage
 
     loc = storage.resolve(uri)
-    if loc.is_s3:
-        pafs.copy_files(loc.path, str(into), source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
-        return load(into)
-    return load(loc.path)
+    if not loc.is_s3:
+        return load(loc.path)
+    into = Path(into)
+    into.mkdir(parents=True, exist_ok=True)
+    for name in (STATE, META):
+        (into / name).write_bytes(storage.read_bytes(loc.join(name)))
+    return load(into)
 
 
 def init_from_previous_stage(step: TrainStep, state: dict[str, Any], stage: int) -> str:

@@ -162,6 +162,8 @@ class Config:
                 raise ConfigError(f"{where}: {e}") from None
         if self.stage_model(2).num_D < self.stage_model(1).num_D:
             raise ConfigError("stage2.num_D must be >= stage1.num_D (stage 2 adds a discriminator scale)")
+        if self.stage_model(3).num_D != self.stage_model(2).num_D:
+            raise ConfigError("stage3.num_D must equal stage2.num_D (stage 3 continues stage 2's networks)")
         t = self.train
         if t.num_workers < 1 or t.batch_size < 1 or t.save_epoch_freq < 1:
             raise ConfigError("train.num_workers, train.batch_size and train.save_epoch_freq must be >= 1")

@@ -75,7 +75,7 @@ def bucket(s3, request):
     return f"s3://{name}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(s3):
     """A local Ray instance with 2 CPUs (started after the S3 environment, so its workers inherit it)."""
     import os

@@ -83,3 +83,48 @@ def restore_env(old: dict[str, str | None]) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@contextmanager
+def ray_head(tmp_dir: Path, env: dict[str, str], num_cpus: int = 2):
+    """`ray start --head --block` on 127.0.0.1 with its own temp dir and ports. Yields the dashboard URL.
+
+    The cluster's processes inherit `env` (S3 endpoint and credentials for the moto server)."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    gcs, dash = free_port(), free_port()
+    venv_bin = str(Path(sys.executable).parent)  # as with an activated venv: jobs' `python` is this one
+    full_env = {**os.environ, **env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_TMPDIR": str(tmp_dir), "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}  # fmt: skip
+    log = open(tmp_dir / "ray-head.log", "w")  # noqa: SIM115 - closed below
+    cmd = [ray_bin, "start", "--head", "--block", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+           "--disable-usage-stats", f"--temp-dir={tmp_dir}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        wait_http(f"{url}/api/version", timeout=90, proc=proc)
+        yield url
+    finally:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([ray_bin, "stop", "--force"], env=full_env, capture_output=True, timeout=60)
+        log.close()
+
+
+def job_env(dashboard: str) -> dict[str, str]:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": dashboard}
+
+
+def submit_job(dashboard: str, workdir: Path, entrypoint: list[str], wait: bool = True, timeout: float = 900):
+    """`ray job submit` as a user runs it. With wait, returns the finished CompletedProcess (logs in stdout)."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_bin, "job", "submit", "--address", dashboard, "--working-dir", str(workdir)]
+    if not wait:
+        cmd.append("--no-wait")
+    return subprocess.run([*cmd, "--", *entrypoint], env=job_env(dashboard), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip

@@ -1,0 +1,135 @@
+"""The curriculum as users run it: `ray start --head` on 127.0.0.1, `ray job submit` of jobs.train with 2 CPU
+workers, data and checkpoints in moto's S3 server."""
+
+import re
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import psutil
+import pytest
+import torch
+
+from data.shards import PrepareOptions, prepare
+from data.synthetic.write import write_city
+from orchestration import checkpoint
+from tests.services import make_bucket, ray_head, s3_environment, submit_job
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    with ray_head(Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")), s3_environment(s3)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def data(s3, tmp_path_factory):
+    make_bucket(s3, "e2e")
+    src = write_city(tmp_path_factory.mktemp("city") / "src", count=40, height=64, width=128)
+    prepare(
+        PrepareOptions("flat", str(src), "s3://e2e/data", val_fraction=0.1, name="synthetic-city"), log=lambda m: None
+    )
+    return "s3://e2e/data"
+
+
+def train_cmd(data, run_id, *extra):
+    return ["python", "-m", "jobs.train", "--config", "configs/tiny.yaml", "--data", data, "--storage", "s3://e2e/runs",
+            "--run-id", run_id, "--num-workers", "2", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def full_run(cluster, data):
+    r = submit_job(cluster, REPO, train_cmd(data, "full"))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def run_state(run_id):
+    import json
+
+    body = boto3.client("s3").get_object(Bucket="e2e", Key=f"runs/{run_id}/run.json")["Body"].read()
+    return {int(k): v for k, v in json.loads(body)["stages"].items()}
+
+
+def fetch(uri, tmp_path, name):
+    return checkpoint.fetch(uri, tmp_path / name)
+
+
+def test_the_three_stages_ran_in_order(full_run):
+    ends = [full_run.index(f"[stage {k}] finished") for k in (1, 2, 3)]
+    assert ends == sorted(ends)
+    frozen = re.findall(r"\[stage (\d)\] epoch \d+/\d+ .*\(G1 frozen\)", full_run)
+    assert frozen and set(frozen) == {"2"}
+    assert "stage 1 -> 2: loaded" in full_run and "stage 2 -> 3: loaded" in full_run
+    assert "testing-secret-key" not in full_run
+
+
+def test_stage2_trained_only_the_enhancer_and_stage3_trained_g1(full_run, tmp_path):
+    state = run_state("full")
+    s1, s2, s3 = (fetch(state[k]["checkpoint"], tmp_path, f"s{k}") for k in (1, 2, 3))
+    g1 = {k: v for k, v in s1["G"].items() if not k.startswith("model.28") and not k.startswith("model.27")}
+    global_part = {k: v for k, v in s2["G"].items() if k.startswith("model.")}
+    assert global_part.keys() <= g1.keys()
+    assert all(torch.equal(global_part[k], g1[k]) for k in global_part), "stage 2 changed G1 while frozen"
+    enhancer = [k for k in s2["G"] if k.startswith("model1_")]
+    assert enhancer and any(not torch.equal(s2["G"][k], s3["G"][k]) for k in enhancer)
+    assert any(not torch.equal(s3["G"][k], s2["G"][k]) for k in global_part), "stage 3 did not train G1"
+    # Adam in stage 2 stepped exactly the enhancer's parameters
+    n_global = len([k for k in s2["G"] if k.startswith("model.") and k.endswith(("weight", "bias"))])
+    stepped = s2["opt_G"]["state"]
+    assert len(stepped) == len(s2["G"]) - n_global
+    assert s3["epoch"] == state[3]["epochs"] == 2
+
+
+def test_final_checkpoints_and_images_are_in_the_bucket(full_run):
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="e2e", Prefix="runs/full/")["Contents"]]
+    for k in (1, 2, 3):
+        assert any(re.match(rf"runs/full/stage{k}/checkpoint_[^/]+/state.pt$", key) for key in keys)
+        assert any(re.match(rf"runs/full/stage{k}/checkpoint_[^/]+/meta.json$", key) for key in keys)
+        assert any(re.match(rf"runs/full/stage{k}/images/epoch_\d+.png$", key) for key in keys)
+    assert "runs/full/run.json" in keys
+
+
+def test_resubmitting_a_finished_run_does_no_training(full_run, cluster, data):
+    r = submit_job(cluster, REPO, train_cmd(data, "full"))
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert r.stdout.count("already finished in run full") == 3
+    assert not re.search(r"\[stage \d\] epoch \d", r.stdout)
+
+
+def test_killed_worker_resumes_without_losing_or_repeating_epochs(full_run, cluster, data):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    state = run_state("full")
+    steps_per_epoch = state[1]["global_step"] // state[1]["epochs"]
+    epochs = 6
+    client = JobSubmissionClient(cluster)
+    job = client.submit_job(
+        entrypoint=" ".join(train_cmd(data, "fault", "--stages", "1", "--set", f"stage1.niter={epochs - 1}")),
+        runtime_env={"working_dir": str(REPO)},
+        submission_id=f"fault-{uuid.uuid4().hex[:6]}",
+    )
+    deadline = time.monotonic() + 300
+    while "[stage 1] epoch 2/" not in client.get_job_logs(job):
+        assert client.get_job_status(job) not in (JobStatus.FAILED, JobStatus.SUCCEEDED), client.get_job_logs(job)[
+            -3000:
+        ]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    workers[-1].kill()
+    while client.get_job_status(job) not in (JobStatus.FAILED, JobStatus.SUCCEEDED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline + 300
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "resuming from its checkpoint" in logs
+    done = run_state("fault")[1]
+    assert done["epochs"] == epochs
+    assert done["global_step"] == epochs * steps_per_epoch
