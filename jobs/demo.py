@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=d.samples, help="procedural scenes to generate")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     a = p.parse_args(argv)
-    run_demo(DemoSettings(out_dir=a.out, config=a.config, samples=a.samples, overrides=tuple(a.set)))
+    run_demo(DemoSettings(out_dir=a.out, config=a.config, samples=a.samples, overrides=d.overrides + tuple(a.set)))
 
 
 if __name__ == "__main__":
