@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         steps_per_epoch = a.samples // bs
         direct = direct_step_seconds(cfg, data, steps_per_epoch)
         results = run(RunPlan(cfg, "overhead", [1], data, str(Path(tmp) / "runs")), log=lambda m: None)
-    m = results[1]["metrics"]
+    m = results.stages[1]["metrics"]
     ray_step = bs / m["img_per_s"]
     compute = ray_step * (1 - m["data_wait"])
     print(json.dumps({"batch": bs, "steps_per_epoch": steps_per_epoch, "direct_ms": round(1000 * direct, 2),

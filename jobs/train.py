@@ -16,6 +16,7 @@ from data.shards import ManifestError
 from data.storage import StorageError
 from orchestration.config import ConfigError, load_config
 from orchestration.curriculum import RunPlan, default_run_id, run
+from orchestration.tracking import resolve_tracking_uri
 
 DEFAULT_STORAGE = "outputs/runs"
 
@@ -32,6 +33,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stages", default="1,2,3", help="which stages to run, e.g. 2,3")
     p.add_argument("--from-run", help="take the checkpoint the first stage starts from out of this run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else a local sqlite store)")
+    p.add_argument("--no-tracking", action="store_true", help="no MLflow tracking and no registration")
+    p.add_argument("--no-register", action="store_true", help="track, but do not register the final generator")
     return p.parse_args(argv)
 
 
@@ -50,7 +54,9 @@ def plan_from_args(a: argparse.Namespace) -> RunPlan:
     except ValueError:
         raise ConfigError(f"--stages {a.stages!r}: expected comma-separated stage numbers, e.g. 2,3") from None
     return RunPlan(cfg=cfg, run_id=a.run_id or default_run_id(cfg), stages=stages, data_uri=data,
-                   storage_uri=a.storage or cfg.train.storage or DEFAULT_STORAGE, from_run=a.from_run)  # fmt: skip
+                   storage_uri=a.storage or cfg.train.storage or DEFAULT_STORAGE, from_run=a.from_run,
+                   tracking_uri=None if a.no_tracking else resolve_tracking_uri(a.tracking_uri),
+                   register=not a.no_register)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError, StorageError, LayoutError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
-    final = results[max(results)]
-    print(f"run {plan.run_id} done; final checkpoint {final['checkpoint']}")
+    print(f"run {plan.run_id} done; final checkpoint {results.final['checkpoint']}")
+    if results.registry:
+        print(f"registered {results.registry['name']} version {results.registry['version']}: {results.registry['uri']}")
     return 0
 
 

@@ -22,6 +22,7 @@ from data import shards, storage
 from data.layouts import label_set
 from data.pipeline import build_dataset, execution_options
 from orchestration.config import Config, ConfigError
+from orchestration.tracking import RUN_TAG, STAGE_TAG, Tracker
 from orchestration.worker import StageContext, pipeline_config, train_stage
 
 
@@ -65,6 +66,8 @@ class RunPlan:
     data_uri: str
     storage_uri: str
     from_run: str | None = None
+    tracking_uri: str | None = None  # None: no tracking (resolve_tracking_uri gives the embedded default)
+    register: bool = True  # register the generator after stage 3
 
 
 def default_run_id(cfg: Config) -> str:
@@ -103,8 +106,59 @@ def preflight(plan: RunPlan) -> tuple[storage.Location, RunState, dict[int, str]
     return root, state, inits
 
 
-def run(plan: RunPlan, log=print) -> dict[int, dict]:
-    """Run the planned stages; returns {stage: run.json entry}."""
+def experiment_name(cfg: Config) -> str:
+    return f"pix2pixhd-{cfg.dataset}"
+
+
+@dataclass
+class RunResult:
+    stages: dict[int, dict]  # run.json entries of the stages run or skipped
+    registry: dict | None = None  # the registered model version, when stage 3 ran and tracking is on
+
+    @property
+    def final(self) -> dict:
+        return self.stages[max(self.stages)]
+
+
+def run(plan: RunPlan, log=print) -> RunResult:
+    """Run the planned stages, tracked in MLflow when plan.tracking_uri is set; after stage 3 the generator is
+    registered (plan.register)."""
+    parent = None
+    if plan.tracking_uri:
+        parent = Tracker(plan.tracking_uri, experiment_name(plan.cfg), {RUN_TAG: plan.run_id}, plan.run_id, log=log)
+    try:
+        result = RunResult(_run_stages(plan, parent, log))
+    except BaseException:
+        if parent:
+            parent.close("FAILED", timeout=10)
+        raise
+    if parent:
+        parent.metrics({f"stage{k}/{m}": v for k, r in result.stages.items() for m, v in (r.get("metrics") or {}).items()
+                        if m in ("val_L1", "val_VGG")}, step=0)  # fmt: skip
+        if plan.register and 3 in result.stages:
+            parent.flush()
+            result.registry = _register(plan, result.final, log)
+        parent.close("FINISHED")
+    return result
+
+
+def _register(plan: RunPlan, final: dict, log) -> dict | None:
+    from orchestration.registry import register
+
+    metric = (final.get("metrics") or {}).get("val_L1")
+    for attempt in range(3):
+        try:
+            return register(
+                plan.cfg, plan.run_id, final["checkpoint"], 3, plan.data_uri, metric, plan.tracking_uri, log
+            )
+        except Exception as e:  # noqa: BLE001 - the trained model is safe in storage; registration can be redone
+            log(f"registry: attempt {attempt + 1} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            time.sleep(5 * (attempt + 1))
+    log(f"registry: not registered; the final checkpoint is {final['checkpoint']}")
+    return None
+
+
+def _run_stages(plan: RunPlan, parent: Tracker | None, log) -> dict[int, dict]:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -121,6 +175,10 @@ def run(plan: RunPlan, log=print) -> dict[int, dict]:
     if not ray.is_initialized():
         ray.init()
     log(f"run {plan.run_id}: stages {plan.stages}, data {plan.data_uri}, storage {root}")
+    if parent:
+        log(f"tracking: MLflow at {plan.tracking_uri}, experiment {experiment_name(cfg)}")
+        parent.params(cfg.to_dict())
+        parent.tags_({"data_uri": plan.data_uri, "storage": root.uri, "config_hash": cfg.hash()})
     labels = label_set(shards.load_manifest(plan.data_uri, cfg.data.train_split)["layout"]).name
     results: dict[int, dict] = {}
     for k in plan.stages:
@@ -141,7 +199,8 @@ def run(plan: RunPlan, log=print) -> dict[int, dict]:
         pcfg = pipeline_config(cfg, k)
         datasets = {"train": build_dataset(plan.data_uri, cfg.data.train_split, pcfg)}
         datasets["val"] = build_dataset(plan.data_uri, val_split or cfg.data.train_split, pcfg)
-        context = StageContext(cfg.to_dict(), k, root.uri, inits.get(k), labels)
+        context = StageContext(cfg.to_dict(), k, root.uri, inits.get(k), labels, plan.run_id, plan.tracking_uri,
+                               experiment_name(cfg))  # fmt: skip
         resources = {"CPU": cfg.train.cpus_per_worker}
         if cfg.train.use_gpu:
             resources["GPU"] = cfg.train.gpus_per_worker
@@ -172,6 +231,12 @@ def run(plan: RunPlan, log=print) -> dict[int, dict]:
         entry = dict(checkpoint=ckpt_uri, epochs=metrics.get("epoch"), global_step=metrics.get("global_step"),
                      seconds=round(time.perf_counter() - t0, 1), metrics=metrics)  # fmt: skip
         state.record(k, **entry)
+        if parent:
+            parent.tags_({f"stage{k}.checkpoint": ckpt_uri})
+            stage_run = Tracker(plan.tracking_uri, experiment_name(cfg), {RUN_TAG: plan.run_id, STAGE_TAG: str(k)},
+                                f"{plan.run_id}/stage{k}", parent_tags={RUN_TAG: plan.run_id}, log=log)  # fmt: skip
+            stage_run.tags_({"checkpoint": ckpt_uri})
+            stage_run.close("FINISHED", timeout=30)
         results[k] = state.done(k)
         inits[k + 1] = ckpt_uri
         log(f"[stage {k}] finished: {entry['epochs']} epochs, {entry['global_step']} steps in {entry['seconds']}s; "

@@ -2,11 +2,14 @@
 
 1. procedural street scenes (Cityscapes ids) in the flat layout, then `prepare_data` shards + manifest
 2. the three-stage curriculum on local Ray (2 CPU workers), checkpoints in a local folder
-3. a PNG grid of held-out scenes: label | stage-1 output | final output | real
+3. MLflow tracking (MLFLOW_TRACKING_URI, else a local sqlite store); the generator registered and pulled back
+   through models:/pix2pixhd-synthetic-city@champion
+4. a PNG grid of held-out scenes: label | stage-1 output | final output (from the pulled model) | real
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,7 +25,9 @@ from model.inference import generate
 from model.networks import build_generator
 from orchestration import checkpoint
 from orchestration.config import load_config
-from orchestration.curriculum import RunPlan, run
+from orchestration.curriculum import RunPlan, RunResult, experiment_name, run
+from orchestration.registry import load_generator
+from orchestration.tracking import resolve_tracking_uri
 from orchestration.visuals import comparison_rows, grid, save_png
 from orchestration.worker import pipeline_config
 
@@ -47,15 +52,15 @@ def generator_from(uri: str, cfg, k: int) -> torch.nn.Module:
     return g.eval()
 
 
-def stage_comparison(cfg, data_uri: str, results: dict[int, dict], n: int = 4):
-    """Rows of label | stage-1 output (upsampled) | final output | real, on held-out samples."""
-    pcfg = pipeline_config(cfg, 3)
-    held = read_samples(data_uri, cfg.data.val_split or cfg.data.train_split, pcfg, n)
-    final = generate(generator_from(results[3]["checkpoint"], cfg, 3), cfg.stage_model(3), held["label"],
-                     inst=held.get("inst"), edges=held.get("edges"))  # fmt: skip
-    p1 = pipeline_config(cfg, 1)
-    half = read_samples(data_uri, cfg.data.val_split or cfg.data.train_split, p1, n)
-    coarse = generate(generator_from(results[1]["checkpoint"], cfg, 1), cfg.stage_model(1), half["label"],
+def stage_comparison(cfg, data_uri: str, result: RunResult, tracking_uri: str, n: int = 4):
+    """Rows of label | stage-1 output (upsampled) | final output | real, on held-out samples. The final output is
+    rendered by the generator pulled back from the registry (models:/...@champion)."""
+    split = cfg.data.val_split or cfg.data.train_split
+    held = read_samples(data_uri, split, dataclasses.replace(pipeline_config(cfg, 3), instance_output="ids"), n)
+    pulled = load_generator(result.registry["uri"], tracking_uri)
+    final = pulled(torch.stack([held["label"].long(), held["inst"]], 1))
+    half = read_samples(data_uri, split, pipeline_config(cfg, 1), n)
+    coarse = generate(generator_from(result.stages[1]["checkpoint"], cfg, 1), cfg.stage_model(1), half["label"],
                       inst=half.get("inst"), edges=half.get("edges"))  # fmt: skip
     coarse = torch.nn.functional.interpolate(coarse, size=final.shape[-2:], mode="nearest")
     rows = comparison_rows(CITYSCAPES, held["label"], coarse, final, held["image"])
@@ -71,12 +76,23 @@ def run_demo(s: DemoSettings) -> Path:
     write_city(source, s.samples, s.height, s.width)
     prepare(PrepareOptions("flat", str(source), data_uri, val_fraction=0.05, name="synthetic-city"))
     cfg = load_config(s.config, list(s.overrides))
+    tracking_uri = resolve_tracking_uri()
     run_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    results = run(RunPlan(cfg=cfg, run_id=run_id, stages=[1, 2, 3], data_uri=data_uri, storage_uri=str(out / "runs")))
-    rows, l1 = stage_comparison(cfg, data_uri, results)
+    plan = RunPlan(cfg=cfg, run_id=run_id, stages=[1, 2, 3], data_uri=data_uri, storage_uri=str(out / "runs"),
+                   tracking_uri=tracking_uri)  # fmt: skip
+    result = run(plan)
+    if result.registry is None:
+        raise RuntimeError(f"the generator was not registered in {tracking_uri}; see the messages above")
+    print(f"[demo] pulling {result.registry['uri']} back from the registry")
+    rows, l1 = stage_comparison(cfg, data_uri, result, tracking_uri)
     path = save_png(grid(rows), out / "demo.png")
     print(f"[demo] held-out L1 to the real image: stage 1 {l1['stage 1']:.3f}, final {l1['final']:.3f}")
     print(f"[demo] run {run_id} in {out / 'runs' / run_id}; per-epoch images under stage*/images/")
+    if tracking_uri.startswith("sqlite:"):
+        print(f"[demo] MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000  "
+              f"then open http://127.0.0.1:5000 (experiment {experiment_name(cfg)})")  # fmt: skip
+    else:
+        print(f"[demo] MLflow: {tracking_uri} (experiment {experiment_name(cfg)})")
     print(f"[demo] done in {time.perf_counter() - t0:.0f}s")
-    print(f"[demo] wrote {path.resolve()}  (columns: label | stage-1 output | final output | real)")
+    print(f"[demo] wrote {path.resolve()}  (columns: label | stage-1 output | final output (pulled model) | real)")
     return path

@@ -23,6 +23,7 @@ from model.inference import generate
 from model.step import LOSS_NAMES, TrainStep
 from orchestration import checkpoint
 from orchestration.config import Config, from_dict
+from orchestration.tracking import RUN_TAG, STAGE_TAG, Tracker
 from orchestration.visuals import comparison_rows, grid, to_png_bytes
 
 
@@ -35,6 +36,9 @@ class StageContext:
     run_root: str  # URI of {storage}/{run_id}
     init_checkpoint: str | None  # URI of the previous stage's final checkpoint
     label_set: str = "cityscapes"
+    run_id: str = ""
+    tracking_uri: str | None = None  # None: no MLflow tracking
+    experiment: str = "pix2pixhd"
 
 
 def pipeline_config(cfg: Config, k: int) -> PipelineConfig:
@@ -113,6 +117,13 @@ def train_stage(context: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     heldout = _heldout(ray.train.get_dataset_shard("val"), pcfg, cfg.train.val_samples, device) if rank == 0 else None
     labels = LABEL_SETS[ctx.label_set]
+    tracker = None
+    if rank == 0 and ctx.tracking_uri:
+        tracker = Tracker(ctx.tracking_uri, ctx.experiment, {RUN_TAG: ctx.run_id, STAGE_TAG: str(k)},
+                          f"{ctx.run_id}/stage{k}", parent_tags={RUN_TAG: ctx.run_id}, log=say)  # fmt: skip
+        tracker.params({"stage": k, "model": vars(opt), "geometry": vars(pcfg.geometry),
+                        "batch_size": pcfg.batch_size, "num_workers": cfg.train.num_workers})  # fmt: skip
+        tracker.tags_({"checkpoint_dir": storage.resolve(ctx.run_root).join(f"stage{k}").uri})
     images_root = storage.resolve(ctx.run_root).join(f"stage{k}", "images")
     epochs = stage_cfg.epochs
     stage_start = time.perf_counter()
@@ -134,8 +145,11 @@ def train_stage(context: dict) -> None:
             samples += len(batch["index"])
             global_step += 1
             if cfg.train.log_every and global_step % cfg.train.log_every == 0:
-                shown = " ".join(f"{n}={v.item():.3f}" for n, v in losses.items())
-                say(f"[stage {k}] epoch {epoch + 1}/{epochs} step {global_step} {shown}")
+                values = {n: v.item() for n, v in losses.items()}
+                say(f"[stage {k}] epoch {epoch + 1}/{epochs} step {global_step} "
+                    + " ".join(f"{n}={v:.3f}" for n, v in values.items()))  # fmt: skip
+                if tracker:
+                    tracker.metrics({f"step/{n}": v for n, v in values.items()}, global_step)
             t_ready = time.perf_counter()
         took = time.perf_counter() - t_epoch
         totals = _reduce_sum(torch.cat([sums, torch.tensor([batches, samples], device=device, dtype=sums.dtype)]))
@@ -149,9 +163,18 @@ def train_stage(context: dict) -> None:
             fake = generate(step.G, opt, heldout["label"], inst=heldout.get("inst"), edges=heldout.get("edges"),
                             features=_features(step, heldout))  # fmt: skip
             metrics["val_L1"] = (fake.float() - heldout["image"]).abs().mean().item()
+            if step.vgg_loss is not None:
+                metrics["val_VGG"] = (step.vgg_loss(fake.float(), heldout["image"]) / step.vgg_loss.lambda_vgg).item()
             if last or (epoch + 1) % cfg.train.image_every == 0:
-                png = to_png_bytes(grid(comparison_rows(labels, heldout["label"], fake, heldout["image"])))
+                shown_rows = slice(0, min(4, len(fake)))
+                png = to_png_bytes(grid(comparison_rows(labels, heldout["label"][shown_rows], fake[shown_rows],
+                                                        heldout["image"][shown_rows])))  # fmt: skip
                 storage.write_bytes_atomic(images_root.join(f"epoch_{epoch + 1:04d}.png"), png)
+                if tracker:
+                    tracker.artifact(png, f"images/epoch_{epoch + 1:04d}.png")
+        if tracker:
+            tracker.metrics({n: v for n, v in metrics.items() if n not in ("stage", "epoch", "global_step")}
+                            | {"epoch": epoch + 1}, global_step)  # fmt: skip
 
         ckpt = None
         with tempfile.TemporaryDirectory() as tmp:
@@ -170,6 +193,8 @@ def train_stage(context: dict) -> None:
             f"eta {eta:.0f}s{' (G1 frozen)' if trainable == 'local' else ''}")  # fmt: skip
     if start_epoch >= epochs:
         say(f"[stage {k}] already complete ({epochs} epochs)")
+    if tracker:
+        tracker.close("FINISHED")
 
 
 def _emit(line: str) -> None:

@@ -1,0 +1,209 @@
+"""MLflow tracking that never stops training: one parent run per curriculum run id, one nested run per stage.
+
+`Tracker` queues everything (params, metrics, tags, artifacts) and a background thread sends it. While the
+tracking server is unreachable the queue is kept and retried with backoff; a warning is printed once per
+outage. Runs are found again by tags, so a resumed or resubmitted run logs into the same MLflow runs, and a
+server that comes back mid-run receives everything logged meanwhile.
+
+Tracking URI: `--tracking-uri`, else MLFLOW_TRACKING_URI, else a local sqlite store (registry included) under
+outputs/mlflow (the embedded default).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+RUN_TAG, STAGE_TAG, SWEEP_TAG = "p2p.run_id", "p2p.stage", "p2p.sweep"
+LOCAL_STORE = Path("outputs/mlflow")
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    if explicit:
+        return explicit
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    LOCAL_STORE.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(LOCAL_STORE / 'mlflow.db').resolve()}"
+
+
+def local_artifact_location(uri: str) -> str | None:
+    """For a sqlite/file store, keep artifacts beside it (not in whatever cwd a Ray worker has)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def _quiet_client(uri: str):
+    """An MlflowClient that fails fast: our queue does the retrying, not MLflow's minutes-long backoff."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def ensure_experiment(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=local_artifact_location(uri))
+
+
+def find_or_create_run(
+    client, experiment_id: str, tags: dict[str, str], run_name: str, parent: str | None = None
+) -> str:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    if parent is None:
+        query += f" and tags.`{STAGE_TAG}` = 'parent'"
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = dict(tags)
+    if parent is None:
+        all_tags[STAGE_TAG] = "parent"
+    else:
+        all_tags["mlflow.parentRunId"] = parent
+    return client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
+
+
+class Tracker:
+    """Non-blocking MLflow logging into the run identified by `tags` (nested under the parent with `parent_tags`)."""
+
+    def __init__(self, uri: str, experiment: str, tags: dict[str, str], run_name: str,
+                 parent_tags: dict[str, str] | None = None, log=None):  # fmt: skip
+        self.uri, self.experiment, self.tags, self.run_name, self.parent_tags = (
+            uri,
+            experiment,
+            tags,
+            run_name,
+            parent_tags,
+        )
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.run_id: str | None = None
+        self._ops: queue.Queue = queue.Queue()
+        self._pending: list = []
+        self._closing = threading.Event()
+        self._down_since: float | None = None
+        self._thread = threading.Thread(target=self._loop, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+
+    # ---- what callers use (never raises, never blocks on the network) -------------------------
+    def params(self, params: dict[str, Any]) -> None:
+        self._ops.put(("params", flatten(params)))
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        self._ops.put(("metrics", values, step, int(time.time() * 1000)))
+
+    def tags_(self, tags: dict[str, str]) -> None:
+        self._ops.put(("tags", {k: str(v) for k, v in tags.items()}))
+
+    def artifact(self, data: bytes, path: str) -> None:
+        self._ops.put(("artifact", data, path))
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until everything queued so far was sent; False if the server stayed unreachable."""
+        done = threading.Event()
+        self._ops.put(("flush", done))
+        return done.wait(timeout)
+
+    def close(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
+        """Flush and end the run; returns False (after a warning) if the server stayed unreachable."""
+        self._ops.put(("end", status))
+        self._closing.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive() or self._pending or not self._ops.empty():
+            self.log(f"mlflow: {self.uri} unreachable; {len(self._pending) + self._ops.qsize()} tracking records "
+                     f"for run '{self.run_name}' were not sent")  # fmt: skip
+            return False
+        return True
+
+    # ---- the sending thread ---------------------------------------------------------------------
+    def _connect(self, client) -> None:
+        exp = ensure_experiment(client, self.experiment, self.uri)
+        parent = None
+        if self.parent_tags is not None:
+            parent = find_or_create_run(client, exp, self.parent_tags, self.parent_tags[RUN_TAG])
+        self.run_id = find_or_create_run(client, exp, self.tags, self.run_name, parent)
+
+    def _send(self, client, op) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        kind = op[0]
+        if kind == "params":
+            items = [Param(k, v) for k, v in op[1].items()]
+            existing = client.get_run(self.run_id).data.params
+            items = [p for p in items if p.key not in existing]  # params are immutable: a resumed run skips them
+            for i in range(0, len(items), 100):
+                client.log_batch(self.run_id, params=items[i : i + 100])
+        elif kind == "metrics":
+            _, values, step, ts = op
+            client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()])
+        elif kind == "tags":
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op[1].items()])
+        elif kind == "artifact":
+            _, data, path = op
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / Path(path).name
+                local.write_bytes(data)
+                client.log_artifact(self.run_id, str(local), str(Path(path).parent) if "/" in path else None)
+        elif kind == "flush":
+            op[1].set()
+        elif kind == "end":
+            client.set_terminated(self.run_id, status=op[1])
+
+    def _loop(self) -> None:
+        client = None
+        backoff = 1.0
+        while True:
+            while True:
+                try:
+                    self._pending.append(self._ops.get(timeout=0.2 if not self._pending else 0))
+                except queue.Empty:
+                    break
+            if not self._pending:
+                if self._closing.is_set():
+                    return
+                continue
+            try:
+                client = client or _quiet_client(self.uri)
+                if self.run_id is None:
+                    self._connect(client)
+                while self._pending:
+                    self._send(client, self._pending[0])
+                    done = self._pending.pop(0)
+                    if done[0] == "end":
+                        return
+                if self._down_since is not None:
+                    self.log(f"mlflow: {self.uri} reachable again after {time.time() - self._down_since:.0f}s; "
+                             f"queued records sent")  # fmt: skip
+                    self._down_since = None
+                backoff = 1.0
+            except Exception as e:  # noqa: BLE001 - any failure to reach the server is retried
+                if self._down_since is None:
+                    self._down_since = time.time()
+                    self.log(f"mlflow: cannot log to {self.uri} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                             f"training continues, records are queued and retried")  # fmt: skip
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
