@@ -94,6 +94,7 @@ def ray_head(tmp_dir: Path, env: dict[str, str], num_cpus: int = 2):
     gcs, dash = free_port(), free_port()
     venv_bin = str(Path(sys.executable).parent)  # as with an activated venv: jobs' `python` is this one
     full_env = {**os.environ, **env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                "MLFLOW_DISABLE_TELEMETRY": "true",
                 "RAY_TMPDIR": str(tmp_dir), "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}  # fmt: skip
     log = open(tmp_dir / "ray-head.log", "w")  # noqa: SIM115 - closed below
     cmd = [ray_bin, "start", "--head", "--block", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
@@ -128,3 +129,29 @@ def submit_job(dashboard: str, workdir: Path, entrypoint: list[str], wait: bool 
         cmd.append("--no-wait")
     return subprocess.run([*cmd, "--", *entrypoint], env=job_env(dashboard), capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
+
+
+@contextmanager
+def mlflow_server(tmp_dir: Path, s3_endpoint: str, bucket: str, port: int | None = None):
+    """`mlflow server` with a sqlite backend and artifacts in the (moto) S3 bucket. Yields its URL."""
+    port = port or free_port()
+    env = {**os.environ, **s3_environment(s3_endpoint), "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    cmd = [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_dir}/mlflow.db", "--artifacts-destination",
+           f"s3://{bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    log = open(tmp_dir / f"mlflow-{port}.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=120, proc=proc)
+        yield url
+    finally:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

@@ -15,7 +15,7 @@ import torch
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
 from orchestration import checkpoint
-from tests.services import make_bucket, ray_head, s3_environment, submit_job
+from tests.services import make_bucket, mlflow_server, ray_head, s3_environment, submit_job
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cluster(s3):
     with ray_head(Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")), s3_environment(s3)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tracking(s3, tmp_path_factory):
+    make_bucket(s3, "tracking")
+    with mlflow_server(tmp_path_factory.mktemp("mlflow"), s3, "tracking") as url:
         yield url
 
 
@@ -43,8 +50,8 @@ def train_cmd(data, run_id, *extra):
 
 
 @pytest.fixture(scope="module")
-def full_run(cluster, data):
-    r = submit_job(cluster, REPO, train_cmd(data, "full"))
+def full_run(cluster, data, tracking):
+    r = submit_job(cluster, REPO, train_cmd(data, "full", "--tracking-uri", tracking))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return r.stdout
 
@@ -96,7 +103,7 @@ def test_final_checkpoints_and_images_are_in_the_bucket(full_run):
 
 
 def test_resubmitting_a_finished_run_does_no_training(full_run, cluster, data):
-    r = submit_job(cluster, REPO, train_cmd(data, "full"))
+    r = submit_job(cluster, REPO, train_cmd(data, "full", "--no-tracking"))
     assert r.returncode == 0, r.stdout[-3000:]
     assert r.stdout.count("already finished in run full") == 3
     assert not re.search(r"\[stage \d\] epoch \d", r.stdout)
@@ -110,7 +117,9 @@ def test_killed_worker_resumes_without_losing_or_repeating_epochs(full_run, clus
     epochs = 6
     client = JobSubmissionClient(cluster)
     job = client.submit_job(
-        entrypoint=" ".join(train_cmd(data, "fault", "--stages", "1", "--set", f"stage1.niter={epochs - 1}")),
+        entrypoint=" ".join(
+            train_cmd(data, "fault", "--stages", "1", "--set", f"stage1.niter={epochs - 1}", "--no-tracking")
+        ),
         runtime_env={"working_dir": str(REPO)},
         submission_id=f"fault-{uuid.uuid4().hex[:6]}",
     )
@@ -133,3 +142,73 @@ def test_killed_worker_resumes_without_losing_or_repeating_epochs(full_run, clus
     done = run_state("fault")[1]
     assert done["epochs"] == epochs
     assert done["global_step"] == epochs * steps_per_epoch
+
+
+# ---- MLflow tracking and the model registry ------------------------------------------------------------
+
+
+def mlflow_client(tracking):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+
+
+def test_mlflow_has_the_parent_and_three_nested_stage_runs(full_run, tracking):
+    c = mlflow_client(tracking)
+    exp = c.get_experiment_by_name("pix2pixhd-synthetic-city")
+    runs = c.search_runs([exp.experiment_id], "tags.`p2p.run_id` = 'full'")
+    parent = [r for r in runs if r.data.tags["p2p.stage"] == "parent"]
+    stages = sorted((r for r in runs if r.data.tags["p2p.stage"] != "parent"), key=lambda r: r.data.tags["p2p.stage"])
+    assert len(parent) == 1 and [r.data.tags["p2p.stage"] for r in stages] == ["1", "2", "3"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in stages)
+    assert parent[0].data.params["model.label_nc"] == "35" and parent[0].data.params["stage2.niter_fix_global"] == "2"
+    for r in stages:
+        assert r.info.status == "FINISHED"
+        assert {"G_GAN", "G_GAN_Feat", "G_VGG", "D_real", "D_fake", "lr", "img_per_s", "data_wait", "val_L1"} <= set(
+            r.data.metrics
+        )
+        assert r.data.tags["checkpoint"].startswith(f"s3://e2e/runs/full/stage{r.data.tags['p2p.stage']}/checkpoint_")
+        images = [a.path for a in c.list_artifacts(r.info.run_id, "images")]
+        assert images and all(p.endswith(".png") for p in images)
+    history = c.get_metric_history(stages[0].info.run_id, "val_L1")
+    assert len(history) == 3  # one per epoch of stage 1
+
+
+def test_the_generator_is_registered_with_tags_and_the_champion_alias(full_run, tracking):
+    v = mlflow_client(tracking).get_model_version_by_alias("pix2pixhd-synthetic-city", "champion")
+    assert v.tags["run_id"] == "full" and len(v.tags["config_hash"]) == 16
+    assert len(v.tags["data_manifest_sha256"]) == 64 and float(v.tags["val_L1"]) > 0
+
+
+def test_infer_pulls_the_champion_in_a_fresh_process(full_run, tracking, tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    src = write_city(tmp_path / "src", count=2, height=64, width=128, workers=1)
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.infer", "--model", "models:/pix2pixhd-synthetic-city@champion", "--labels",
+         str(src / "train_label"), "--instances", str(src / "train_inst"), "--out", str(tmp_path / "out"),
+         "--tracking-uri", tracking],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs = sorted((tmp_path / "out").glob("*_synthesized.png"))
+    assert len(outs) == 2
+    assert all(np.asarray(Image.open(p)).shape == (64, 128, 3) for p in outs)
+
+
+def test_a_worse_run_does_not_take_the_alias(full_run, cluster, data, tracking):
+    c = mlflow_client(tracking)
+    champion = c.get_model_version_by_alias("pix2pixhd-synthetic-city", "champion")
+    # stage 3 again from the full run's stage 2, with a learning rate that wrecks the generator
+    r = submit_job(cluster, REPO, train_cmd(data, "worse", "--stages", "3", "--from-run", "full", "--set",
+                                            "stage3.lr=0.05", "--tracking-uri", tracking))  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:]
+    versions = c.search_model_versions("name = 'pix2pixhd-synthetic-city'")
+    worse = [v for v in versions if v.tags.get("run_id") == "worse"]
+    assert len(worse) == 1 and float(worse[0].tags["val_L1"]) > float(champion.tags["val_L1"])
+    assert c.get_model_version_by_alias("pix2pixhd-synthetic-city", "champion").version == champion.version
+    assert "alias 'champion' kept" in r.stdout
