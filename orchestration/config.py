@@ -87,6 +87,24 @@ class StageConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Ray Tune over the loss weights (log-uniform ranges); lr and gan_mode optionally."""
+
+    stage: int = 1
+    num_samples: int = 8
+    lambda_feat: list[float] = field(default_factory=lambda: [1.0, 30.0])
+    lambda_vgg: list[float] = field(default_factory=lambda: [1.0, 30.0])
+    lr: list[float] | None = None  # log-uniform range, e.g. [5e-5, 5e-4]
+    gan_mode: list[str] | None = None  # choices, e.g. [lsgan, hinge]
+    metric: str = "val_L1"
+    mode: str = "min"
+    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: int = 2
+    max_concurrent_trials: int | None = None  # default: GPUs / GPUs per trial (1 on CPU)
+    trial_cpus: float = 0.1  # the trial's own driver; its Train workers take train.cpus_per_worker each
+
+
+@dataclass
 class Config:
     name: str = "pix2pixhd"
     dataset: str = "dataset"
@@ -96,6 +114,7 @@ class Config:
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
     stage3: StageConfig = field(default_factory=StageConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def stage(self, k: int) -> StageConfig:
         return getattr(self, f"stage{k}")
@@ -164,6 +183,15 @@ class Config:
             raise ConfigError("stage2.num_D must be >= stage1.num_D (stage 2 adds a discriminator scale)")
         if self.stage_model(3).num_D != self.stage_model(2).num_D:
             raise ConfigError("stage3.num_D must equal stage2.num_D (stage 3 continues stage 2's networks)")
+        w = self.sweep
+        if w.stage not in (1, 2, 3):
+            raise ConfigError(f"sweep.stage={w.stage} is not one of 1, 2, 3")
+        for name in ("lambda_feat", "lambda_vgg", "lr"):
+            r = getattr(w, name)
+            if r is not None and (len(r) != 2 or not 0 < r[0] <= r[1]):
+                raise ConfigError(f"sweep.{name}={r}: give a range [low, high] with 0 < low <= high")
+        if w.mode not in ("min", "max"):
+            raise ConfigError(f"sweep.mode={w.mode!r} is not one of min, max")
         t = self.train
         if t.num_workers < 1 or t.batch_size < 1 or t.save_epoch_freq < 1:
             raise ConfigError("train.num_workers, train.batch_size and train.save_epoch_freq must be >= 1")
@@ -193,6 +221,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
@@ -206,6 +239,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

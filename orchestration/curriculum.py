@@ -158,20 +158,56 @@ def _register(plan: RunPlan, final: dict, log) -> dict | None:
     return None
 
 
-def _run_stages(plan: RunPlan, parent: Tracker | None, log) -> dict[int, dict]:
-    import ray
+def available_val_split(cfg: Config, data_uri: str, log=print) -> str | None:
+    """The configured validation split if the dataset has it (else images and val_L1 use training samples)."""
+    if cfg.data.val_split:
+        try:
+            shards.load_manifest(data_uri, cfg.data.val_split)
+            return cfg.data.val_split
+        except shards.ManifestError:
+            log(f"note: {data_uri} has no '{cfg.data.val_split}' split; images and val_L1 use training samples")
+    return None
+
+
+def stage_trainer(cfg: Config, k: int, data_uri: str, val_split: str | None, context: StageContext,
+                  storage_root: storage.Location, name: str, callbacks: list | None = None):  # fmt: skip
+    """The TorchTrainer of stage k: datasets, workers, checkpoints and restarts as configured."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    pcfg = pipeline_config(cfg, k)
+    datasets = {
+        "train": build_dataset(data_uri, cfg.data.train_split, pcfg),
+        "val": build_dataset(data_uri, val_split or cfg.data.train_split, pcfg),
+    }
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return TorchTrainer(
+        train_stage,
+        train_loop_config=vars(context),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),  # fmt: skip
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_root.path,
+            storage_filesystem=storage_root.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=execution_options()),
+    )
+
+
+def _run_stages(plan: RunPlan, parent: Tracker | None, log) -> dict[int, dict]:
+    import ray
+
     cfg = plan.cfg
     root, state, inits = preflight(plan)
-    val_split = cfg.data.val_split
-    if val_split:
-        try:
-            shards.load_manifest(plan.data_uri, val_split)
-        except shards.ManifestError:
-            log(f"note: {plan.data_uri} has no '{val_split}' split; images and val_L1 use training samples")
-            val_split = None
+    val_split = available_val_split(cfg, plan.data_uri, log)
     if not ray.is_initialized():
         ray.init()
     log(f"run {plan.run_id}: stages {plan.stages}, data {plan.data_uri}, storage {root}")
@@ -188,45 +224,17 @@ def _run_stages(plan: RunPlan, parent: Tracker | None, log) -> dict[int, dict]:
             results[k] = done
             inits[k + 1] = done["checkpoint"]
             continue
-        stage_cfg = cfg.stage(k)
-        model = cfg.stage_model(k)
-        geo = cfg.stage_geometry(k)
+        model, geo = cfg.stage_model(k), cfg.stage_geometry(k)
         log(
             f"[stage {k}] {STAGES[k - 1].what}: netG={model.netG} ngf={model.ngf} num_D={model.num_D} "
             f"{geo.resize_or_crop}/{geo.load_size} batch {cfg.stage_batch_size(k)} x {cfg.train.num_workers} workers, "
-            f"{stage_cfg.epochs} epochs"
+            f"{cfg.stage(k).epochs} epochs"
         )
-        pcfg = pipeline_config(cfg, k)
-        datasets = {"train": build_dataset(plan.data_uri, cfg.data.train_split, pcfg)}
-        datasets["val"] = build_dataset(plan.data_uri, val_split or cfg.data.train_split, pcfg)
         context = StageContext(cfg.to_dict(), k, root.uri, inits.get(k), labels, plan.run_id, plan.tracking_uri,
                                experiment_name(cfg))  # fmt: skip
-        resources = {"CPU": cfg.train.cpus_per_worker}
-        if cfg.train.use_gpu:
-            resources["GPU"] = cfg.train.gpus_per_worker
-        trainer = TorchTrainer(
-            train_stage,
-            train_loop_config=vars(context),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
-            ),  # fmt: skip
-            run_config=RunConfig(
-                name=f"stage{k}",
-                storage_path=root.path,
-                storage_filesystem=root.fs,
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            ),
-            datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"], execution_options=execution_options()),
-        )
         t0 = time.perf_counter()
-        result = trainer.fit()
-        if result.error is not None:
-            raise RuntimeError(f"stage {k} failed: {result.error}") from result.error
-        if result.checkpoint is None:
-            raise RuntimeError(f"stage {k} finished without a checkpoint")
-        ckpt_uri = ("s3://" if root.is_s3 else "") + result.checkpoint.path
+        result = stage_trainer(cfg, k, plan.data_uri, val_split, context, root, f"stage{k}").fit()
+        ckpt_uri = checkpoint_uri(result, root, f"stage {k}")
         metrics = result.metrics or {}
         entry = dict(checkpoint=ckpt_uri, epochs=metrics.get("epoch"), global_step=metrics.get("global_step"),
                      seconds=round(time.perf_counter() - t0, 1), metrics=metrics)  # fmt: skip
@@ -242,3 +250,12 @@ def _run_stages(plan: RunPlan, parent: Tracker | None, log) -> dict[int, dict]:
         log(f"[stage {k}] finished: {entry['epochs']} epochs, {entry['global_step']} steps in {entry['seconds']}s; "
             f"checkpoint {ckpt_uri}")  # fmt: skip
     return results
+
+
+def checkpoint_uri(result, root: storage.Location, what: str) -> str:
+    """The final checkpoint of a finished fit() as a URI, or a clear error."""
+    if result.error is not None:
+        raise RuntimeError(f"{what} failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{what} finished without a checkpoint")
+    return ("s3://" if root.is_s3 else "") + result.checkpoint.path

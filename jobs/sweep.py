@@ -1,0 +1,68 @@
+"""Sweep the loss weights of one curriculum stage with Ray Tune (ASHA on the validation metric).
+
+    python -m jobs.sweep --config configs/X.yaml --num-samples N [--stage 1] [--from-run RUN_ID] [--resume]
+        [--name NAME] [--data URI] [--storage URI] [--tracking-uri URI] [--out best.yaml] [--set k=v ...]
+
+Ranges come from the config's `sweep` section (log-uniform lambda_feat, lambda_vgg; lr and gan_mode optional).
+The best trial's configuration is written as YAML that `python -m jobs.train --config` accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data.shards import ManifestError
+from data.storage import StorageError
+from orchestration.config import ConfigError, load_config
+from orchestration.curriculum import RunState
+from orchestration.sweep import SweepPlan, run_sweep
+from orchestration.tracking import resolve_tracking_uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--num-samples", type=int, help="trials (overrides sweep.num_samples)")
+    p.add_argument("--stage", type=int, help="stage to sweep (overrides sweep.stage; default 1)")
+    p.add_argument("--from-run", help="for stages 2 and 3: the run whose previous stage the trials start from")
+    p.add_argument("--name", help="sweep name; reuse it with --resume (default: <config name>-sweep)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this name")
+    p.add_argument("--data")
+    p.add_argument("--storage")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--no-tracking", action="store_true")
+    p.add_argument("--out", help="where to write the best config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    a = p.parse_args(argv)
+    try:
+        overrides = list(a.set)
+        if a.num_samples:
+            overrides.append(f"sweep.num_samples={a.num_samples}")
+        if a.stage:
+            overrides.append(f"sweep.stage={a.stage}")
+        cfg = load_config(a.config, overrides)
+        data = a.data or cfg.data.uri
+        if not data:
+            raise ConfigError("no dataset: set data.uri or pass --data")
+        storage_uri = a.storage or cfg.train.storage or "outputs/runs"
+        init = None
+        if cfg.sweep.stage > 1 and a.from_run:
+            from data import storage
+
+            prev = RunState(storage.resolve(storage_uri).join(a.from_run)).done(cfg.sweep.stage - 1)
+            if prev is None:
+                raise ConfigError(f"run '{a.from_run}' in {storage_uri} has no finished stage {cfg.sweep.stage - 1}")
+            init = prev["checkpoint"]
+        plan = SweepPlan(cfg=cfg, name=a.name or f"{cfg.name}-sweep", data_uri=data, storage_uri=storage_uri,
+                         tracking_uri=None if a.no_tracking else resolve_tracking_uri(a.tracking_uri),
+                         init_checkpoint=init, resume=a.resume, out=a.out)  # fmt: skip
+        run_sweep(plan)
+    except (ConfigError, ManifestError, StorageError) as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""A 2-trial Tune sweep on 2 CPUs: both trials in MLflow under the sweep's run; the best config trains."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from data.shards import PrepareOptions, prepare
+from data.synthetic.write import write_city
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_trial_sweep_logs_both_and_writes_a_best_config_that_trains(tmp_path):
+    src = write_city(tmp_path / "src", count=24, height=64, width=128)
+    data = str(tmp_path / "data")
+    prepare(PrepareOptions("flat", str(src), data, val_fraction=0.15), log=lambda m: None)
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    best = tmp_path / "best.yaml"
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.sweep", "--config", "configs/tiny.yaml", "--num-samples", "2", "--data", data,
+         "--storage", str(tmp_path / "runs"), "--tracking-uri", tracking, "--out", str(best), "--name", "t"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "sweep t: 2 trials (0 errored)" in r.stdout
+
+    c = MlflowClient(tracking_uri=tracking)
+    exp = c.get_experiment_by_name("pix2pixhd-synthetic-city")
+    runs = c.search_runs([exp.experiment_id], "tags.`p2p.sweep` = 't'")
+    parent = [x for x in runs if x.data.tags.get("p2p.stage") == "parent"]
+    trials = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and len(trials) == 2
+    assert all("val_L1" in t.data.metrics and "lambda_feat" in t.data.params for t in trials)
+    sampled = {float(t.data.params["lambda_feat"]) for t in trials}
+    assert len(sampled) == 2 and all(1.0 <= v <= 30.0 for v in sampled)
+
+    chosen = yaml.safe_load(best.read_text())
+    assert chosen["model"]["lambda_feat"] in sampled
+    best_trial = min(trials, key=lambda t: t.data.metrics["val_L1"])
+    assert chosen["model"]["lambda_feat"] == pytest.approx(float(best_trial.data.params["lambda_feat"]))
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--config", str(best), "--data", data, "--storage", str(tmp_path / "runs"),
+         "--stages", "1", "--run-id", "from-sweep", "--no-tracking"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "[stage 1] finished: 3 epochs" in r.stdout
