@@ -37,6 +37,15 @@ def test_two_trial_sweep_logs_both_and_writes_a_best_config_that_trains(tmp_path
     sampled = {float(t.data.params["lambda_feat"]) for t in trials}
     assert len(sampled) == 2 and all(1.0 <= v <= 30.0 for v in sampled)
 
+    # --resume on the same name restores the Tune experiment instead of starting new trials
+    again = subprocess.run(
+        [sys.executable, "-m", "jobs.sweep", "--config", "configs/tiny.yaml", "--num-samples", "2", "--data", data,
+         "--storage", str(tmp_path / "runs"), "--tracking-uri", tracking, "--out", str(best), "--name", "t", "--resume"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "sweep t: resuming from" in again.stdout and "sweep t: 2 trials" in again.stdout
+
     chosen = yaml.safe_load(best.read_text())
     assert chosen["model"]["lambda_feat"] in sampled
     best_trial = min(trials, key=lambda t: t.data.metrics["val_L1"])

@@ -1,0 +1,65 @@
+"""Tracker and registry bundle against a real (sqlite) MLflow store, no server."""
+
+import time
+
+import torch
+from mlflow import MlflowClient
+
+from orchestration.tracking import RUN_TAG, STAGE_TAG, Tracker
+
+
+def test_a_resumed_stage_logs_into_the_same_mlflow_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tags = {RUN_TAG: "r1", STAGE_TAG: "2"}
+    first = Tracker(uri, "exp", tags, "r1/stage2", parent_tags={RUN_TAG: "r1"})
+    first.params({"model": {"ngf": 8}})
+    first.metrics({"G_GAN": 1.0, "note": "text is skipped"}, step=1)
+    assert first.close("FAILED")  # a worker died
+    second = Tracker(uri, "exp", tags, "r1/stage2", parent_tags={RUN_TAG: "r1"})
+    second.params({"model": {"ngf": 8}})  # params are immutable: logging them again must not fail
+    second.metrics({"G_GAN": 0.5}, step=2)
+    second.artifact(b"\x89PNG fake", "images/epoch_0002.png")
+    assert second.close("FINISHED")
+    c = MlflowClient(tracking_uri=uri)
+    runs = c.search_runs([c.get_experiment_by_name("exp").experiment_id])
+    stage = [r for r in runs if r.data.tags[STAGE_TAG] == "2"]
+    parent = [r for r in runs if r.data.tags[STAGE_TAG] == "parent"]
+    assert len(stage) == 1 and len(parent) == 1
+    assert stage[0].data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+    assert stage[0].info.status == "FINISHED" and stage[0].data.params["model.ngf"] == "8"
+    assert [(m.step, m.value) for m in c.get_metric_history(stage[0].info.run_id, "G_GAN")] == [(1, 1.0), (2, 0.5)]
+    assert [a.path for a in c.list_artifacts(stage[0].info.run_id, "images")] == ["images/epoch_0002.png"]
+
+
+def test_an_unreachable_server_never_raises_or_blocks(tmp_path):
+    from tests.services import free_port
+
+    messages = []
+    t = Tracker(f"http://127.0.0.1:{free_port()}", "exp", {RUN_TAG: "x"}, "x", log=messages.append)
+    start = time.monotonic()
+    for step in range(100):
+        t.metrics({"G_GAN": 1.0}, step)  # the training loop is never held up
+    assert time.monotonic() - start < 0.5
+    assert t.close(timeout=3) is False
+    assert any("cannot log to" in m and "training continues" in m for m in messages)
+    assert any("were not sent" in m for m in messages)
+
+
+def test_instance_feature_bundle_carries_encoder_and_per_class_clusters(tmp_path):
+    from data.shards import PrepareOptions, prepare
+    from data.synthetic.write import write_city
+    from model.step import TrainStep
+    from orchestration.config import load_config
+    from orchestration.registry import build_bundle
+
+    src = write_city(tmp_path / "src", count=6, height=64, width=128, workers=1)
+    prepare(PrepareOptions("flat", str(src), str(tmp_path / "data"), workers=1), log=lambda m: None)
+    cfg = load_config("configs/tiny.yaml", ["model.instance_feat=true", "data.val_split=null"])
+    state = TrainStep(cfg.stage_model(3)).state_dict()
+    bundle = build_bundle(cfg, state, 3, str(tmp_path / "data"))
+    assert bundle.E is not None and tuple(bundle.clusters.shape) == (35, 10, 3)
+    assert bundle.clusters[26].abs().sum() > 0 and bundle.clusters[0].abs().sum() == 0  # cars seen, id 0 not
+    label = torch.full((1, 64, 128), 7)
+    label[:, 40:, 50:80] = 26
+    out = bundle(torch.stack([label, label * 1000], 1))
+    assert out.shape == (1, 3, 64, 128)
