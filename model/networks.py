@@ -7,6 +7,7 @@ the multi-scale PatchGAN discriminator, and the instance-wise feature encoder E.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from model.options import ModelOptions
@@ -63,6 +64,8 @@ def _output_head(cin: int, cout: int) -> list[nn.Module]:
 
 
 class ResnetBlock(nn.Module):
+    checkpoint = False  # recompute the block in backward instead of storing its activations (saves memory)
+
     def __init__(self, dim: int, norm: str):
         super().__init__()
         self.conv_block = nn.Sequential(
@@ -74,7 +77,17 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            return x + torch.utils.checkpoint.checkpoint(self.conv_block, x, use_reentrant=False)
         return x + self.conv_block(x)
+
+
+def set_activation_checkpointing(module: nn.Module, on: bool) -> int:
+    """Turn recomputation of every residual block in `module` on or off; returns how many blocks."""
+    blocks = [m for m in module.modules() if isinstance(m, ResnetBlock)]
+    for b in blocks:
+        b.checkpoint = on
+    return len(blocks)
 
 
 class GlobalGenerator(nn.Module):

@@ -29,6 +29,7 @@ from model.networks import (
     build_encoder,
     build_generator,
     load_global_into_local,
+    set_activation_checkpointing,
 )
 from model.options import ModelOptions
 from model.schedule import ImagePool, lr_at
@@ -46,6 +47,21 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp32":
         return None
     raise ValueError(f"precision={precision!r} is not one of auto, bf16, fp32")
+
+
+def resolve_compile(compile: str | None, device: torch.device) -> str | None:
+    """'auto': torch.compile with inductor on CUDA, off on CPU (compiling there costs more than it saves for
+    these networks). None/'none': off. Any other value is a torch.compile backend name ('inductor', 'eager')."""
+    if compile in (None, "none"):
+        return None
+    if compile == "auto":
+        return "inductor" if device.type == "cuda" else None
+    return compile
+
+
+def resolve_fused_adam(fused: bool | None, device: torch.device) -> bool:
+    """Fused Adam kernels on CUDA by default; the foreach implementation elsewhere."""
+    return device.type == "cuda" if fused is None else fused
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -85,6 +101,8 @@ class TrainStep:
         precision: str = "auto",
         channels_last: bool = False,
         fused_adam: bool | None = None,
+        compile: str | None = None,
+        activation_checkpointing: bool = False,
         seed: int = 0,
     ):
         self.opt = opt
@@ -101,9 +119,14 @@ class TrainStep:
         if opt.vgg_enabled:
             vgg = VGG19Features.from_file(opt.vgg_weights).to(self.device, memory_format=self.memory_format)
             self.vgg_loss = VGGLoss(vgg, opt.lambda_vgg)
-        if fused_adam is None:
-            fused_adam = self.device.type == "cuda"
-        adam = dict(lr=opt.lr, betas=(opt.beta1, 0.999), fused=fused_adam or None)
+        if activation_checkpointing:
+            set_activation_checkpointing(self.G, True)
+        self.compile_backend = resolve_compile(compile, self.device)
+        if self.compile_backend:  # in place, so DDP-wrapped and direct calls both run the compiled forward
+            for m in (self.G, self.D, self.E):
+                if m is not None:
+                    m.compile(backend=self.compile_backend, dynamic=False)
+        adam = dict(lr=opt.lr, betas=(opt.beta1, 0.999), fused=resolve_fused_adam(fused_adam, self.device) or None)
         g_params = list(self.G.parameters()) + (list(self.E.parameters()) if self.E is not None else [])
         self.opt_G = torch.optim.Adam(g_params, **adam)
         self.opt_D = torch.optim.Adam(self.D.parameters(), **adam)

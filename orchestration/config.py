@@ -61,6 +61,8 @@ class TrainConfig:
     storage: str | None = None  # run storage: a path or s3://; default outputs/runs
     precision: str = "auto"  # auto (bf16 on GPU), bf16, fp32
     channels_last: bool = False
+    compile: str = "auto"  # torch.compile of G, D, E: auto (inductor on GPU, off on CPU), none, or a backend name
+    activation_checkpointing: bool = False  # recompute G's residual blocks in backward: less memory, more time
     image_every: int = 1  # epochs between image grids
     log_every: int = 0  # steps between progress lines; 0 = once per epoch
     val_samples: int = 4  # held-out samples shown in image grids

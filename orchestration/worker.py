@@ -98,8 +98,9 @@ def train_stage(context: dict) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     opt = cfg.stage_model(k)
-    step = TrainStep(opt, device, wrap=_wrap, precision=cfg.train.precision, channels_last=cfg.train.channels_last,
-                     seed=cfg.train.seed)  # fmt: skip
+    t = cfg.train
+    step = TrainStep(opt, device, wrap=_wrap, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
+                     activation_checkpointing=t.activation_checkpointing, seed=t.seed)  # fmt: skip
     say = _emit if rank == 0 else (lambda *a, **kw: None)
 
     start_epoch, global_step = 0, 0

@@ -1,0 +1,52 @@
+"""Performance levers keep results identical and their CPU/GPU selection is explicit."""
+
+import pytest
+import torch
+
+from model.step import TrainStep, resolve_compile, resolve_fused_adam
+from tests.conftest import tiny_batch, tiny_options
+
+
+def params_after_steps(n=2, **kw):
+    opt = tiny_options(netG="local", ngf=4)
+    s = TrainStep(opt, seed=3, **kw)
+    for _ in range(n):
+        s.step(tiny_batch(opt))
+    return s
+
+
+def test_activation_checkpointing_gives_the_same_training():
+    a, b = params_after_steps(), params_after_steps(activation_checkpointing=True)
+    assert any(m.checkpoint for m in b.G.modules() if hasattr(m, "checkpoint"))
+    for (name, p), q in zip(a.G.named_parameters(), b.G.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_networks_train_like_eager_and_keep_their_state_dict_names():
+    a, b = params_after_steps(), params_after_steps(compile="eager")
+    assert b.compile_backend == "eager"
+    assert list(a.G.state_dict()) == list(b.G.state_dict())  # compiled in place: no _orig_mod prefix
+    for (name, p), q in zip(a.D.named_parameters(), b.D.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gpu_levers_are_chosen_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cuda) == "inductor" and resolve_compile("auto", cpu) is None
+    assert resolve_compile("none", cuda) is None and resolve_compile("eager", cpu) == "eager"
+    assert resolve_fused_adam(None, cuda) is True and resolve_fused_adam(None, cpu) is False
+    assert resolve_fused_adam(False, cuda) is False
+
+
+def test_benchmark_rows_parse_and_a_checkpointed_row_runs(capsys):
+    from benchmarks.step import Row, main
+
+    assert Row.parse("local-2048:2:bf16:compile:ckpt") == Row("local-2048", 2, "bf16", True, True, False)
+    with pytest.raises(SystemExit, match="unknown flags"):
+        Row.parse("tiny:1:fp32:turbo")
+    main(["--row", "tiny:1:fp32", "--row", "tiny:1:bf16:ckpt", "--steps", "1", "--warmup", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "TFLOP per image per step" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("tiny ")]
+    assert [r[2] for r in rows] == ["fp32", "bf16:ckpt"] and rows[0][-1] == "1.00"
+    assert all(float(r[4]) > 0 for r in rows)  # TFLOP/s
