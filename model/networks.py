@@ -90,6 +90,20 @@ def set_activation_checkpointing(module: nn.Module, on: bool) -> int:
     return len(blocks)
 
 
+def _encoder_decoder(cin: int, cout: int, nf: int, n_down: int, n_blocks: int, norm: str) -> list[nn.Module]:
+    """c7s1-nf, n_down stride-2 convs doubling channels, n_blocks residual blocks, n_down transposed convs
+    halving them, c7s1-cout + tanh: G1's layout, and E's with no residual blocks."""
+    layers: list[nn.Module] = [nn.ReflectionPad2d(3), *_conv_block(cin, nf, norm, kernel_size=7)]
+    for i in range(n_down):
+        c = nf * 2**i
+        layers += _conv_block(c, 2 * c, norm, kernel_size=3, stride=2, padding=1)
+    layers += [ResnetBlock(nf * 2**n_down, norm) for _ in range(n_blocks)]
+    for i in range(n_down):
+        c = nf * 2 ** (n_down - i)
+        layers += _up_block(c, c // 2, norm)
+    return layers + _output_head(nf, cout)
+
+
 class GlobalGenerator(nn.Module):
     """G1: c7s1-ngf, `n_downsampling` stride-2 convs, `n_blocks` residual blocks, as many up-convs, c7s1-out."""
 
@@ -103,17 +117,7 @@ class GlobalGenerator(nn.Module):
         norm: str = "instance",
     ):
         super().__init__()
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), *_conv_block(input_nc, ngf, norm, kernel_size=7)]
-        for i in range(n_downsampling):
-            c = ngf * 2**i
-            layers += _conv_block(c, 2 * c, norm, kernel_size=3, stride=2, padding=1)
-        bottleneck = ngf * 2**n_downsampling
-        layers += [ResnetBlock(bottleneck, norm) for _ in range(n_blocks)]
-        for i in range(n_downsampling):
-            c = ngf * 2 ** (n_downsampling - i)
-            layers += _up_block(c, c // 2, norm)
-        layers += _output_head(ngf, output_nc)
-        self.model = nn.Sequential(*layers)
+        self.model = nn.Sequential(*_encoder_decoder(input_nc, output_nc, ngf, n_downsampling, n_blocks, norm))
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,15 +231,7 @@ class Encoder(nn.Module):
 
     def __init__(self, input_nc: int, output_nc: int, nef: int = 16, n_downsampling: int = 4, norm: str = "instance"):
         super().__init__()
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), *_conv_block(input_nc, nef, norm, kernel_size=7)]
-        for i in range(n_downsampling):
-            c = nef * 2**i
-            layers += _conv_block(c, 2 * c, norm, kernel_size=3, stride=2, padding=1)
-        for i in range(n_downsampling):
-            c = nef * 2 ** (n_downsampling - i)
-            layers += _up_block(c, c // 2, norm)
-        layers += _output_head(nef, output_nc)
-        self.model = nn.Sequential(*layers)
+        self.model = nn.Sequential(*_encoder_decoder(input_nc, output_nc, nef, n_downsampling, 0, norm))
         init_weights(self)
 
     def forward(self, image: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:

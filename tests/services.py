@@ -42,23 +42,35 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
 
 
 @contextmanager
+def serving(cmd: list[str], env: dict[str, str], log_path: Path, ready_url: str, timeout: float):
+    """Run a server process (its own process group, output to log_path) until the block ends; wait for
+    ready_url first. Stops it with SIGTERM, then SIGKILL."""
+    import signal
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(ready_url, timeout=timeout, proc=proc)
+            yield proc
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@contextmanager
 def moto_s3_server(log_dir: Path):
     """moto's S3 server as a separate process (Ray workers and pyarrow's C++ client must reach it over HTTP)."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    log = open(log_dir / "moto.log", "w")  # noqa: SIM115 - closed below
     moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"{endpoint}/moto-api/", proc=proc)
+    cmd = [str(moto), "-H", "127.0.0.1", "-p", str(port)]
+    with serving(cmd, dict(os.environ), log_dir / "moto.log", f"{endpoint}/moto-api/", timeout=30):
         yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def make_bucket(endpoint: str, name: str) -> None:
@@ -96,25 +108,15 @@ def ray_head(tmp_dir: Path, env: dict[str, str], num_cpus: int = 2):
     full_env = {**os.environ, **env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                 "MLFLOW_DISABLE_TELEMETRY": "true",
                 "RAY_TMPDIR": str(tmp_dir), "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}  # fmt: skip
-    log = open(tmp_dir / "ray-head.log", "w")  # noqa: SIM115 - closed below
     cmd = [ray_bin, "start", "--head", "--block", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
            "--disable-usage-stats", f"--temp-dir={tmp_dir}"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        wait_http(f"{url}/api/version", timeout=90, proc=proc)
-        yield url
+        with serving(cmd, full_env, tmp_dir / "ray-head.log", f"{url}/api/version", timeout=90):
+            yield url
     finally:
-        import signal
-
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run([ray_bin, "stop", "--force"], env=full_env, capture_output=True, timeout=60)
-        log.close()
 
 
 def job_env(dashboard: str) -> dict[str, str]:
@@ -140,18 +142,6 @@ def mlflow_server(tmp_dir: Path, s3_endpoint: str, bucket: str, port: int | None
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
     cmd = [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_dir}/mlflow.db", "--artifacts-destination",
            f"s3://{bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    log = open(tmp_dir / f"mlflow-{port}.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=120, proc=proc)
+    with serving(cmd, env, tmp_dir / f"mlflow-{port}.log", f"{url}/health", timeout=120):
         yield url
-    finally:
-        import signal
-
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
