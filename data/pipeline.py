@@ -96,8 +96,11 @@ def execution_options():
 def build_dataset(uri: str, split: str, cfg: PipelineConfig):
     """Verify the split's manifest and shards, then build the (lazy) Ray Dataset of decoded samples."""
     import ray.data
-    from ray.data import FileShuffleConfig
+    from ray.data import DataContext, FileShuffleConfig
 
+    ctx = DataContext.get_current()  # captured by the dataset: keep per-epoch executions out of the job log
+    ctx.print_on_execution_start = False
+    ctx.enable_progress_bars = False
     manifest = shards.load_manifest(uri, split)
     if cfg.verify != "none":
         shards.verify(manifest, cfg.verify)
