@@ -144,6 +144,39 @@ def test_killed_worker_resumes_without_losing_or_repeating_epochs(full_run, clus
     assert done["global_step"] == epochs * steps_per_epoch
 
 
+def test_a_stopped_job_resubmitted_resumes_its_unfinished_stage(full_run, cluster, data):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    state = run_state("full")
+    steps_per_epoch = state[1]["global_step"] // state[1]["epochs"]
+    cmd = train_cmd(data, "resume", "--stages", "1", "--set", "stage1.niter=5", "--no-tracking")
+    client = JobSubmissionClient(cluster)
+    job = client.submit_job(entrypoint=" ".join(cmd), runtime_env={"working_dir": str(REPO)},
+                            submission_id=f"resume-{uuid.uuid4().hex[:6]}")  # fmt: skip
+    deadline = time.monotonic() + 300
+    while "[stage 1] epoch 2/" not in client.get_job_logs(job):
+        assert client.get_job_status(job) not in (JobStatus.FAILED, JobStatus.SUCCEEDED), client.get_job_logs(job)[
+            -3000:
+        ]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    client.stop_job(job)
+    while client.get_job_status(job) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    r = submit_job(cluster, REPO, cmd)
+    assert r.returncode == 0, r.stdout[-4000:]
+    # it resumes from the latest checkpoint Ray had registered (epoch 1 or 2: registration is asynchronous)
+    resumed = re.search(r"resuming from its checkpoint: epoch (\d+), step (\d+)", r.stdout)
+    assert resumed and int(resumed.group(1)) >= 1
+    first = int(resumed.group(1))
+    assert int(resumed.group(2)) == first * steps_per_epoch
+    trained = [int(e) for e in re.findall(r"\[stage 1\] epoch (\d+)/6", r.stdout)]
+    assert trained == list(range(first + 1, 7))  # nothing before the checkpoint is trained again
+    done = run_state("resume")[1]
+    assert (done["epochs"], done["global_step"]) == (6, 6 * steps_per_epoch)
+
+
 # ---- MLflow tracking and the model registry ------------------------------------------------------------
 
 
