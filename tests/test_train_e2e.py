@@ -109,35 +109,44 @@ def test_resubmitting_a_finished_run_does_no_training(full_run, cluster, data):
     assert not re.search(r"\[stage \d\] epoch \d", r.stdout)
 
 
-def test_killed_worker_resumes_without_losing_or_repeating_epochs(full_run, cluster, data):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+ENDED = ("FAILED", "SUCCEEDED", "STOPPED")
 
+
+def job_in_stage1_epoch2(cluster, cmd, name):
+    """Submit `cmd` without waiting; return (client, job id) once stage 1 has finished epoch 2 (checkpointed)."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster)
+    job = client.submit_job(entrypoint=" ".join(cmd), runtime_env={"working_dir": str(REPO)},
+                            submission_id=f"{name}-{uuid.uuid4().hex[:6]}")  # fmt: skip
+    deadline = time.monotonic() + 300
+    while "[stage 1] epoch 2/" not in client.get_job_logs(job):
+        assert str(client.get_job_status(job)) not in ENDED, client.get_job_logs(job)[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    return client, job
+
+
+def wait_job_end(client, job, timeout=600):
+    deadline = time.monotonic() + timeout
+    while str(client.get_job_status(job)) not in ENDED:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    return str(client.get_job_status(job))
+
+
+def test_killed_worker_resumes_without_losing_or_repeating_epochs(full_run, cluster, data):
     state = run_state("full")
     steps_per_epoch = state[1]["global_step"] // state[1]["epochs"]
     epochs = 6
-    client = JobSubmissionClient(cluster)
-    job = client.submit_job(
-        entrypoint=" ".join(
-            train_cmd(data, "fault", "--stages", "1", "--set", f"stage1.niter={epochs - 1}", "--no-tracking")
-        ),
-        runtime_env={"working_dir": str(REPO)},
-        submission_id=f"fault-{uuid.uuid4().hex[:6]}",
-    )
-    deadline = time.monotonic() + 300
-    while "[stage 1] epoch 2/" not in client.get_job_logs(job):
-        assert client.get_job_status(job) not in (JobStatus.FAILED, JobStatus.SUCCEEDED), client.get_job_logs(job)[
-            -3000:
-        ]
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    cmd = train_cmd(data, "fault", "--stages", "1", "--set", f"stage1.niter={epochs - 1}", "--no-tracking")
+    client, job = job_in_stage1_epoch2(cluster, cmd, "fault")
     workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     assert workers, "no Ray Train worker process found"
     workers[-1].kill()
-    while client.get_job_status(job) not in (JobStatus.FAILED, JobStatus.SUCCEEDED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline + 300
-        time.sleep(1)
+    status = wait_job_end(client, job)
     logs = client.get_job_logs(job)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-4000:]
+    assert status == "SUCCEEDED", logs[-4000:]
     assert "resuming from its checkpoint" in logs
     done = run_state("fault")[1]
     assert done["epochs"] == epochs
@@ -145,25 +154,12 @@ def test_killed_worker_resumes_without_losing_or_repeating_epochs(full_run, clus
 
 
 def test_a_stopped_job_resubmitted_resumes_its_unfinished_stage(full_run, cluster, data):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
     state = run_state("full")
     steps_per_epoch = state[1]["global_step"] // state[1]["epochs"]
     cmd = train_cmd(data, "resume", "--stages", "1", "--set", "stage1.niter=5", "--no-tracking")
-    client = JobSubmissionClient(cluster)
-    job = client.submit_job(entrypoint=" ".join(cmd), runtime_env={"working_dir": str(REPO)},
-                            submission_id=f"resume-{uuid.uuid4().hex[:6]}")  # fmt: skip
-    deadline = time.monotonic() + 300
-    while "[stage 1] epoch 2/" not in client.get_job_logs(job):
-        assert client.get_job_status(job) not in (JobStatus.FAILED, JobStatus.SUCCEEDED), client.get_job_logs(job)[
-            -3000:
-        ]
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    client, job = job_in_stage1_epoch2(cluster, cmd, "resume")
     client.stop_job(job)
-    while client.get_job_status(job) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    wait_job_end(client, job)
     r = submit_job(cluster, REPO, cmd)
     assert r.returncode == 0, r.stdout[-4000:]
     # it resumes from the latest checkpoint Ray had registered (epoch 1 or 2: registration is asynchronous)
