@@ -48,9 +48,6 @@ class SampleFiles:
     inst: Path | None = None
     masks: dict[str, Path] = field(default_factory=dict)  # celebamask: part name -> mask file
 
-    def all_paths(self) -> list[Path]:
-        return [p for p in (self.image, self.label, self.inst) if p is not None] + list(self.masks.values())
-
 
 @dataclass
 class LoadedSample:

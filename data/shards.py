@@ -252,10 +252,6 @@ class Manifest:
     def shard_locations(self) -> list[Location]:
         return [self.root.join(s["name"]) for s in self.data["shards"]]
 
-    @property
-    def sample_count(self) -> int:
-        return self.data["sample_count"]
-
     def __getitem__(self, key: str):
         return self.data[key]
 

@@ -165,8 +165,3 @@ def sha256(loc: Location, chunk: int = 8 << 20) -> str:
                 break
             h.update(block)
     return h.hexdigest()
-
-
-def delete(loc: Location) -> None:
-    if exists(loc):
-        loc.fs.delete_file(loc.path)

@@ -64,11 +64,6 @@ def resolve_fused_adam(fused: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if fused is None else fused
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP (or similar) wrapper."""
-    return getattr(module, "module", module)
-
-
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     flags = [(p, p.requires_grad) for p in module.parameters()]
