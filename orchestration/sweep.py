@@ -17,7 +17,7 @@ from data import shards, storage
 from data.layouts import label_set
 from orchestration.config import Config, ConfigError, from_dict
 from orchestration.curriculum import available_val_split, checkpoint_uri, experiment_name, stage_trainer
-from orchestration.tracking import SWEEP_TAG, _quiet_client, ensure_experiment, find_or_create_run
+from orchestration.tracking import SWEEP_TAG, ensure_experiment, find_or_create_run, quiet_client
 from orchestration.worker import StageContext
 
 SAMPLED = ("lambda_feat", "lambda_vgg", "lr", "gan_mode")
@@ -102,7 +102,7 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
 
     callbacks = []
     if plan.tracking_uri:
-        client = _quiet_client(plan.tracking_uri)
+        client = quiet_client(plan.tracking_uri)
         exp = ensure_experiment(client, experiment_name(cfg), plan.tracking_uri)
         parent = find_or_create_run(client, exp, {SWEEP_TAG: plan.name}, f"sweep {plan.name}")
         if not client.get_run(parent).data.params:

@@ -40,7 +40,7 @@ def local_artifact_location(uri: str) -> str | None:
     return None
 
 
-def _quiet_client(uri: str):
+def quiet_client(uri: str):
     """An MlflowClient that fails fast: our queue does the retrying, not MLflow's minutes-long backoff."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -187,7 +187,7 @@ class Tracker:
                     return
                 continue
             try:
-                client = client or _quiet_client(self.uri)
+                client = client or quiet_client(self.uri)
                 if self.run_id is None:
                     self._connect(client)
                 while self._pending:
