@@ -15,17 +15,14 @@ import argparse
 
 import torch
 
-from benchmarks.step import CONFIGS, synthetic_batch
-from model.options import ModelOptions
-from model.step import LOSS_NAMES, TrainStep
+from benchmarks.step import CONFIGS, Row, build_step, synthetic_batch
+from model.step import LOSS_NAMES
 
 
-def curves(config: str, batch: int, steps: int, device: torch.device, precision: str, compile: str | None,
-           ckpt: bool) -> dict[str, list[float]]:  # fmt: skip
-    overrides, h, w = CONFIGS[config]
-    opt = ModelOptions(**overrides)
-    step = TrainStep(opt, device, precision=precision, compile=compile, activation_checkpointing=ckpt, seed=0)
-    data = synthetic_batch(opt, batch, h, w, device)
+def curves(row: Row, steps: int, device: torch.device, vgg: bool) -> dict[str, list[float]]:
+    _, h, w = CONFIGS[row.config]
+    step = build_step(row, device, vgg)
+    data = synthetic_batch(step.opt, row.batch, h, w, device)
     out: dict[str, list[torch.Tensor]] = {n: [] for n in LOSS_NAMES}
     for _ in range(steps):
         for n, v in step.step(data).items():
@@ -52,15 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--skip", type=int, default=20, help="steps before the comparison starts")
-    p.add_argument("--mode", default="bf16:compile", help="precision[:compile][:ckpt] of the candidate")
+    p.add_argument("--mode", default="bf16:compile", help="precision[:compile][:ckpt][:cl] of the candidate")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tolerance", type=float, default=0.15)
+    p.add_argument("--no-vgg", action="store_true", help="leave the VGG19 perceptual loss (random weights) out")
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    parts = a.mode.split(":")
-    compile = ("inductor" if device.type == "cuda" else "eager") if "compile" in parts else None
-    ref = curves(a.config, a.batch, a.steps, device, "fp32", None, False)
-    cand = curves(a.config, a.batch, a.steps, device, parts[0], compile, "ckpt" in parts)
+    vgg = not a.no_vgg
+    ref = curves(Row(a.config, a.batch, "fp32"), a.steps, device, vgg)
+    cand = curves(Row.parse(f"{a.config}:{a.batch}:{a.mode}"), a.steps, device, vgg)
     worst = 0.0
     print(f"{a.config} batch {a.batch}, {a.steps} steps on {device}: fp32 eager vs {a.mode}")
     for n in LOSS_NAMES:

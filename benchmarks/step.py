@@ -1,30 +1,39 @@
-"""Throughput and peak memory of the full pix2pixHD training step (G, D on [fake, real], D on fake for G,
-losses, both Adam updates), on CPU or CUDA.
+"""Throughput and peak memory of the full pix2pixHD training step (G, D, feature matching, VGG19, both Adam
+updates), on CPU or CUDA, for the optimised step and the straightforward reference step.
 
     python -m benchmarks.step --preset reference --device cuda     # the GPU issue's table + optimised rows
     python -m benchmarks.step --config global-1024 --batch 1 4 --precision fp32 bf16 --device cuda
     python -m benchmarks.step --row local-2048:1:bf16:compile:ckpt --device cuda
     python -m benchmarks.step --config tiny --batch 2 --steps 10          # CPU smoke run
 
-A row is config:batch:precision[:compile][:ckpt][:cl] (torch.compile of the networks, activation
-checkpointing, channels_last). --config/--batch/--precision give their product as rows. All rows run in one
-invocation; `ratio` is img/s relative to the first row (the preset starts with fp32 batch-1 eager), so figures
-from a noisy machine compare within the run. Warm-up steps (allocator, cuDNN autotune, compilation) are timed
-apart. TFLOP/s uses the FLOPs of one step counted by torch.utils.flop_counter (per image, per config).
+A row is config:batch:precision[:compile][:ckpt][:cl][:ref]: torch.compile of the networks, activation
+checkpointing, channels_last, and `ref` for `benchmarks.reference_step.ReferenceStep` (the step written the
+straightforward way: three D passes, D weight gradients in G's backward, fp32 labels). --config/--batch/
+--precision give their product as rows. All rows run in one invocation; `ratio` is img/s relative to the first
+row (the preset starts with the reference fp32 batch-1 eager row), so figures from a noisy machine compare
+within the run. Warm-up steps (allocator, cuDNN autotune, compilation) are timed apart. The VGG19 loss runs with
+random weights (its cost does not depend on them; --no-vgg drops it). FLOPs per image are counted once per
+kind of step with torch.utils.flop_counter on the CPU, at 1/16 and 1/4 of the pixels and extrapolated to full
+size (the count is linear in the pixel count, up to padding effects): seconds to a minute per kind of step.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import resource
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
+from benchmarks.reference_step import ReferenceStep
 from model.options import ModelOptions
 from model.step import TrainStep
+from model.vgg import VGG19Features
 
 # Named configurations: (options, height, width). The paper's Cityscapes networks and a CPU-sized one.
 CONFIGS: dict[str, tuple[dict, int, int]] = {
@@ -37,8 +46,8 @@ CONFIGS: dict[str, tuple[dict, int, int]] = {
 def synthetic_batch(opt: ModelOptions, n: int, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Blocky label and instance maps and an image in [-1, 1]; the step's cost does not depend on content."""
     g = torch.Generator().manual_seed(0)
-    coarse = torch.randint(0, opt.label_nc, (n, h // 32, w // 32), generator=g)
-    label = coarse.repeat_interleave(32, 1).repeat_interleave(32, 2).to(torch.uint8)
+    coarse = torch.randint(0, opt.label_nc, (n, -(-h // 32), -(-w // 32)), generator=g)
+    label = coarse.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :h, :w].to(torch.uint8).contiguous()
     inst = label.long() * 1000 + (torch.arange(w) // 64)
     image = torch.rand(n, 3, h, w, generator=g) * 2 - 1
     return {k: v.to(device) for k, v in {"label": label, "inst": inst, "image": image}.items()}
@@ -51,20 +60,23 @@ def _sync(device: torch.device) -> None:
 
 PRESETS = {
     "reference": [
+        "global-1024:1:fp32:ref",
+        "global-1024:4:fp32:ref",
+        "global-1024:4:bf16:ref",
+        "local-2048:1:fp32:ref",
+        "local-2048:2:bf16:ref",
         "global-1024:1:fp32",
-        "global-1024:4:fp32",
-        "global-1024:4:bf16",
-        "local-2048:1:fp32",
-        "local-2048:2:bf16",
         "global-1024:1:bf16:compile",
         "global-1024:4:bf16:compile",
         "global-1024:8:bf16:compile",
+        "local-2048:1:fp32",
         "local-2048:1:bf16:compile",
         "local-2048:2:bf16:compile",
         "local-2048:4:bf16:compile",
         "local-2048:1:bf16:compile:ckpt",
     ],
 }
+FLAGS = ("compile", "ckpt", "cl", "ref")
 
 
 @dataclass(frozen=True)
@@ -75,49 +87,81 @@ class Row:
     compile: bool = False
     ckpt: bool = False
     channels_last: bool = False
+    ref: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Row:
         parts = text.split(":")
-        if len(parts) < 3 or parts[0] not in CONFIGS or parts[2] not in ("fp32", "bf16"):
+        if len(parts) < 3 or parts[0] not in CONFIGS or parts[2] not in ("fp32", "bf16") or not parts[1].isdigit():
             raise SystemExit(
-                f"row {text!r}: expected config:batch:fp32|bf16[:compile][:ckpt][:cl], configs {sorted(CONFIGS)}"
+                f"row {text!r}: expected config:batch:fp32|bf16[:{']['.join(FLAGS)}], configs {sorted(CONFIGS)}"
             )
         flags = set(parts[3:])
-        unknown = flags - {"compile", "ckpt", "cl"}
+        unknown = flags - set(FLAGS)
         if unknown:
-            raise SystemExit(f"row {text!r}: unknown flags {sorted(unknown)} (compile, ckpt, cl)")
-        return cls(parts[0], int(parts[1]), parts[2], "compile" in flags, "ckpt" in flags, "cl" in flags)
+            raise SystemExit(f"row {text!r}: unknown flags {sorted(unknown)} ({', '.join(FLAGS)})")
+        return cls(parts[0], int(parts[1]), parts[2], *(f in flags for f in FLAGS))
 
     @property
     def label(self) -> str:
-        return ":".join([self.precision] + [f for f, on in (("compile", self.compile), ("ckpt", self.ckpt),
-                                                             ("cl", self.channels_last)) if on])  # fmt: skip
+        flags = [f for f, on in zip(FLAGS, (self.compile, self.ckpt, self.channels_last, self.ref), strict=True) if on]
+        return ":".join([self.precision, *flags])
 
 
-def flops_per_image(config: str, device: torch.device) -> float:
-    """FLOPs of one training step at batch 1 (forward + backward + the G pass through D), eager fp32."""
+def random_vgg_weights() -> str:
+    """A torchvision-format VGG19 state dict with random weights, written once per process."""
+    path = Path(tempfile.gettempdir()) / "pix2pixhd-bench-vgg19-random.pth"
+    if not path.exists():
+        state = {f"features.{k}": v for k, v in VGG19Features().features.state_dict().items()}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+    return str(path)
+
+
+def build_step(row: Row, device: torch.device, vgg: bool, seed: int = 0) -> TrainStep:
+    overrides, _, _ = CONFIGS[row.config]
+    opt = ModelOptions(**overrides, vgg_weights=random_vgg_weights() if vgg else None)
+    cls = ReferenceStep if row.ref else TrainStep
+    return cls(opt, device, precision=row.precision, channels_last=row.channels_last, seed=seed,
+               compile=("inductor" if device.type == "cuda" else "eager") if row.compile else None,
+               activation_checkpointing=row.ckpt)  # fmt: skip
+
+
+def reduced_sizes(config: str, divisors: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two sizes, the full size divided by `divisors`, to extrapolate from: multiples of what G needs and at least
+    4 times that (G's bottleneck must be wider than its padding); the full size itself for small configs."""
+    overrides, h, w = CONFIGS[config]
+    m = ModelOptions(**overrides).size_multiple
+    a, b = ((max(4 * m, h // k // m * m), max(4 * m, w // k // m * m)) for k in divisors)
+    return (a, b) if a != b else (a, (h, w))
+
+
+def flops_per_image(row: Row, vgg: bool) -> float:
+    """FLOPs of one training step per image (forward, backward, recomputation), counted on the CPU in fp32."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    overrides, h, w = CONFIGS[config]
-    opt = ModelOptions(**overrides)
-    step = TrainStep(opt, device, precision="fp32", compile=None)
-    data = synthetic_batch(opt, 1, h, w, device)
-    with FlopCounterMode(display=False) as counter:
-        step.step(data)
-    return float(counter.get_total_flops())
+    _, h, w = CONFIGS[row.config]
+    counts = []
+    sizes = reduced_sizes(row.config, (4, 2))
+    for hh, ww in sizes:
+        step = build_step(replace(row, batch=1, precision="fp32", compile=False), torch.device("cpu"), vgg)
+        data = synthetic_batch(step.opt, 1, hh, ww, torch.device("cpu"))
+        with FlopCounterMode(display=False) as counter:
+            step.step(data)
+        counts.append(float(counter.get_total_flops()))
+    (p1, p2), pt = (a * b for a, b in sizes), h * w
+    return counts[0] + (counts[1] - counts[0]) * (pt - p1) / (p2 - p1)
 
 
-def measure_row(row: Row, device: torch.device, steps: int, warmup: int) -> dict:
-    return measure(row.config, row.batch, row.precision, device, steps, warmup, channels_last=row.channels_last,
-                   compile="inductor" if row.compile else None, activation_checkpointing=row.ckpt)  # fmt: skip
+def flops_key(row: Row) -> tuple[str, bool, bool]:
+    return row.config, row.ref, row.ckpt
 
 
-def measure(config: str, batch: int, precision: str, device: torch.device, steps: int, warmup: int, **kw) -> dict:
-    overrides, h, w = CONFIGS[config]
-    opt = ModelOptions(**overrides)
-    step = TrainStep(opt, device, precision=precision, **kw)
-    data = synthetic_batch(opt, batch, h, w, device)
+def measure(row: Row, device: torch.device, steps: int, warmup: int, vgg: bool) -> dict:
+    _, h, w = CONFIGS[row.config]
+    step = build_step(row, device, vgg)
+    data = synthetic_batch(step.opt, row.batch, h, w, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -137,38 +181,39 @@ def measure(config: str, batch: int, precision: str, device: torch.device, steps
     else:  # process-wide peak RSS (KiB on Linux)
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     del step, data
-    return dict(
-        config=config,
-        batch=batch,
-        precision=precision,
-        img_s=steps * batch / took,
-        step_ms=1000 * took / steps,
-        warmup_s=warm,
-        peak_gib=peak_gib,
-    )
+    return dict(img_s=steps * row.batch / took, step_ms=1000 * took / steps, warmup_s=warm, peak_gib=peak_gib)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("--row", action="append", default=[], help="config:batch:precision[:compile][:ckpt][:cl]")
-    p.add_argument("--config", nargs="+", default=[], choices=sorted(CONFIGS))
-    p.add_argument("--batch", nargs="+", type=int, default=[1])
-    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks (product rows)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--no-flops", action="store_true", help="skip counting FLOPs (TFLOP/s column empty)")
-    a = p.parse_args(argv)
+def rows_from_args(a: argparse.Namespace) -> list[Row]:
     rows = [Row.parse(r) for r in PRESETS.get(a.preset, [])] + [Row.parse(r) for r in a.row]
     rows += [
         Row(c, b, pr, a.compile, False, a.channels_last)
         for c, b, pr in itertools.product(a.config, a.batch, a.precision)
     ]
-    if not rows:
-        rows = [Row("tiny", 1, "fp32")]
+    return rows or [Row("tiny", 1, "fp32")]
+
+
+def row_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--row", action="append", default=[], help=f"config:batch:precision[:{']['.join(FLAGS)}]")
+    p.add_argument("--config", nargs="+", default=[], choices=sorted(CONFIGS))
+    p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (product rows)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-vgg", action="store_true", help="leave the VGG19 perceptual loss out of the step")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n\n")[0])
+    row_arguments(p)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-flops", action="store_true", help="skip counting FLOPs (TFLOP/s column empty)")
+    a = p.parse_args(argv)
+    rows = rows_from_args(a)
+    vgg = not a.no_vgg
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -177,17 +222,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     else:
         print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
-    flops = {} if a.no_flops else {c: flops_per_image(c, device) for c in dict.fromkeys(r.config for r in rows)}
-    for c, f in flops.items():
-        print(f"{c}: {f / 1e12:.2f} TFLOP per image per step")
-    print(f"{'config':<12} {'batch':>5} {'mode':<22} {'img/s':>8} {'TFLOP/s':>8} {'ms/step':>8} {'warmup s':>8} "
+    flops = {}
+    if not a.no_flops:
+        for row in rows:
+            if flops_key(row) not in flops:
+                flops[flops_key(row)] = f = flops_per_image(row, vgg)
+                kind = "reference step" if row.ref else "step" + (" with checkpointing" if row.ckpt else "")
+                print(f"work per image, {row.config} {kind}: {f / 1e12:.3g} TFLOP" + ("" if vgg else " (no VGG)"))
+    print(f"{'config':<12} {'batch':>5} {'mode':<24} {'img/s':>8} {'TFLOP/s':>8} {'ms/step':>8} {'warmup s':>8} "
           f"{'peak GiB':>8} {'ratio':>6}")  # fmt: skip
     base = None
     for row in rows:
-        r = measure_row(row, device, a.steps, a.warmup)
+        r = measure(row, device, a.steps, a.warmup, vgg)
         base = base or r["img_s"]
-        tflops = f"{r['img_s'] * flops[row.config] / 1e12:8.1f}" if row.config in flops else f"{'':>8}"
-        print(f"{row.config:<12} {row.batch:>5} {row.label:<22} {r['img_s']:>8.2f} {tflops} {r['step_ms']:>8.1f} "
+        f = flops.get(flops_key(row))
+        tflops = f"{r['img_s'] * f / 1e12:8.2f}" if f else f"{'':>8}"
+        print(f"{row.config:<12} {row.batch:>5} {row.label:<24} {r['img_s']:>8.2f} {tflops} {r['step_ms']:>8.1f} "
               f"{r['warmup_s']:>8.1f} {r['peak_gib']:>8.2f} {r['img_s'] / base:>6.2f}", flush=True)  # fmt: skip
 
 

@@ -39,6 +39,31 @@ def gan_loss(preds: DFeatures, target_is_real: bool, mode: str, for_discriminato
     return total
 
 
+class _L1Distance(torch.autograd.Function):
+    """mean |a - b| computed in fp32 whatever the inputs' dtype; `b` is a target (no gradient).
+
+    F.l1_loss on fp32 copies would keep the fp32 difference for backward (4 bytes per element, for every
+    full-resolution VGG and D feature map); the gradient only needs its sign, kept here as int8.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        diff = a.to(torch.float32, copy=True).sub_(b)  # one fp32 temporary, freed on return
+        ctx.save_for_backward(diff.gt(0).to(torch.int8).sub_(diff.lt(0).to(torch.int8)))
+        ctx.dtype = a.dtype
+        return diff.abs_().mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (sign,) = ctx.saved_tensors
+        return sign.to(ctx.dtype) * (grad / sign.numel()).to(ctx.dtype), None
+
+
+def l1_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean |a - b| in fp32, the gradient for `a` only (= F.l1_loss(a.float(), b.detach().float()))."""
+    return _L1Distance.apply(a, b.detach())
+
+
 def feature_matching_loss(fake: DFeatures, real: DFeatures, n_layers_D: int, lambda_feat: float) -> torch.Tensor:
     """sum_i sum_j (1/num_D) * (4/(n_layers_D+1)) * L1(D_ij(fake), D_ij(real).detach()) * lambda_feat,
     over every output of each D but its last (the logits)."""
@@ -47,14 +72,15 @@ def feature_matching_loss(fake: DFeatures, real: DFeatures, n_layers_D: int, lam
     total = torch.zeros((), device=fake[0][0].device)
     for f_scale, r_scale in zip(fake, real, strict=True):
         for f, r in zip(f_scale[:-1], r_scale[:-1], strict=True):
-            total = total + w * F.l1_loss(f.float(), r.detach().float())
+            total = total + w * l1_distance(f, r)
     return total
 
 
 class VGGLoss(nn.Module):
     """L1 between VGG19 activations of fake and real at relu1_1..relu5_1, weighted 1/32, 1/16, 1/8, 1/4, 1.
 
-    As in the official code, images in [-1, 1] go into VGG as they are.
+    As in the official code, images in [-1, 1] go into VGG as they are. The real image's features are targets:
+    they are computed without autograd, so backward runs through VGG for the fake image only.
     """
 
     WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
@@ -65,9 +91,9 @@ class VGGLoss(nn.Module):
         self.lambda_vgg = lambda_vgg
 
     def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        n = fake.shape[0]
-        feats = self.vgg(torch.cat([fake, real], 0))  # one pass over both
+        with torch.no_grad():
+            real_feats = self.vgg(real)
         total = torch.zeros((), device=fake.device)
-        for w, f in zip(self.WEIGHTS, feats, strict=True):
-            total = total + w * F.l1_loss(f[:n].float(), f[n:].detach().float())
+        for w, f, r in zip(self.WEIGHTS, self.vgg(fake), real_feats, strict=True):
+            total = total + w * l1_distance(f, r)
         return total * self.lambda_vgg

@@ -13,18 +13,11 @@ from torch import nn
 from model.options import ModelOptions
 
 
-class InstanceNorm2d(nn.InstanceNorm2d):
-    """Instance norm (affine=False) whose statistics are computed in fp32 under bf16/fp16 autocast."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.float16, torch.bfloat16):
-            return super().forward(x.float()).to(x.dtype)
-        return super().forward(x)
-
-
 def norm_layer(kind: str, channels: int) -> nn.Module:
     if kind == "instance":
-        return InstanceNorm2d(channels, affine=False)
+        # Under bf16 autocast the kernels accumulate the statistics in fp32 and round the output to bf16
+        # (tests/test_networks.py checks this); an explicit fp32 copy of the input would store twice the bytes.
+        return nn.InstanceNorm2d(channels, affine=False)
     if kind == "batch":
         return nn.BatchNorm2d(channels, affine=True)
     raise ValueError(f"norm={kind!r} is not one of instance, batch")
@@ -63,9 +56,19 @@ def _output_head(cin: int, cout: int) -> list[nn.Module]:
     return [nn.ReflectionPad2d(3), nn.Conv2d(cin, cout, 7), nn.Tanh()]
 
 
-class ResnetBlock(nn.Module):
-    checkpoint = False  # recompute the block in backward instead of storing its activations (saves memory)
+class Recomputable:
+    """A module that can recompute parts of its forward in backward instead of storing their activations
+    (activation checkpointing: less memory for one more forward of those parts)."""
 
+    checkpoint = False
+
+    def recompute(self, fn, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+        return fn(x)
+
+
+class ResnetBlock(Recomputable, nn.Module):
     def __init__(self, dim: int, norm: str):
         super().__init__()
         self.conv_block = nn.Sequential(
@@ -77,17 +80,15 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint and torch.is_grad_enabled():
-            return x + torch.utils.checkpoint.checkpoint(self.conv_block, x, use_reentrant=False)
-        return x + self.conv_block(x)
+        return x + self.recompute(self.conv_block, x)
 
 
 def set_activation_checkpointing(module: nn.Module, on: bool) -> int:
-    """Turn recomputation of every residual block in `module` on or off; returns how many blocks."""
-    blocks = [m for m in module.modules() if isinstance(m, ResnetBlock)]
-    for b in blocks:
-        b.checkpoint = on
-    return len(blocks)
+    """Turn recomputation on or off in every `Recomputable` part of `module`; returns how many parts."""
+    parts = [m for m in module.modules() if isinstance(m, Recomputable)]
+    for m in parts:
+        m.checkpoint = on
+    return len(parts)
 
 
 def _encoder_decoder(cin: int, cout: int, nf: int, n_down: int, n_blocks: int, norm: str) -> list[nn.Module]:
@@ -124,11 +125,13 @@ class GlobalGenerator(nn.Module):
         return self.model(x)
 
 
-class LocalEnhancer(nn.Module):
+class LocalEnhancer(Recomputable, nn.Module):
     """G2: a G1 at ngf*2^n (without its output head) on the input pooled n times, refined by n enhancers.
 
     Parameter names: `model` is the global part (the same indices as G1's `model`, so a stage-1 state dict
     loads by name), `model{n}_1` / `model{n}_2` are enhancer n's down and up branches.
+    With checkpointing, the down branch and the up branch after its residual blocks (the full-resolution
+    layers) are recomputed in backward.
     """
 
     def __init__(
@@ -174,7 +177,9 @@ class LocalEnhancer(nn.Module):
         for n in range(1, self.n_local_enhancers + 1):
             down = getattr(self, f"model{n}_1")
             up = getattr(self, f"model{n}_2")
-            out = up(down(pyramid[self.n_local_enhancers - n]) + out)
+            out = self.recompute(down, pyramid[self.n_local_enhancers - n]) + out
+            blocks = sum(isinstance(m, ResnetBlock) for m in up)
+            out = self.recompute(up[blocks:], up[:blocks](out))
         return out
 
 

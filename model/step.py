@@ -115,7 +115,9 @@ class TrainStep:
             vgg = VGG19Features.from_file(opt.vgg_weights).to(self.device, memory_format=self.memory_format)
             self.vgg_loss = VGGLoss(vgg, opt.lambda_vgg)
         if activation_checkpointing:
-            set_activation_checkpointing(self.G, True)
+            for m in (self.G, self.vgg_loss):
+                if m is not None:
+                    set_activation_checkpointing(m, True)
         self.compile_backend = resolve_compile(compile, self.device)
         if self.compile_backend:  # in place, so DDP-wrapped and direct calls both run the compiled forward
             for m in (self.G, self.D, self.E):
@@ -191,7 +193,9 @@ class TrainStep:
         )
         if inputs.image is None:
             raise ValueError("a training batch needs 'image'")
-        inputs.label = inputs.label.contiguous(memory_format=self.memory_format)
+        # One-hot labels and edges are exact in bf16: under autocast, G's and D's inputs are built in it.
+        label_dtype = self.autocast_dtype or inputs.label.dtype
+        inputs.label = inputs.label.to(label_dtype).contiguous(memory_format=self.memory_format)
         inputs.image = inputs.image.contiguous(memory_format=self.memory_format)
         return inputs
 
@@ -205,10 +209,18 @@ class TrainStep:
         """One G update and one D update. Returns the named losses as detached 0-dim tensors (no sync)."""
         x = self.prepare(batch)
         n = x.image.shape[0]
+        # Last step's gradients go now, not before backward: they would otherwise be held through the forward.
+        self.opt_G.zero_grad(set_to_none=True)
+        self.opt_D.zero_grad(set_to_none=True)
         with self._autocast():
             fake = self.G_run(self.generator_input(x))
             fake_for_D = self.pool.query(fake.detach())
-            d_in = torch.cat([torch.cat([x.label, fake_for_D.to(x.label.dtype)], 1), torch.cat([x.label, x.image], 1)])
+            d_in = torch.cat(
+                [
+                    torch.cat([x.label, fake_for_D.to(x.label.dtype)], 1),
+                    torch.cat([x.label, x.image.to(x.label.dtype)], 1),
+                ]
+            )
             d_out = self.D_run(d_in.contiguous(memory_format=self.memory_format))
             pred_fake_pool = [[f[:n] for f in scale] for scale in d_out]
             pred_real = [[f[n:] for f in scale] for scale in d_out]
@@ -228,10 +240,8 @@ class TrainStep:
 
         loss_G = loss_G_GAN + loss_G_Feat + loss_G_VGG
         loss_D = 0.5 * (loss_D_fake + loss_D_real)
-        self.opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
         self.opt_G.step()
-        self.opt_D.zero_grad(set_to_none=True)
         loss_D.backward()
         self.opt_D.step()
         losses = (loss_G_GAN, loss_G_Feat, loss_G_VGG, loss_D_real, loss_D_fake)

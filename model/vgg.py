@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model.networks import Recomputable
+
 # torchvision's configuration "E": numbers are conv output channels, "M" is a 2x2 max-pool.
 _VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
 # End indices (exclusive) of the slices ending at relu1_1, relu2_1, relu3_1, relu4_1, relu5_1.
@@ -30,8 +32,9 @@ def _vgg19_features() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class VGG19Features(nn.Module):
-    """Returns the activations at relu1_1 ... relu5_1. Frozen, always in eval mode."""
+class VGG19Features(Recomputable, nn.Module):
+    """Returns the activations at relu1_1 ... relu5_1. Frozen, always in eval mode.
+    With checkpointing, each slice is recomputed in backward (only the five outputs are kept)."""
 
     def __init__(self):
         super().__init__()
@@ -44,12 +47,9 @@ class VGG19Features(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
-        start = 0
-        for end in _SLICE_ENDS:
-            for i in range(start, end):
-                x = self.features[i](x)
+        for start, end in zip((0, *_SLICE_ENDS), _SLICE_ENDS, strict=False):
+            x = self.recompute(self.features[start:end], x)
             outs.append(x)
-            start = end
         return outs
 
     @classmethod

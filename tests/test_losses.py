@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.losses import VGGLoss, feature_matching_loss, gan_loss
+from model.losses import VGGLoss, feature_matching_loss, gan_loss, l1_distance
 from model.options import ModelOptions
 from model.vgg import VGG19Features
 
@@ -90,3 +90,33 @@ def test_asking_for_vgg_without_weights_is_a_clear_error():
         ModelOptions(use_vgg=True)
     assert not ModelOptions().vgg_enabled
     assert ModelOptions(vgg_weights="/x.pth").vgg_enabled
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l1_distance_is_l1_loss_in_fp32_with_its_gradient(dtype):
+    g = torch.Generator().manual_seed(0)
+    a0, b = torch.randn(2, 3, 8, 8, generator=g).to(dtype), torch.randn(2, 3, 8, 8, generator=g).to(dtype)
+    a0[0, 0, 0, :2] = b[0, 0, 0, :2]  # equal elements: zero gradient, as in F.l1_loss
+    a, ref_a = a0.clone().requires_grad_(), a0.float().requires_grad_()
+    loss = l1_distance(a, b.requires_grad_())
+    ref = torch.nn.functional.l1_loss(ref_a, b.detach().float())
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    (3 * loss).backward()
+    (3 * ref).backward()
+    assert a.grad.dtype == dtype and b.grad is None  # b is a target
+    torch.testing.assert_close(a.grad.float(), ref_a.grad, rtol=2**-8, atol=0)
+    assert a.grad[0, 0, 0, :2].eq(0).all()
+
+
+def test_vgg_loss_backpropagates_into_the_fake_image_only_and_checkpointing_gives_the_same(tmp_path):
+    write_fake_vgg19(tmp_path / "vgg.pth")
+    vgg = VGG19Features.from_file(tmp_path / "vgg.pth")
+    fake0, real = torch.rand(1, 3, 32, 32) * 2 - 1, (torch.rand(1, 3, 32, 32) * 2 - 1).requires_grad_()
+    grads = []
+    for checkpoint in (False, True):
+        vgg.checkpoint = checkpoint
+        fake = fake0.clone().requires_grad_()
+        VGGLoss(vgg, 10.0)(fake, real).backward()
+        grads.append(fake.grad)
+    assert real.grad is None
+    torch.testing.assert_close(grads[0], grads[1])

@@ -10,6 +10,7 @@ from model.networks import (
     instance_edges,
     instance_mean,
     load_global_into_local,
+    norm_layer,
 )
 from tests.conftest import tiny_options
 
@@ -134,3 +135,15 @@ def test_stage1_generator_with_wrong_width_is_a_clear_error():
     g2 = build_generator(tiny_options(netG="local", ngf=8))
     with pytest.raises(ValueError, match=r"model\.1\.weight has shape .* expects"):
         load_global_into_local(g2, g1.state_dict())
+
+
+def test_instance_norm_in_bf16_keeps_fp32_statistics():
+    """Under autocast the norm gets bf16 activations. Its statistics over 64k values are accumulated in fp32: the
+    output is the fp32 result up to bf16 rounding (statistics in bf16 would be off by whole units here)."""
+    x = (torch.randn(1, 4, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 + 6).bfloat16()
+    norm = norm_layer("instance", 4)
+    ref = norm(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=0.01)

@@ -5,19 +5,24 @@ import torch
 
 from model.step import TrainStep, resolve_compile, resolve_fused_adam
 from tests.conftest import tiny_batch, tiny_options
+from tests.test_losses import write_fake_vgg19
 
 
-def params_after_steps(n=2, **kw):
-    opt = tiny_options(netG="local", ngf=4)
+def params_after_steps(n=2, vgg_weights=None, **kw):
+    opt = tiny_options(netG="local", ngf=4, vgg_weights=vgg_weights)
     s = TrainStep(opt, seed=3, **kw)
     for _ in range(n):
         s.step(tiny_batch(opt))
     return s
 
 
-def test_activation_checkpointing_gives_the_same_training():
-    a, b = params_after_steps(), params_after_steps(activation_checkpointing=True)
-    assert any(m.checkpoint for m in b.G.modules() if hasattr(m, "checkpoint"))
+def test_activation_checkpointing_gives_the_same_training(tmp_path):
+    write_fake_vgg19(tmp_path / "vgg.pth")
+    vgg = str(tmp_path / "vgg.pth")
+    a, b = params_after_steps(vgg_weights=vgg), params_after_steps(vgg_weights=vgg, activation_checkpointing=True)
+    recomputed = [type(m).__name__ for m in (*b.G.modules(), b.vgg_loss.vgg) if getattr(m, "checkpoint", False)]
+    assert {"ResnetBlock", "LocalEnhancer", "VGG19Features"} <= set(recomputed)
+    assert not any(getattr(m, "checkpoint", False) for m in (*a.G.modules(), a.vgg_loss.vgg))
     for (name, p), q in zip(a.G.named_parameters(), b.G.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -46,7 +51,7 @@ def test_benchmark_rows_parse_and_a_checkpointed_row_runs(capsys):
         Row.parse("tiny:1:fp32:turbo")
     main(["--row", "tiny:1:fp32", "--row", "tiny:1:bf16:ckpt", "--steps", "1", "--warmup", "1", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "TFLOP per image per step" in out
+    assert "work per image, tiny step: " in out and "work per image, tiny step with checkpointing: " in out
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny ")]
     assert [r[2] for r in rows] == ["fp32", "bf16:ckpt"] and rows[0][-1] == "1.00"
     assert all(float(r[4]) > 0 for r in rows)  # TFLOP/s

@@ -1,0 +1,79 @@
+"""The CPU memory estimate counts tensor storages exactly and extrapolates to full size."""
+
+import pytest
+import torch
+
+from benchmarks.memory import estimate
+from benchmarks.reference_step import ReferenceStep
+from benchmarks.step import Row
+from model.memory import StorageTracker, extrapolate_peak, state_tensors
+from model.step import TrainStep
+from tests.conftest import tiny_batch, tiny_options
+from tests.test_losses import write_fake_vgg19
+
+
+def test_tracker_counts_live_storages_once_and_frees_them():
+    held = torch.zeros(256)  # 1 KiB held from the start
+    with StorageTracker([held, held.view(16, 16)]) as t:
+        a = torch.empty(1000)  # 4000 B
+        view = a[:10].view(2, 5)  # same storage: not counted again
+        b = torch.empty(500, dtype=torch.float64)  # 4000 B
+        del a, view
+        c = torch.ones(10, dtype=torch.int8)
+    assert t.start == 1024
+    assert t.peak == 1024 + 4000 + 4000
+    assert t.live == 1024 + 4000 + 10
+    assert b.numel() + c.numel() == 510
+
+
+def run_tiny_step(opt, step_class=TrainStep, **kw):
+    def run(hh, ww):
+        s = step_class(opt, **kw)
+        batch = tiny_batch(opt, n=1, h=hh, w=ww)
+        s.step(batch)
+        with StorageTracker(state_tensors(s.G, s.D, s.E, s.opt_G, s.opt_D, *batch.values())) as t:
+            s.step(batch)
+        return t
+
+    return run
+
+
+@pytest.mark.parametrize("kw", [{}, {"precision": "bf16", "activation_checkpointing": True}])
+def test_extrapolated_peak_matches_a_run_at_that_size(tmp_path, kw):
+    write_fake_vgg19(tmp_path / "vgg.pth")
+    opt = tiny_options(netG="local", ngf=4, vgg_weights=str(tmp_path / "vgg.pth"))
+    run = run_tiny_step(opt, **kw)
+    predicted = extrapolate_peak(run, ((32, 64), (64, 128)), (128, 256))
+    measured = run(128, 256)
+    assert predicted.peak_bytes == pytest.approx(measured.peak, rel=0.02)
+    assert predicted.static_bytes < predicted.peak_bytes
+
+
+def test_extrapolation_refuses_a_step_whose_ops_depend_on_size():
+    def run(h, w):
+        with StorageTracker() as t:
+            for _ in range(h // 8):
+                torch.empty(h * w)
+        return t
+
+    with pytest.raises(RuntimeError, match="op sequence depends on the size"):
+        extrapolate_peak(run, ((8, 8), (16, 16)), (64, 64))
+
+
+def test_memory_levers_lower_the_estimate_at_full_size(tmp_path):
+    """At a size where activations dominate: bf16 < fp32 < the reference step, and checkpointing lowers bf16."""
+    write_fake_vgg19(tmp_path / "vgg.pth")
+    opt = tiny_options(netG="local", ngf=4, vgg_weights=str(tmp_path / "vgg.pth"))
+    sizes, target = ((32, 64), (64, 128)), (512, 1024)
+    fp32, bf16, ckpt = (
+        extrapolate_peak(run_tiny_step(opt, **kw), sizes, target)
+        for kw in ({}, {"precision": "bf16"}, {"precision": "bf16", "activation_checkpointing": True})
+    )
+    ref = extrapolate_peak(run_tiny_step(opt, step_class=ReferenceStep), sizes, target)
+    assert ckpt.peak_bytes < 0.8 * bf16.peak_bytes < 0.8 * 0.8 * fp32.peak_bytes
+    assert fp32.peak_bytes < ref.peak_bytes
+    assert fp32.static_bytes == ref.static_bytes  # same networks and optimizers
+
+
+def test_benchmark_rows_estimate():
+    assert estimate(Row.parse("tiny:1:bf16:ckpt"), vgg=False).peak_bytes > 0
