@@ -4,7 +4,8 @@
 
 Uses the real Cityscapes samples when `--source` exists (their PNG compression is what decoding costs in
 practice), repeated to `--samples`; otherwise procedural street scenes. Shards go to a local folder and to
-moto's S3 server on 127.0.0.1. Two measurements per (storage, resolution):
+moto's S3 server on 127.0.0.1, in both shard encodings (png, zstd: `data.encoding`). Two measurements per
+(storage, encoding, resolution):
   - one process: read shards with pyarrow, decode, resize, crop/flip, to float tensors (= 1 core)
   - Ray Data on all cores: `build_dataset` + `iter_epoch` as a Train worker iterates it, divided by cores
 Resolutions: 2048x1024 (resize_or_crop none, the 1024p recipe) and 1024x512 (scale_width to 1024).
@@ -22,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from data import shards
-from data.pipeline import Decode, PipelineConfig, build_dataset, iter_epoch, to_model_batch
+from data.pipeline import COLUMNS, Decode, ModelBatches, PipelineConfig, build_dataset, iter_epoch
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
 from data.transforms import Geometry
@@ -48,17 +49,15 @@ def make_source(src: Path | None, n: int, out: Path) -> Path:
 
 def one_process(uri: str, cfg: PipelineConfig) -> float:
     """Samples/s on one core: the same work Ray Data's tasks and the Train worker do, in one loop."""
-    import torch
-
     m = shards.load_manifest(uri, "train")
-    decode = Decode(cfg.geometry, cfg.instance_output)
+    decode, collate = Decode(cfg.geometry, cfg.instance_output, m.encoding), ModelBatches(cfg, 0, train=True)
     n, t0 = 0, time.perf_counter()
     for loc in m.shard_locations:
         with loc.fs.open_input_file(loc.path) as f:
-            table = pq.read_table(f, columns=["index", "stem", "label", "inst", "image"])
+            table = pq.read_table(f, columns=COLUMNS)
         for batch in table.to_batches(max_chunksize=cfg.decode_batch):
             cols = {k: batch.column(k).to_pylist() for k in batch.schema.names}
-            to_model_batch({k: torch.from_numpy(v) for k, v in decode(cols).items()}, cfg, 0, train=True)
+            collate(decode(cols))
             n += len(cols["index"])
     return n / (time.perf_counter() - t0)
 
@@ -90,20 +89,22 @@ def main(argv: list[str] | None = None) -> None:
         make_bucket(endpoint, "bench")
         source = make_source(a.source, a.samples, tmp / "src")
         kind = "real Cityscapes samples" if a.source.is_dir() else "procedural scenes"
-        uris = {"local": str(tmp / "shards"), "s3": "s3://bench/shards"}
-        for uri in uris.values():
-            prepare(PrepareOptions("flat", str(source), uri, shard_mb=64), log=lambda m: None)
+        uris = {(where, enc): f"{root}-{enc}" for where, root in (("local", str(tmp / "shards")),
+                ("s3", "s3://bench/shards")) for enc in ("png", "zstd")}  # fmt: skip
+        for (_, enc), uri in uris.items():
+            prepare(PrepareOptions("flat", str(source), uri, shard_mb=64, encoding=enc), log=lambda m: None)
         ray.init(num_cpus=cores, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         print(f"{a.samples} {kind} at 2048x1024, {cores} cores")
-        print(f"{'storage':<7} {'output':<10} {'1 process':>10} {'Ray Data':>10} {'Ray/core':>9}   (samples/s)")
+        print(f"{'storage':<7} {'encoding':<8} {'output':<10} {'1 process':>10} {'Ray Data':>10} {'Ray/core':>9}"
+              "   (samples/s)")  # fmt: skip
         for res, geometry in RESOLUTIONS.items():
             cfg = PipelineConfig(geometry=geometry, batch_size=2, verify="size")
-            for name, uri in uris.items():
+            for (name, enc), uri in uris.items():
                 single = one_process(uri, cfg)
                 ray_data(uri, cfg)  # warm: worker processes, imports
                 total = ray_data(uri, cfg)
-                print(f"{name:<7} {res:<10} {single:>10.2f} {total:>10.2f} {total / cores:>9.2f}", flush=True)
+                print(f"{name:<7} {enc:<8} {res:<10} {single:>10.2f} {total:>10.2f} {total / cores:>9.2f}", flush=True)
         ray.shutdown()
 
 

@@ -3,7 +3,7 @@
     python -m benchmarks.memory --preset reference              # the step benchmark's rows
     python -m benchmarks.memory --row local-2048:1:bf16:ckpt --row local-2048:1:fp32:ref
 
-Rows are those of `benchmarks.step` (config:batch:precision[:compile][:ckpt][:cl][:ref]); `compile` is ignored:
+Rows are those of `benchmarks.step` (config:batch:precision[:compile][:graphs][:ckpt][:cl][:ref]); compile flags are ignored:
 this is the eager step (inductor's partitioner usually stores less, recomputing cheap pointwise ops). Each row runs its step (after one warm-up step, so Adam's
 moments exist) at 1/64 and 1/16 of the pixels under `model.memory.StorageTracker`, and extrapolates op by op
 to full size. The figure counts tensors exactly; a GPU adds allocator rounding and fragmentation, cuDNN
@@ -26,7 +26,7 @@ def estimate(row: Row, vgg: bool) -> PeakEstimate:
     cpu = torch.device("cpu")
 
     def run(hh: int, ww: int) -> StorageTracker:
-        step = build_step(replace(row, compile=False), cpu, vgg)
+        step = build_step(replace(row, compile=False, graphs=False), cpu, vgg)
         data = synthetic_batch(step.opt, row.batch, hh, ww, cpu)
         step.step(data)
         held = state_tensors(step.G, step.D, step.E, step.opt_G, step.opt_D, *data.values())

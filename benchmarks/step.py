@@ -6,8 +6,9 @@ updates), on CPU or CUDA, for the optimised step and the straightforward referen
     python -m benchmarks.step --row local-2048:1:bf16:compile:ckpt --device cuda
     python -m benchmarks.step --config tiny --batch 2 --steps 10          # CPU smoke run
 
-A row is config:batch:precision[:compile][:ckpt][:cl][:ref]: torch.compile of the networks, activation
-checkpointing, channels_last, and `ref` for `benchmarks.reference_step.ReferenceStep` (the step written the
+A row is config:batch:precision[:compile][:graphs][:ckpt][:cl][:ref]: torch.compile of the networks (inductor;
+`eager` backend on CPU), the same with CUDA graphs (mode reduce-overhead), activation checkpointing,
+channels_last, and `ref` for `benchmarks.reference_step.ReferenceStep` (the step written the
 straightforward way: three D passes, D weight gradients in G's backward, fp32 labels). --config/--batch/
 --precision give their product as rows. All rows run in one invocation; `ratio` is img/s relative to the first
 row (the preset starts with the reference fp32 batch-1 eager row), so figures from a noisy machine compare
@@ -74,9 +75,12 @@ PRESETS = {
         "local-2048:2:bf16:compile",
         "local-2048:4:bf16:compile",
         "local-2048:1:bf16:compile:ckpt",
+        "global-1024:1:bf16:graphs",
+        "global-1024:4:bf16:graphs",
+        "local-2048:1:bf16:graphs:ckpt",
     ],
 }
-FLAGS = ("compile", "ckpt", "cl", "ref")
+FLAGS = ("compile", "graphs", "ckpt", "cl", "ref")
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class Row:
     batch: int
     precision: str
     compile: bool = False
+    graphs: bool = False
     ckpt: bool = False
     channels_last: bool = False
     ref: bool = False
@@ -104,7 +109,11 @@ class Row:
 
     @property
     def label(self) -> str:
-        flags = [f for f, on in zip(FLAGS, (self.compile, self.ckpt, self.channels_last, self.ref), strict=True) if on]
+        flags = [
+            f
+            for f, on in zip(FLAGS, (self.compile, self.graphs, self.ckpt, self.channels_last, self.ref), strict=True)
+            if on
+        ]
         return ":".join([self.precision, *flags])
 
 
@@ -119,12 +128,20 @@ def random_vgg_weights() -> str:
     return str(path)
 
 
+def _compile_option(row: Row, device: torch.device) -> str | None:
+    if not (row.compile or row.graphs):
+        return None
+    if device.type != "cuda":
+        return "eager"  # the compile path without code generation: a CPU smoke test of the same calls
+    return "reduce-overhead" if row.graphs else "inductor"
+
+
 def build_step(row: Row, device: torch.device, vgg: bool, seed: int = 0) -> TrainStep:
     overrides, _, _ = CONFIGS[row.config]
     opt = ModelOptions(**overrides, vgg_weights=random_vgg_weights() if vgg else None)
     cls = ReferenceStep if row.ref else TrainStep
     return cls(opt, device, precision=row.precision, channels_last=row.channels_last, seed=seed,
-               compile=("inductor" if device.type == "cuda" else "eager") if row.compile else None,
+               compile=_compile_option(row, device),
                activation_checkpointing=row.ckpt)  # fmt: skip
 
 
@@ -145,7 +162,9 @@ def flops_per_image(row: Row, vgg: bool) -> float:
     counts = []
     sizes = reduced_sizes(row.config, (4, 2))
     for hh, ww in sizes:
-        step = build_step(replace(row, batch=1, precision="fp32", compile=False), torch.device("cpu"), vgg)
+        step = build_step(
+            replace(row, batch=1, precision="fp32", compile=False, graphs=False), torch.device("cpu"), vgg
+        )
         data = synthetic_batch(step.opt, 1, hh, ww, torch.device("cpu"))
         with FlopCounterMode(display=False) as counter:
             step.step(data)
@@ -187,7 +206,7 @@ def measure(row: Row, device: torch.device, steps: int, warmup: int, vgg: bool) 
 def rows_from_args(a: argparse.Namespace) -> list[Row]:
     rows = [Row.parse(r) for r in PRESETS.get(a.preset, [])] + [Row.parse(r) for r in a.row]
     rows += [
-        Row(c, b, pr, a.compile, False, a.channels_last)
+        Row(c, b, pr, compile=a.compile, channels_last=a.channels_last)
         for c, b, pr in itertools.product(a.config, a.batch, a.precision)
     ]
     return rows or [Row("tiny", 1, "fp32")]

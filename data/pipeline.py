@@ -17,15 +17,14 @@ order (`execution_options()`), and the local shuffle buffer is seeded with (seed
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
+from ray.data.collate_fn import NumpyBatchCollateFn
 
+from data import encoding as encodings
 from data import shards
-from data.layouts import decode_png_ids
 from data.transforms import Geometry, edges_of, load_geometry, random_crop_flip
 
 INSTANCE_OUTPUTS = ("ids", "edges", "none")
@@ -41,6 +40,7 @@ class PipelineConfig:
     read_cpus: float = 0.25  # CPUs per Ray Data read task
     decode_cpus: float = 0.5  # CPUs per decode task
     decode_batch: int = 4  # samples per decode task call
+    prefetch_batches: int = 2  # batches each worker prepares ahead of the training step
     verify: str = "sha256"  # shard check before streaming: sha256, size, or none
 
     def __post_init__(self) -> None:
@@ -50,25 +50,31 @@ class PipelineConfig:
             raise ValueError(f"verify={self.verify!r} is not one of sha256, size, none")
 
 
-class Decode:
-    """Ray Data batch function: encoded bytes -> arrays at the load geometry (+ edges). Keeps `index`."""
+COLUMNS = ["index", "stem", "label", "inst", "image", "height", "width"]
 
-    def __init__(self, geometry: Geometry, instance_output: str):
+
+class Decode:
+    """Ray Data batch function: stored bytes (`data.encoding`) -> arrays at the load geometry (+ edges). Keeps
+    `index`."""
+
+    def __init__(self, geometry: Geometry, instance_output: str, encoding: str = "png"):
         self.geometry = geometry
         self.instance_output = instance_output
+        self.encoding = encodings.check(encoding)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         labels, insts, images = [], [], []
         for k in range(len(batch["index"])):
-            label = decode_png_ids(batch["label"][k]).astype(np.uint8)
+            h, w, enc = int(batch["height"][k]), int(batch["width"][k]), self.encoding
+            label = encodings.decode_label(batch["label"][k], enc, h, w)
             inst_bytes = batch["inst"][k]
             if self.instance_output != "none" and inst_bytes is None:
                 raise ValueError(
                     f"sample {batch['stem'][k]} has no instance map but instance_output={self.instance_output!r}; "
                     f"set no_instance for datasets without instances"
                 )
-            inst = decode_png_ids(inst_bytes).astype(np.int32) if self.instance_output != "none" else None
-            image = np.asarray(Image.open(io.BytesIO(batch["image"][k])).convert("RGB"))
+            inst = encodings.decode_inst(inst_bytes, enc, h, w) if self.instance_output != "none" else None
+            image = encodings.decode_image(batch["image"][k], enc, h, w)
             label, inst, image = load_geometry(self.geometry, label, inst, image)
             labels.append(label)
             images.append(image)
@@ -113,25 +119,44 @@ def build_dataset(uri: str, split: str, cfg: PipelineConfig):
         num_cpus=cfg.read_cpus,
         shuffle=FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True),
     )
-    ds = ds.select_columns(["index", "stem", "label", "inst", "image"])
+    ds = ds.select_columns(COLUMNS)
     return ds.map_batches(
-        Decode(cfg.geometry, cfg.instance_output),
+        Decode(cfg.geometry, cfg.instance_output, manifest.encoding),
         batch_size=cfg.decode_batch,
         batch_format="numpy",
         num_cpus=cfg.decode_cpus,
     )
 
 
+class ModelBatches(NumpyBatchCollateFn):
+    """Ray Data collate function: numpy batch -> model tensors (`to_model_batch`). Ray runs it in its prefetch
+    threads, so crop/flip and the float conversion stay off the training loop."""
+
+    def __init__(self, cfg: PipelineConfig, epoch: int, train: bool):
+        self.cfg, self.epoch, self.train = cfg, epoch, train
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        tensors = {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in batch.items()}
+        return to_model_batch(tensors, self.cfg, self.epoch, self.train)
+
+
 def iter_epoch(shard, cfg: PipelineConfig, epoch: int, train: bool = True):
-    """Torch batches of one epoch from a worker's DataIterator (or a Dataset), random crop/flip applied."""
+    """Torch batches of one epoch from a worker's DataIterator (or a Dataset), random crop/flip applied.
+
+    Batches stay on the CPU (pinned when CUDA is available): the model validates label ids there and copies
+    them to the GPU without blocking, so the training loop never waits for the GPU to finish a step.
+    """
     shuffle = cfg.shuffle_buffer if train and cfg.shuffle_buffer > 0 else None
-    for batch in shard.iter_torch_batches(
+    yield from shard.iter_torch_batches(
         batch_size=cfg.batch_size,
         drop_last=train,
         local_shuffle_buffer_size=shuffle,
         local_shuffle_seed=(cfg.seed * 1_000_003 + epoch) if shuffle else None,
-    ):
-        yield to_model_batch(batch, cfg, epoch, train)
+        collate_fn=ModelBatches(cfg, epoch, train),
+        device="cpu",
+        pin_memory=torch.cuda.is_available(),
+        prefetch_batches=cfg.prefetch_batches,
+    )
 
 
 def read_samples(uri: str, split: str, cfg: PipelineConfig, n: int) -> dict[str, torch.Tensor]:
@@ -140,11 +165,11 @@ def read_samples(uri: str, split: str, cfg: PipelineConfig, n: int) -> dict[str,
     import pyarrow.parquet as pq
 
     manifest = shards.load_manifest(uri, split)
-    decode = Decode(cfg.geometry, cfg.instance_output)
+    decode = Decode(cfg.geometry, cfg.instance_output, manifest.encoding)
     rows: list[dict] = []
     for loc in manifest.shard_locations:
         with loc.fs.open_input_file(loc.path) as f:
-            table = pq.read_table(f, columns=["index", "stem", "label", "inst", "image"])
+            table = pq.read_table(f, columns=COLUMNS)
         rows += table.slice(0, n - len(rows)).to_pylist()
         if len(rows) >= n:
             break

@@ -3,7 +3,7 @@
 Why Parquet (one row per sample; PNG/JPEG bytes in binary columns) rather than WebDataset tar: Ray Data's
 `read_parquet` takes a pyarrow filesystem directly (S3, local), projects columns (a validation pass can skip the
 images), splits reads across tasks per file, and keeps per-sample metadata (index, size) typed next to the bytes.
-The encoded images are already compressed, so Parquet compression is off.
+The samples are already compressed (`data.encoding`: png, or raw arrays in zstd), so Parquet compression is off.
 
 Layout under a destination URI:
     {dest}/{split}/shard-00000.parquet ...    shards of about `shard_mb` MB, samples in stem order
@@ -27,8 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data import encoding as encodings
 from data import storage
-from data.layouts import BadSample, SampleFiles, discover, encode_png, label_set, load
+from data.layouts import BadSample, SampleFiles, discover, label_set, load
 from data.storage import Location
 from data.validate import check
 
@@ -63,36 +64,28 @@ class PrepareOptions:
     shard_mb: float = 256.0
     skip_bad: bool = False
     instance_scheme: str = "cityscapes"
+    encoding: str = "png"  # data.encoding: png (compact) or zstd (raw arrays, fast to decode)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
 # ---- per-sample work (runs in worker processes) --------------------------------------------------------
 
 
-def _inspect(layout: str, files: SampleFiles, label_nc: int, scheme: str):
+def _inspect(layout: str, files: SampleFiles, label_nc: int, scheme: str, encoding: str):
     """Load + validate one sample. Returns ("ok", stem, h, w, histogram, nbytes) or ("bad", path, problem)."""
     try:
         sample = load(layout, files)
         stats = check(sample, label_nc, scheme)
-        nbytes = len(sample.image_bytes) + len(encode_png(sample.label))
-        if sample.inst is not None:
-            nbytes += len(encode_png(sample.inst))
+        nbytes = sum(len(b) for b in encodings.encode_sample(sample, encoding).values() if b is not None)
         return ("ok", stats.stem, stats.height, stats.width, stats.histogram, nbytes)
     except BadSample as e:
         return ("bad", e.path, e.problem)
 
 
-def _row(layout: str, files: SampleFiles, index: int) -> dict:
+def _row(layout: str, files: SampleFiles, index: int, encoding: str) -> dict:
     s = load(layout, files)
-    return {
-        "index": index,
-        "stem": s.stem,
-        "label": encode_png(s.label),
-        "inst": encode_png(s.inst) if s.inst is not None else None,
-        "image": s.image_bytes,
-        "height": s.image_size[0],
-        "width": s.image_size[1],
-    }
+    return {"index": index, "stem": s.stem, **encodings.encode_sample(s, encoding), "height": s.image_size[0],
+            "width": s.image_size[1]}  # fmt: skip
 
 
 def _map(workers: int, fn, *iterables):
@@ -134,6 +127,7 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict[st
     """Validate every sample, then write shards and manifests. Returns {split: manifest}."""
     labels = label_set(opts.layout)
     label_nc = opts.label_nc or labels.label_nc
+    encodings.check(opts.encoding)
     if not 0.0 <= opts.val_fraction < 1.0:
         raise ValueError(f"--val-fraction {opts.val_fraction} must be in [0, 1)")
     samples = discover(opts.layout, opts.source, opts.split)
@@ -147,7 +141,7 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict[st
     log(f"validating {len(samples)} samples from {opts.source} ({opts.layout} layout, {opts.workers} processes)")
     results = _map(
         opts.workers, _inspect, [opts.layout] * len(samples), samples, [label_nc] * len(samples),
-        [opts.instance_scheme] * len(samples),
+        [opts.instance_scheme] * len(samples), [opts.encoding] * len(samples),
     )  # fmt: skip
     bad = [(s, r) for s, r in zip(samples, results, strict=True) if r[0] == "bad"]
     if bad and not opts.skip_bad:
@@ -184,17 +178,20 @@ def _write_split(opts, out: Location, split: str, name: str, label_nc: int, item
         shard_name = f"shard-{k:05d}.parquet"
         shard, record = out.join(shard_name), out.join("_progress", f"shard-{k:05d}.json")
         stems = [files[i].stem for i in members]
-        entry = _finished_shard(shard, record, stems)
+        entry = _finished_shard(shard, record, stems, opts.encoding)
         if entry is not None:
             log(f"[{split}] {shard_name}: already written and verified, skipped")
         else:
             t0 = time.perf_counter()
-            rows = _map(opts.workers, _row, [opts.layout] * len(members), [files[i] for i in members], members)
+            rows = _map(opts.workers, _row, [opts.layout] * len(members), [files[i] for i in members], members,
+                        [opts.encoding] * len(members))  # fmt: skip
             data = _parquet_bytes(rows)
             entry = {"name": shard_name, "count": len(members), "bytes": len(data),
                      "sha256": hashlib.sha256(data).hexdigest(), "first_index": members[0]}  # fmt: skip
             storage.write_bytes_atomic(shard, data)
-            storage.write_bytes_atomic(record, json.dumps({**entry, "stems": stems}).encode())
+            storage.write_bytes_atomic(
+                record, json.dumps({**entry, "stems": stems, "encoding": opts.encoding}).encode()
+            )
             took = time.perf_counter() - t0
             log(f"[{split}] {shard_name}: {len(members)} samples, {len(data) / 2**20:.1f} MB in {took:.1f}s")
         shard_entries.append(entry)
@@ -208,6 +205,7 @@ def _write_split(opts, out: Location, split: str, name: str, label_nc: int, item
         "layout": opts.layout,
         "split": split,
         "label_nc": label_nc,
+        "encoding": opts.encoding,
         "has_instances": any(s.inst is not None for s in files),
         "resolution": {"height": heights[0], "width": widths[0]}
         if uniform
@@ -223,8 +221,9 @@ def _write_split(opts, out: Location, split: str, name: str, label_nc: int, item
     return manifest
 
 
-def _finished_shard(shard: Location, record: Location, stems: list[str]) -> dict | None:
-    """The shard's entry when an earlier run wrote exactly these samples and the bytes still verify."""
+def _finished_shard(shard: Location, record: Location, stems: list[str], encoding: str) -> dict | None:
+    """The shard's entry when an earlier run wrote exactly these samples, in this encoding, and the bytes still
+    verify."""
     if not storage.exists(record) or not storage.exists(shard):
         return None
     try:
@@ -233,6 +232,7 @@ def _finished_shard(shard: Location, record: Location, stems: list[str]) -> dict
         return None
     if (
         rec.get("stems") != stems
+        or rec.get("encoding", "png") != encoding
         or storage.size(shard) != rec.get("bytes")
         or storage.sha256(shard) != rec.get("sha256")
     ):
@@ -251,6 +251,10 @@ class Manifest:
     @property
     def shard_locations(self) -> list[Location]:
         return [self.root.join(s["name"]) for s in self.data["shards"]]
+
+    @property
+    def encoding(self) -> str:
+        return self.data.get("encoding", "png")  # manifests written before encodings existed are png
 
     def __getitem__(self, key: str):
         return self.data[key]

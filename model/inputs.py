@@ -1,6 +1,8 @@
 """Turn a batch (label ids, instance ids or edges, image) into the networks' input tensors, checking it first.
 
-Bad input is a `ValueError` that names the offending ids or shapes, never a device-side assert.
+Bad input is a `ValueError` that names the offending ids or shapes, never a device-side assert. The checks run
+where the batch is: give CPU tensors (pinned, as the data pipeline delivers them on GPU machines) and they cost
+no GPU synchronisation; the copy to the device is then asynchronous.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def _spatial(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dim() == 3:
         return t
     raise ValueError(f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(t.shape)}")
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to `device` in the tensor's own dtype (the narrowest bytes), asynchronously from pinned memory."""
+    return t.to(device, non_blocking=True)
 
 
 def _check_label_ids(label: torch.Tensor, label_nc: int) -> None:
@@ -62,14 +69,14 @@ def prepare_inputs(
         label = _spatial(label, "label")
         _check_label_ids(label, opt.label_nc)
         b, h, w = label.shape
-        semantic = F.one_hot(label.to(device, torch.long), opt.label_nc).permute(0, 3, 1, 2).float()
+        semantic = F.one_hot(_to(label, device).long(), opt.label_nc).permute(0, 3, 1, 2).float()
     else:
         if label.dim() != 4 or label.shape[1] != opt.input_nc:
             raise ValueError(
                 f"label with label_nc=0 must be (B, input_nc={opt.input_nc}, H, W), got {tuple(label.shape)}"
             )
         b, _, h, w = label.shape
-        semantic = label.to(device, torch.float32)
+        semantic = _to(label, device).float()
 
     m = opt.size_multiple
     if h % m or w % m:
@@ -88,13 +95,13 @@ def prepare_inputs(
         same_size(inst, "inst")
         if inst.dtype.is_floating_point:
             raise ValueError(f"inst must hold integer instance ids, got dtype {inst.dtype}")
-        inst_ids = inst.to(device, torch.long)
+        inst_ids = _to(inst, device).long()
 
     if not opt.no_instance:
         if edges is not None:
             edges = _spatial(edges, "edges")
             same_size(edges, "edges")
-            edge_map = edges.to(device, torch.float32).unsqueeze(1)
+            edge_map = _to(edges, device).float().unsqueeze(1)
         elif inst_ids is not None:
             edge_map = instance_edges(inst_ids)
         else:
@@ -110,5 +117,5 @@ def prepare_inputs(
         if image.dim() != 4 or image.shape[1] != opt.output_nc:
             raise ValueError(f"image must be (B, output_nc={opt.output_nc}, H, W), got {tuple(image.shape)}")
         same_size(image, "image")
-        image = image.to(device, torch.float32)
+        image = _to(image, device).float()
     return Inputs(label=semantic, inst=inst_ids, image=image)

@@ -49,14 +49,24 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     raise ValueError(f"precision={precision!r} is not one of auto, bf16, fp32")
 
 
-def resolve_compile(compile: str | None, device: torch.device) -> str | None:
-    """'auto': torch.compile with inductor on CUDA, off on CPU (compiling there costs more than it saves for
-    these networks). None/'none': off. Any other value is a torch.compile backend name ('inductor', 'eager')."""
+COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def resolve_compile(compile: str | None, device: torch.device) -> tuple[str, str | None] | None:
+    """torch.compile (backend, mode) for G, D, E, or None for eager.
+
+    'auto': inductor on CUDA, off on CPU (compiling there costs more than it saves for these networks).
+    None/'none': off. A torch.compile mode ('reduce-overhead' = inductor + CUDA graphs, 'max-autotune', ...):
+    inductor in that mode on CUDA; those are GPU modes, so on CPU they fall back to eager. Any other value is a
+    torch.compile backend name ('inductor', 'eager', ...) used as given.
+    """
     if compile in (None, "none"):
         return None
     if compile == "auto":
-        return "inductor" if device.type == "cuda" else None
-    return compile
+        return ("inductor", None) if device.type == "cuda" else None
+    if compile in COMPILE_MODES:
+        return ("inductor", compile) if device.type == "cuda" else None
+    return compile, None
 
 
 def resolve_fused_adam(fused: bool | None, device: torch.device) -> bool:
@@ -118,11 +128,12 @@ class TrainStep:
             for m in (self.G, self.vgg_loss):
                 if m is not None:
                     set_activation_checkpointing(m, True)
-        self.compile_backend = resolve_compile(compile, self.device)
-        if self.compile_backend:  # in place, so DDP-wrapped and direct calls both run the compiled forward
+        self.compiled = resolve_compile(compile, self.device)
+        if self.compiled:  # in place, so DDP-wrapped and direct calls both run the compiled forward
+            backend, mode = self.compiled
             for m in (self.G, self.D, self.E):
                 if m is not None:
-                    m.compile(backend=self.compile_backend, dynamic=False)
+                    m.compile(backend=backend, mode=mode, dynamic=False)
         adam = dict(lr=opt.lr, betas=(opt.beta1, 0.999), fused=resolve_fused_adam(fused_adam, self.device) or None)
         g_params = list(self.G.parameters()) + (list(self.E.parameters()) if self.E is not None else [])
         self.opt_G = torch.optim.Adam(g_params, **adam)

@@ -47,6 +47,7 @@ class DataConfig:
     verify: str = "sha256"  # shard check before each stage: sha256, size, none
     read_cpus: float = 0.25
     decode_cpus: float = 0.5
+    prefetch_batches: int = 2  # batches each Train worker prepares ahead of its step
 
 
 @dataclass
@@ -61,7 +62,8 @@ class TrainConfig:
     storage: str | None = None  # run storage: a path or s3://; default outputs/runs
     precision: str = "auto"  # auto (bf16 on GPU), bf16, fp32
     channels_last: bool = False
-    compile: str = "auto"  # torch.compile of G, D, E: auto (inductor on GPU, off on CPU), none, or a backend name
+    compile: str = "auto"  # torch.compile of G, D, E: auto (inductor on GPU, off on CPU), none, a mode
+    # (reduce-overhead = + CUDA graphs, max-autotune; GPU only, eager on CPU) or a backend name
     activation_checkpointing: bool = False  # recompute G's residual blocks in backward: less memory, more time
     image_every: int = 1  # epochs between image grids
     log_every: int = 0  # steps between progress lines; 0 = once per epoch
@@ -199,6 +201,8 @@ class Config:
             raise ConfigError("train.num_workers, train.batch_size and train.save_epoch_freq must be >= 1")
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision={t.precision!r} is not one of auto, bf16, fp32")
+        if self.data.prefetch_batches < 0:
+            raise ConfigError(f"data.prefetch_batches={self.data.prefetch_batches} must be >= 0")
 
 
 # ---- building from YAML ---------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ def pipeline_config(cfg: Config, k: int) -> PipelineConfig:
         shuffle_buffer=d.shuffle_buffer,
         read_cpus=d.read_cpus,
         decode_cpus=d.decode_cpus,
+        prefetch_batches=d.prefetch_batches,
         verify=d.verify,
     )
 

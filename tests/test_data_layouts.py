@@ -154,6 +154,18 @@ def test_rerun_resumes_and_skips_verified_shards(city, tmp_path):
     assert second["shards"] == first["shards"]
 
 
+def test_rerun_in_another_encoding_rewrites_every_shard(city, tmp_path):
+    opts = dict(layout="flat", source=str(city), dest=str(tmp_path / "out"), workers=1, shard_mb=0.01)
+    first = prepare(PrepareOptions(**opts), log=lambda _: None)["train"]
+    logs = []
+    second = prepare(PrepareOptions(**opts, encoding="zstd"), log=logs.append)["train"]
+    assert not any("already written and verified" in line for line in logs)
+    assert second["encoding"] == "zstd" and first["encoding"] == "png"
+    assert not {s["sha256"] for s in second["shards"]} & {s["sha256"] for s in first["shards"]}
+    with pytest.raises(ValueError, match="encoding='jpeg' is not one of png, zstd"):
+        prepare(PrepareOptions(**opts, encoding="jpeg"), log=lambda _: None)
+
+
 def test_truncated_and_corrupt_shards_and_missing_manifest_are_caught(city, tmp_path):
     run(city, tmp_path / "out")
     m = load_manifest(str(tmp_path / "out"), "train")

@@ -134,14 +134,20 @@ def test_missing_bucket_is_named(s3, tmp_path):
         prepare(PrepareOptions("flat", str(src), "s3://no-such-bucket/x", workers=1), log=quiet)
 
 
-def test_real_cityscapes_samples_round_trip_through_s3(ray_local, bucket, cityscapes_samples):
-    prepare(PrepareOptions("flat", str(cityscapes_samples), f"{bucket}/cs", workers=2), log=quiet)
-    assert_exact("flat", cityscapes_samples, read_back(f"{bucket}/cs"))
+@pytest.mark.parametrize("encoding", ["png", "zstd"])
+def test_real_cityscapes_samples_round_trip_through_s3(ray_local, bucket, cityscapes_samples, encoding):
+    opts = PrepareOptions("flat", str(cityscapes_samples), f"{bucket}/cs-{encoding}", workers=2, encoding=encoding)
+    m = prepare(opts, log=quiet)["train"]
+    assert m["encoding"] == encoding
+    assert_exact("flat", cityscapes_samples, read_back(f"{bucket}/cs-{encoding}"))
 
 
-def test_synthetic_faces_with_19_classes_round_trip(ray_local, bucket, tmp_path):
+@pytest.mark.parametrize("encoding", ["png", "zstd"])
+def test_synthetic_faces_with_19_classes_round_trip(ray_local, bucket, tmp_path, encoding):
     src = write_faces(tmp_path / "faces", count=40, size=64, workers=2)
-    m = prepare(PrepareOptions("celebamask", str(src), f"{bucket}/faces", name="synthetic-faces", workers=2), log=quiet)
+    opts = PrepareOptions("celebamask", str(src), f"{bucket}/faces", name="synthetic-faces", workers=2,
+                          encoding=encoding)  # fmt: skip
+    m = prepare(opts, log=quiet)
     assert m["train"]["label_nc"] == 19 and not m["train"]["has_instances"]
     assert sum(c > 0 for c in m["train"]["class_histogram"]) == 19
     cfg = PipelineConfig(geometry=Geometry("none", size_multiple=1, no_flip=True), instance_output="none", batch_size=4)

@@ -29,7 +29,7 @@ def test_activation_checkpointing_gives_the_same_training(tmp_path):
 
 def test_compiled_networks_train_like_eager_and_keep_their_state_dict_names():
     a, b = params_after_steps(), params_after_steps(compile="eager")
-    assert b.compile_backend == "eager"
+    assert b.compiled == ("eager", None)
     assert list(a.G.state_dict()) == list(b.G.state_dict())  # compiled in place: no _orig_mod prefix
     for (name, p), q in zip(a.D.named_parameters(), b.D.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
@@ -37,8 +37,10 @@ def test_compiled_networks_train_like_eager_and_keep_their_state_dict_names():
 
 def test_gpu_levers_are_chosen_per_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_compile("auto", cuda) == "inductor" and resolve_compile("auto", cpu) is None
-    assert resolve_compile("none", cuda) is None and resolve_compile("eager", cpu) == "eager"
+    assert resolve_compile("auto", cuda) == ("inductor", None) and resolve_compile("auto", cpu) is None
+    assert resolve_compile("none", cuda) is None and resolve_compile("eager", cpu) == ("eager", None)
+    assert resolve_compile("reduce-overhead", cuda) == ("inductor", "reduce-overhead")  # CUDA graphs
+    assert resolve_compile("reduce-overhead", cpu) is None and resolve_compile("max-autotune", cpu) is None
     assert resolve_fused_adam(None, cuda) is True and resolve_fused_adam(None, cpu) is False
     assert resolve_fused_adam(False, cuda) is False
 
@@ -46,7 +48,8 @@ def test_gpu_levers_are_chosen_per_device():
 def test_benchmark_rows_parse_and_a_checkpointed_row_runs(capsys):
     from benchmarks.step import Row, main
 
-    assert Row.parse("local-2048:2:bf16:compile:ckpt") == Row("local-2048", 2, "bf16", True, True, False)
+    assert Row.parse("local-2048:2:bf16:compile:ckpt") == Row("local-2048", 2, "bf16", compile=True, ckpt=True)
+    assert Row.parse("global-1024:1:bf16:graphs").label == "bf16:graphs"
     with pytest.raises(SystemExit, match="unknown flags"):
         Row.parse("tiny:1:fp32:turbo")
     main(["--row", "tiny:1:fp32", "--row", "tiny:1:bf16:ckpt", "--steps", "1", "--warmup", "1", "--device", "cpu"])

@@ -69,3 +69,29 @@ def test_numpy_edges_match_the_model_definition():
 
     inst = np.random.default_rng(0).integers(0, 3, (2, 9, 11)).astype(np.int32)
     assert np.array_equal(edges_of(inst), instance_edges(torch.from_numpy(inst))[:, 0].numpy().astype(np.uint8))
+
+
+def test_collate_function_builds_model_batches_from_read_only_arrays():
+    import warnings
+
+    from data.pipeline import ModelBatches, PipelineConfig, to_model_batch
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "index": np.arange(2, dtype=np.int64),
+        "label": rng.integers(0, 35, (2, 32, 64), dtype=np.uint8),
+        "edges": rng.integers(0, 2, (2, 32, 64), dtype=np.uint8),
+        "image": rng.integers(0, 256, (2, 32, 64, 3), dtype=np.uint8),
+    }
+    for a in arrays.values():
+        a.flags.writeable = False  # as Ray Data hands out blocks
+    cfg = PipelineConfig(geometry=Geometry("crop", fine_size=16, size_multiple=16), seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on non-writable numpy arrays
+        got = ModelBatches(cfg, epoch=2, train=True)(arrays)
+    expected = to_model_batch({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, cfg, 2, train=True)
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert torch.equal(got[k], expected[k]), k
+    assert got["image"].dtype == torch.float32 and got["image"].shape == (2, 3, 16, 16)
+    assert got["image"].min() >= -1 and got["image"].max() <= 1
