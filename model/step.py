@@ -53,7 +53,7 @@ COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
 
 
 def resolve_compile(compile: str | None, device: torch.device) -> tuple[str, str | None] | None:
-    """torch.compile (backend, mode) for G, D, E, or None for eager.
+    """torch.compile (backend, mode) for G, D, E and the VGG19 of the perceptual loss, or None for eager.
 
     'auto': inductor on CUDA, off on CPU (compiling there costs more than it saves for these networks).
     None/'none': off. A torch.compile mode ('reduce-overhead' = inductor + CUDA graphs, 'max-autotune', ...):
@@ -131,7 +131,7 @@ class TrainStep:
         self.compiled = resolve_compile(compile, self.device)
         if self.compiled:  # in place, so DDP-wrapped and direct calls both run the compiled forward
             backend, mode = self.compiled
-            for m in (self.G, self.D, self.E):
+            for m in (self.G, self.D, self.E, self.vgg_loss.vgg if self.vgg_loss else None):
                 if m is not None:
                     m.compile(backend=backend, mode=mode, dynamic=False)
         adam = dict(lr=opt.lr, betas=(opt.beta1, 0.999), fused=resolve_fused_adam(fused_adam, self.device) or None)

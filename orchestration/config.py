@@ -62,7 +62,7 @@ class TrainConfig:
     storage: str | None = None  # run storage: a path or s3://; default outputs/runs
     precision: str = "auto"  # auto (bf16 on GPU), bf16, fp32
     channels_last: bool = False
-    compile: str = "auto"  # torch.compile of G, D, E: auto (inductor on GPU, off on CPU), none, a mode
+    compile: str = "auto"  # torch.compile of G, D, E, VGG: auto (inductor on GPU, off on CPU), none, a mode
     # (reduce-overhead = + CUDA graphs, max-autotune; GPU only, eager on CPU) or a backend name
     activation_checkpointing: bool = False  # recompute G's residual blocks in backward: less memory, more time
     image_every: int = 1  # epochs between image grids

@@ -27,9 +27,12 @@ def test_activation_checkpointing_gives_the_same_training(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_compiled_networks_train_like_eager_and_keep_their_state_dict_names():
-    a, b = params_after_steps(), params_after_steps(compile="eager")
+def test_compiled_networks_train_like_eager_and_keep_their_state_dict_names(tmp_path):
+    write_fake_vgg19(tmp_path / "vgg.pth")
+    vgg = str(tmp_path / "vgg.pth")
+    a, b = params_after_steps(vgg_weights=vgg), params_after_steps(vgg_weights=vgg, compile="eager")
     assert b.compiled == ("eager", None)
+    assert b.vgg_loss.vgg._compiled_call_impl is not None and a.vgg_loss.vgg._compiled_call_impl is None
     assert list(a.G.state_dict()) == list(b.G.state_dict())  # compiled in place: no _orig_mod prefix
     for (name, p), q in zip(a.D.named_parameters(), b.D.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
