@@ -6,6 +6,7 @@ Every rank runs the same loop; rank 0 alone prints progress, writes image grids 
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 import time
@@ -90,7 +91,18 @@ def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every `report` at INFO on every rank, with the whole metrics dict; the progress line below
+    says the same once. Its logger is named after the module's file path."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: keep its logging as it is
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_stage(context: dict) -> None:
+    _quiet_ray_train_reports()
     ctx = StageContext(**context)
     cfg = from_dict(ctx.config)
     k = ctx.stage
