@@ -17,24 +17,21 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.step import CONFIGS, Row, build_step, reduced_sizes, row_arguments, rows_from_args, synthetic_batch
-from model.memory import PeakEstimate, StorageTracker, extrapolate_peak, state_tensors
+from benchmarks.step import CONFIGS, Row, build_step, row_arguments, rows_from_args
+from model.inputs import synthetic_batch
+from model.memory import PeakEstimate, step_peak
+from model.options import ModelOptions
 
 
 def estimate(row: Row, vgg: bool) -> PeakEstimate:
-    _, h, w = CONFIGS[row.config]
+    overrides, h, w = CONFIGS[row.config]
     cpu = torch.device("cpu")
-
-    def run(hh: int, ww: int) -> StorageTracker:
-        step = build_step(replace(row, compile=False, graphs=False), cpu, vgg)
-        data = synthetic_batch(step.opt, row.batch, hh, ww, cpu)
-        step.step(data)
-        held = state_tensors(step.G, step.D, step.E, step.opt_G, step.opt_D, *data.values())
-        with StorageTracker(held) as tracker:
-            step.step(data)
-        return tracker
-
-    return extrapolate_peak(run, reduced_sizes(row.config, (8, 4)), (h, w))
+    return step_peak(
+        lambda: build_step(replace(row, compile=False, graphs=False), cpu, vgg),
+        lambda hh, ww: synthetic_batch(ModelOptions(**overrides), row.batch, hh, ww),
+        (h, w),
+        ModelOptions(**overrides).size_multiple,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import resource
-import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
 from benchmarks.reference_step import ReferenceStep
+from model.inputs import synthetic_batch as make_batch
+from model.memory import reduced_sizes as model_reduced_sizes
 from model.options import ModelOptions
 from model.step import TrainStep
-from model.vgg import VGG19Features
+from model.vgg import random_weights_file
 
 # Named configurations: (options, height, width). The paper's Cityscapes networks and a CPU-sized one.
 CONFIGS: dict[str, tuple[dict, int, int]] = {
@@ -45,16 +44,10 @@ CONFIGS: dict[str, tuple[dict, int, int]] = {
 
 
 def synthetic_batch(opt: ModelOptions, n: int, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Blocky label and instance maps and an image in [-1, 1]; the step's cost does not depend on content.
-
-    For CUDA the batch stays in pinned host memory, as the data pipeline delivers it: the step checks label ids
-    on the host and copies asynchronously (a batch already on the GPU would cost a synchronisation per step)."""
-    g = torch.Generator().manual_seed(0)
-    coarse = torch.randint(0, opt.label_nc, (n, -(-h // 32), -(-w // 32)), generator=g)
-    label = coarse.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :h, :w].to(torch.uint8).contiguous()
-    inst = label.long() * 1000 + (torch.arange(w) // 64)
-    image = torch.rand(n, 3, h, w, generator=g) * 2 - 1
-    batch = {"label": label, "inst": inst, "image": image}
+    """`model.inputs.synthetic_batch`; for CUDA in pinned host memory, as the data pipeline delivers batches: the
+    step checks label ids on the host and copies asynchronously (a batch already on the GPU would cost a
+    synchronisation per step)."""
+    batch = make_batch(opt, n, h, w)
     return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
 
 
@@ -121,17 +114,6 @@ class Row:
         return ":".join([self.precision, *flags])
 
 
-def random_vgg_weights() -> str:
-    """A torchvision-format VGG19 state dict with random weights, written once per process."""
-    path = Path(tempfile.gettempdir()) / "pix2pixhd-bench-vgg19-random.pth"
-    if not path.exists():
-        state = {f"features.{k}": v for k, v in VGG19Features().features.state_dict().items()}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
-    return str(path)
-
-
 def _compile_option(row: Row, device: torch.device) -> str | None:
     if not (row.compile or row.graphs):
         return None
@@ -142,7 +124,7 @@ def _compile_option(row: Row, device: torch.device) -> str | None:
 
 def build_step(row: Row, device: torch.device, vgg: bool, seed: int = 0) -> TrainStep:
     overrides, _, _ = CONFIGS[row.config]
-    opt = ModelOptions(**overrides, vgg_weights=random_vgg_weights() if vgg else None)
+    opt = ModelOptions(**overrides, vgg_weights=random_weights_file() if vgg else None)
     cls = ReferenceStep if row.ref else TrainStep
     return cls(opt, device, precision=row.precision, channels_last=row.channels_last, seed=seed,
                compile=_compile_option(row, device),
@@ -150,12 +132,8 @@ def build_step(row: Row, device: torch.device, vgg: bool, seed: int = 0) -> Trai
 
 
 def reduced_sizes(config: str, divisors: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Two sizes, the full size divided by `divisors`, to extrapolate from: multiples of what G needs and at least
-    4 times that (G's bottleneck must be wider than its padding); the full size itself for small configs."""
     overrides, h, w = CONFIGS[config]
-    m = ModelOptions(**overrides).size_multiple
-    a, b = ((max(4 * m, h // k // m * m), max(4 * m, w // k // m * m)) for k in divisors)
-    return (a, b) if a != b else (a, (h, w))
+    return model_reduced_sizes((h, w), ModelOptions(**overrides).size_multiple, divisors)
 
 
 def flops_per_image(row: Row, vgg: bool) -> float:

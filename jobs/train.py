@@ -2,6 +2,7 @@
 
     python -m jobs.train --config configs/X.yaml [--data URI] [--storage URI] [--num-workers N] [--use-gpu]
         [--run-id ID] [--stages 1,2,3] [--from-run RUN_ID] [--set section.key=value ...]
+    python -m jobs.train --config configs/X.yaml --data URI --estimate-memory 12   # will it fit a 12 GiB GPU?
 
 No cluster address (RAY_ADDRESS unset, not under `ray job submit`): a local Ray instance. No storage: outputs/runs.
 """
@@ -12,7 +13,7 @@ import argparse
 import sys
 
 from data.layouts import LayoutError
-from data.shards import ManifestError
+from data.shards import ManifestError, load_manifest
 from data.storage import StorageError
 from orchestration.config import ConfigError, load_config
 from orchestration.curriculum import RunPlan, default_run_id, run
@@ -36,6 +37,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else a local sqlite store)")
     p.add_argument("--no-tracking", action="store_true", help="no MLflow tracking and no registration")
     p.add_argument("--no-register", action="store_true", help="track, but do not register the final generator")
+    p.add_argument("--estimate-memory", type=float, metavar="GPU_GIB",
+                   help="estimate each stage's peak GPU memory per worker on the CPU, say whether it fits a card of "
+                        "GPU_GIB, and exit (1 when a stage does not fit); trains nothing")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -59,10 +63,22 @@ def plan_from_args(a: argparse.Namespace) -> RunPlan:
                    register=not a.no_register)  # fmt: skip
 
 
+def estimate_memory(plan: RunPlan, gpu_gib: float) -> int:
+    from orchestration import memory
+
+    resolution = load_manifest(plan.data_uri, plan.cfg.data.train_split)["resolution"]
+    print(f"estimating peak memory per worker for stages {plan.stages} on the CPU (a minute or two at 2048x1024)")
+    text, fits = memory.report(memory.estimate(plan.cfg, plan.stages, resolution), gpu_gib)
+    print(text)
+    return 0 if fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     try:
         plan = plan_from_args(a)
+        if a.estimate_memory is not None:
+            return estimate_memory(plan, a.estimate_memory)
         results = run(plan)
     except (ConfigError, ManifestError, StorageError, LayoutError) as e:
         print(f"train: error: {e}", file=sys.stderr)

@@ -119,3 +119,16 @@ def prepare_inputs(
         same_size(image, "image")
         image = _to(image, device).float()
     return Inputs(label=semantic, inst=inst_ids, image=image)
+
+
+def synthetic_batch(opt: ModelOptions, n: int, h: int, w: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A CPU batch of the right shapes and dtypes for measuring a step (its cost does not depend on content):
+    blocky label and instance maps, an image in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, max(opt.label_nc, 1), (n, -(-h // 32), -(-w // 32)), generator=g)
+    label = coarse.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :h, :w].to(torch.uint8).contiguous()
+    if opt.label_nc == 0:
+        label = label.unsqueeze(1).expand(n, opt.input_nc, h, w).float().contiguous()
+    inst = (label if label.dim() == 3 else label[:, 0]).long() * 1000 + (torch.arange(w) // 64)
+    image = torch.rand(n, opt.output_nc, h, w, generator=g) * 2 - 1
+    return {"label": label, "inst": inst, "image": image}

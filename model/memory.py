@@ -107,3 +107,39 @@ def extrapolate_peak(
     slope = [(y2 - y1) / (p2 - p1) for y1, y2 in zip(a.timeline, b.timeline, strict=True)]
     peak = max(y1 + s * (pt - p1) for y1, s in zip(a.timeline, slope, strict=True))
     return PeakEstimate(peak_bytes=int(peak), static_bytes=a.start, ops=len(a.timeline))
+
+
+def reduced_sizes(
+    size: tuple[int, int], multiple: int, divisors: tuple[int, int] = (8, 4)
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two sizes to extrapolate from: `size` divided by `divisors`, in multiples of `multiple` (what G needs) and
+    at least 4 times it (G's bottleneck must be wider than its padding); `size` itself when they coincide."""
+    h, w = size
+    m = multiple
+    a, b = ((max(4 * m, h // k // m * m), max(4 * m, w // k // m * m)) for k in divisors)
+    if a == b:
+        b = (h, w)
+    if a == b:
+        raise ValueError(f"{h}x{w} is too small to extrapolate from smaller sizes; measure it directly")
+    return a, b
+
+
+def step_peak(
+    build: Callable[[], object],
+    batch_at: Callable[[int, int], dict[str, torch.Tensor]],
+    size: tuple[int, int],
+    multiple: int,
+    divisors: tuple[int, int] = (8, 4),
+) -> PeakEstimate:
+    """Peak memory of one training step at `size`: `build()` makes a TrainStep (or one like it), `batch_at(h, w)`
+    a CPU batch. One warm-up step first, so Adam's moments exist, as in training."""
+
+    def run(h: int, w: int) -> StorageTracker:
+        step, batch = build(), batch_at(h, w)
+        step.step(batch)
+        held = state_tensors(step.G, step.D, step.E, step.opt_G, step.opt_D, *batch.values())
+        with StorageTracker(held) as tracker:
+            step.step(batch)
+        return tracker
+
+    return extrapolate_peak(run, reduced_sizes(size, multiple, divisors), size)

@@ -7,6 +7,7 @@ Layer indices are torchvision's `vgg19().features`, so a torchvision-format stat
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -81,3 +82,15 @@ class VGG19Features(Recomputable, nn.Module):
                 )
         net.features.load_state_dict({k: feats[k] for k in expected})
         return net
+
+
+def random_weights_file() -> str:
+    """A torchvision-format VGG19 state dict with random weights (cached in the temp folder): for measuring the
+    step's cost, which does not depend on the weights, where the real file is not at hand."""
+    path = Path(tempfile.gettempdir()) / "pix2pixhd-vgg19-random-weights.pth"
+    if not path.exists():
+        state = {f"features.{k}": v for k, v in VGG19Features().features.state_dict().items()}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+    return str(path)

@@ -77,3 +77,24 @@ def test_memory_levers_lower_the_estimate_at_full_size(tmp_path):
 
 def test_benchmark_rows_estimate():
     assert estimate(Row.parse("tiny:1:bf16:ckpt"), vgg=False).peak_bytes > 0
+
+
+def test_train_job_estimates_each_stage_and_says_whether_it_fits(tmp_path, capsys):
+    from data.shards import PrepareOptions, prepare
+    from data.synthetic.write import write_city
+    from jobs.train import main
+
+    src = write_city(tmp_path / "city", count=2, height=64, width=128, workers=1)
+    prepare(PrepareOptions("flat", str(src), str(tmp_path / "data"), workers=1), log=lambda _: None)
+    args = ["--config", "configs/tiny.yaml", "--data", str(tmp_path / "data"), "--storage", str(tmp_path / "runs")]
+
+    assert main([*args, "--estimate-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2", "3"] and all(r[-1] == "yes" for r in rows)
+    assert all(float(r[-2]) > 0 for r in rows)
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+
+    assert main([*args, "--estimate-memory", "1.001", "--stages", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "NO" in out and "train.activation_checkpointing=true" in out
