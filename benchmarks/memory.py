@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -25,13 +26,9 @@ from model.options import ModelOptions
 
 def estimate(row: Row, vgg: bool) -> PeakEstimate:
     overrides, h, w = CONFIGS[row.config]
-    cpu = torch.device("cpu")
-    return step_peak(
-        lambda: build_step(replace(row, compile=False, graphs=False), cpu, vgg),
-        lambda hh, ww: synthetic_batch(ModelOptions(**overrides), row.batch, hh, ww),
-        (h, w),
-        ModelOptions(**overrides).size_multiple,
-    )
+    opt = ModelOptions(**overrides)
+    build = partial(build_step, replace(row, compile=False, graphs=False), torch.device("cpu"), vgg)
+    return step_peak(build, partial(synthetic_batch, opt, row.batch), (h, w), opt.size_multiple)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -131,15 +132,18 @@ def step_peak(
     multiple: int,
     divisors: tuple[int, int] = (8, 4),
 ) -> PeakEstimate:
-    """Peak memory of one training step at `size`: `build()` makes a TrainStep (or one like it), `batch_at(h, w)`
-    a CPU batch. One warm-up step first, so Adam's moments exist, as in training."""
+    """Peak memory of one training step at `size`, extrapolated from two smaller sizes (`measure_step`)."""
+    return extrapolate_peak(partial(measure_step, build, batch_at), reduced_sizes(size, multiple, divisors), size)
 
-    def run(h: int, w: int) -> StorageTracker:
-        step, batch = build(), batch_at(h, w)
+
+def measure_step(
+    build: Callable[[], object], batch_at: Callable[[int, int], dict[str, torch.Tensor]], h: int, w: int
+) -> StorageTracker:
+    """One training step at h x w under a StorageTracker: `build()` makes a TrainStep (or one like it),
+    `batch_at(h, w)` a CPU batch. One warm-up step first, so Adam's moments exist, as in training."""
+    step, batch = build(), batch_at(h, w)
+    step.step(batch)
+    held = state_tensors(step.G, step.D, step.E, step.opt_G, step.opt_D, *batch.values())
+    with StorageTracker(held) as tracker:
         step.step(batch)
-        held = state_tensors(step.G, step.D, step.E, step.opt_G, step.opt_D, *batch.values())
-        with StorageTracker(held) as tracker:
-            step.step(batch)
-        return tracker
-
-    return extrapolate_peak(run, reduced_sizes(size, multiple, divisors), size)
+    return tracker

@@ -1,12 +1,14 @@
 """The CPU memory estimate counts tensor storages exactly and extrapolates to full size."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from benchmarks.memory import estimate
 from benchmarks.reference_step import ReferenceStep
 from benchmarks.step import Row
-from model.memory import StorageTracker, extrapolate_peak, state_tensors
+from model.memory import StorageTracker, extrapolate_peak, measure_step
 from model.step import TrainStep
 from tests.conftest import tiny_batch, tiny_options
 from tests.test_losses import write_fake_vgg19
@@ -27,15 +29,7 @@ def test_tracker_counts_live_storages_once_and_frees_them():
 
 
 def run_tiny_step(opt, step_class=TrainStep, **kw):
-    def run(hh, ww):
-        s = step_class(opt, **kw)
-        batch = tiny_batch(opt, n=1, h=hh, w=ww)
-        s.step(batch)
-        with StorageTracker(state_tensors(s.G, s.D, s.E, s.opt_G, s.opt_D, *batch.values())) as t:
-            s.step(batch)
-        return t
-
-    return run
+    return partial(measure_step, partial(step_class, opt, **kw), partial(tiny_batch, opt, 1))
 
 
 @pytest.mark.parametrize("kw", [{}, {"precision": "bf16", "activation_checkpointing": True}])
