@@ -3,10 +3,10 @@
     python -m benchmarks.memory --preset reference              # the step benchmark's rows
     python -m benchmarks.memory --row local-2048:1:bf16:ckpt --row local-2048:1:fp32:ref
 
-Rows are those of `benchmarks.step` (config:batch:precision[:compile][:graphs][:ckpt][:cl][:ref]); compile flags are ignored:
-this is the eager step (inductor's partitioner usually stores less, recomputing cheap pointwise ops). Each row runs its step (after one warm-up step, so Adam's
-moments exist) at 1/64 and 1/16 of the pixels under `model.memory.StorageTracker`, and extrapolates op by op
-to full size. The figure counts tensors exactly; a GPU adds allocator rounding and fragmentation, cuDNN
+Rows are those of `benchmarks.step` (config:batch:precision[:compile][:graphs][:ckpt][:cl][:ref]); compile
+flags are ignored: this is the eager step (inductor's partitioner usually stores less, recomputing cheap
+pointwise ops). Each row runs its step (after one warm-up step, so Adam's moments exist) at 1/64 and 1/16 of
+the pixels under `model.memory.StorageTracker`, and extrapolates op by op to full size. The figure counts tensors exactly; a GPU adds allocator rounding and fragmentation, cuDNN
 workspaces and the CUDA context, so compare with `torch.cuda.max_memory_allocated` with some margin.
 """
 

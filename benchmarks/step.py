@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.reference_step import ReferenceStep
 from model.inputs import synthetic_batch as make_batch
-from model.memory import reduced_sizes as model_reduced_sizes
+from model.memory import reduced_sizes
 from model.options import ModelOptions
 from model.step import TrainStep
 from model.vgg import random_weights_file
@@ -131,18 +131,13 @@ def build_step(row: Row, device: torch.device, vgg: bool, seed: int = 0) -> Trai
                activation_checkpointing=row.ckpt)  # fmt: skip
 
 
-def reduced_sizes(config: str, divisors: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    overrides, h, w = CONFIGS[config]
-    return model_reduced_sizes((h, w), ModelOptions(**overrides).size_multiple, divisors)
-
-
 def flops_per_image(row: Row, vgg: bool) -> float:
     """FLOPs of one training step per image (forward, backward, recomputation), counted on the CPU in fp32."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    _, h, w = CONFIGS[row.config]
+    overrides, h, w = CONFIGS[row.config]
     counts = []
-    sizes = reduced_sizes(row.config, (4, 2))
+    sizes = reduced_sizes((h, w), ModelOptions(**overrides).size_multiple, (4, 2))
     for hh, ww in sizes:
         step = build_step(
             replace(row, batch=1, precision="fp32", compile=False, graphs=False), torch.device("cpu"), vgg
