@@ -6,16 +6,17 @@ updates), on CPU or CUDA, for the optimised step and the straightforward referen
     python -m benchmarks.step --row local-2048:1:bf16:compile:ckpt --device cuda
     python -m benchmarks.step --config tiny --batch 2 --steps 10          # CPU smoke run
 
-A row is config:batch:precision[:compile][:graphs][:ckpt][:cl][:ref]: torch.compile of the networks (inductor;
-`eager` backend on CPU), the same with CUDA graphs (mode reduce-overhead), activation checkpointing,
+A row is config:batch:precision[:compile][:graphs][:ckpt][:cl][:ref]: torch.compile of the networks (inductor,
+also on a CPU), the same with CUDA graphs (mode reduce-overhead; eager on a CPU), activation checkpointing,
 channels_last, and `ref` for `benchmarks.reference_step.ReferenceStep` (the step written the
 straightforward way: three D passes, D weight gradients in G's backward, fp32 labels). --config/--batch/
 --precision give their product as rows. All rows run in one invocation; `ratio` is img/s relative to the first
 row (the preset starts with the reference fp32 batch-1 eager row), so figures from a noisy machine compare
-within the run. Warm-up steps (allocator, cuDNN autotune, compilation) are timed apart. The VGG19 loss runs with
-random weights (its cost does not depend on them; --no-vgg drops it). FLOPs per image are counted once per
-kind of step with torch.utils.flop_counter on the CPU, at 1/16 and 1/4 of the pixels and extrapolated to full
-size (the count is linear in the pixel count, up to padding effects): seconds to a minute per kind of step.
+within the run. Warm-up steps (allocator, cuDNN autotune, compilation) are timed apart; `graphs` counts what
+Dynamo captured in warm-up, `+n` recompilations during the timed steps and `/nbr` graph breaks. The VGG19 loss
+runs with random weights (its cost does not depend on them; --no-vgg drops it). FLOPs per image are counted
+once per kind of step with torch.utils.flop_counter on the CPU, at 1/16 and 1/4 of the pixels and extrapolated
+to full size (the count is linear in the pixel count, up to padding effects): seconds to a minute per kind of step.
 """
 
 from __future__ import annotations
@@ -114,11 +115,10 @@ class Row:
         return ":".join([self.precision, *flags])
 
 
-def _compile_option(row: Row, device: torch.device) -> str | None:
+def _compile_option(row: Row) -> str | None:
+    """inductor (on a CPU too: its C++ backend), or inductor with CUDA graphs (a GPU mode: eager on a CPU)."""
     if not (row.compile or row.graphs):
         return None
-    if device.type != "cuda":
-        return "eager"  # the compile path without code generation: a CPU smoke test of the same calls
     return "reduce-overhead" if row.graphs else "inductor"
 
 
@@ -127,7 +127,7 @@ def build_step(row: Row, device: torch.device, vgg: bool, seed: int = 0) -> Trai
     opt = ModelOptions(**overrides, vgg_weights=random_weights_file() if vgg else None)
     cls = ReferenceStep if row.ref else TrainStep
     return cls(opt, device, precision=row.precision, channels_last=row.channels_last, seed=seed,
-               compile=_compile_option(row, device),
+               compile=_compile_option(row),
                activation_checkpointing=row.ckpt)  # fmt: skip
 
 
@@ -154,8 +154,19 @@ def flops_key(row: Row) -> tuple[str, bool, bool]:
     return row.config, row.ref, row.ckpt
 
 
+def _graphs(compiled: bool, warm: int, total: int, breaks: int) -> str:
+    """Graphs Dynamo captured during warm-up, '+n' recompiled during the timed steps, '/nbr' graph breaks."""
+    if not compiled:
+        return "-"
+    return f"{warm}" + (f"+{total - warm}" if total > warm else "") + (f"/{breaks}br" if breaks else "")
+
+
 def measure(row: Row, device: torch.device, steps: int, warmup: int, vgg: bool) -> dict:
+    from torch._dynamo.utils import counters
+
     _, h, w = CONFIGS[row.config]
+    torch._dynamo.reset()
+    counters.clear()
     step = build_step(row, device, vgg)
     data = synthetic_batch(step.opt, row.batch, h, w, device)
     if device.type == "cuda":
@@ -166,18 +177,22 @@ def measure(row: Row, device: torch.device, steps: int, warmup: int, vgg: bool) 
         step.step(data)
     _sync(device)
     warm = time.perf_counter() - t0
+    graphs_warm = counters["stats"]["unique_graphs"]
     t0 = time.perf_counter()
     for _ in range(steps):
         losses = step.step(data)
     _sync(device)
     took = time.perf_counter() - t0
+    graphs = _graphs(step.compiled is not None, graphs_warm, counters["stats"]["unique_graphs"],
+                     sum(counters["graph_break"].values()))  # fmt: skip
     assert all(torch.isfinite(v) for v in losses.values()), losses
     if device.type == "cuda":
         peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
     else:  # process-wide peak RSS (KiB on Linux)
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     del step, data
-    return dict(img_s=steps * row.batch / took, step_ms=1000 * took / steps, warmup_s=warm, peak_gib=peak_gib)
+    return dict(img_s=steps * row.batch / took, step_ms=1000 * took / steps, warmup_s=warm, peak_gib=peak_gib,
+                graphs=graphs)  # fmt: skip
 
 
 def rows_from_args(a: argparse.Namespace) -> list[Row]:
@@ -226,15 +241,16 @@ def main(argv: list[str] | None = None) -> None:
                 kind = "reference step" if row.ref else "step" + (" with checkpointing" if row.ckpt else "")
                 print(f"work per image, {row.config} {kind}: {f / 1e12:.3g} TFLOP" + ("" if vgg else " (no VGG)"))
     print(f"{'config':<12} {'batch':>5} {'mode':<24} {'img/s':>8} {'TFLOP/s':>8} {'ms/step':>8} {'warmup s':>8} "
-          f"{'peak GiB':>8} {'ratio':>6}")  # fmt: skip
+          f"{'peak GiB':>8} {'graphs':>6} {'ratio':>6}")  # fmt: skip
     base = None
     for row in rows:
         r = measure(row, device, a.steps, a.warmup, vgg)
         base = base or r["img_s"]
         f = flops.get(flops_key(row))
-        tflops = f"{r['img_s'] * f / 1e12:8.2f}" if f else f"{'':>8}"
+        tflops = f"{r['img_s'] * f / 1e12:8.3g}" if f else f"{'':>8}"
         print(f"{row.config:<12} {row.batch:>5} {row.label:<24} {r['img_s']:>8.2f} {tflops} {r['step_ms']:>8.1f} "
-              f"{r['warmup_s']:>8.1f} {r['peak_gib']:>8.2f} {r['img_s'] / base:>6.2f}", flush=True)  # fmt: skip
+              f"{r['warmup_s']:>8.1f} {r['peak_gib']:>8.2f} {r['graphs']:>6} {r['img_s'] / base:>6.2f}",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

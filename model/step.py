@@ -220,6 +220,8 @@ class TrainStep:
         """One G update and one D update. Returns the named losses as detached 0-dim tensors (no sync)."""
         x = self.prepare(batch)
         n = x.image.shape[0]
+        if self.compiled:  # CUDA graphs (reduce-overhead, max-autotune) may reuse last step's output memory now
+            torch.compiler.cudagraph_mark_step_begin()
         # Last step's gradients go now, not before backward: they would otherwise be held through the forward.
         self.opt_G.zero_grad(set_to_none=True)
         self.opt_D.zero_grad(set_to_none=True)
