@@ -9,6 +9,8 @@ moto's S3 server on 127.0.0.1, in both shard encodings (png, zstd: `data.encodin
   - one process: read shards with pyarrow, decode, resize, crop/flip, to float tensors (= 1 core)
   - Ray Data on all cores: `build_dataset` + `iter_epoch` as a Train worker iterates it, divided by cores
 Resolutions: 2048x1024 (resize_or_crop none, the 1024p recipe) and 1024x512 (scale_width to 1024).
+Last, the wait for each epoch's first batch from a Train-style split iterator, with the next epoch's pipeline
+started when asked and started while the previous epoch ends (`data.pipeline.started`, as the worker does).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from data import shards
-from data.pipeline import COLUMNS, Decode, ModelBatches, PipelineConfig, build_dataset, iter_epoch
+from data.pipeline import COLUMNS, Decode, ModelBatches, PipelineConfig, build_dataset, iter_epoch, started
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
 from data.transforms import Geometry
@@ -70,6 +72,24 @@ def ray_data(uri: str, cfg: PipelineConfig) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def epoch_start_waits(uri: str, cfg: PipelineConfig, overlap: bool, epochs: int = 4, work_s: float = 2.0) -> list:
+    """Seconds the first batch of each epoch is waited for, from a Train-style split iterator, with `work_s` of
+    end-of-epoch work (validation, checkpoint, report) between epochs; `overlap`: the next epoch `started`."""
+    split = build_dataset(uri, "train", cfg).streaming_split(1, equal=True)[0]
+    upcoming = iter_epoch(split, cfg, 0)
+    upcoming = started(upcoming) if overlap else upcoming
+    waits = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        for i, _ in enumerate(upcoming):
+            if i == 0:
+                waits.append(time.perf_counter() - t0)
+        upcoming = iter_epoch(split, cfg, epoch + 1)
+        upcoming = started(upcoming) if overlap else upcoming
+        time.sleep(work_s)
+    return waits
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.data", description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=24)
@@ -105,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
                 ray_data(uri, cfg)  # warm: worker processes, imports
                 total = ray_data(uri, cfg)
                 print(f"{name:<7} {enc:<8} {res:<10} {single:>10.2f} {total:>10.2f} {total / cores:>9.2f}", flush=True)
+        cfg = PipelineConfig(geometry=RESOLUTIONS["1024x512"], batch_size=2, verify="size")
+        print("first batch of each epoch waited for (s), 2 s of end-of-epoch work between epochs (local, zstd):")
+        for overlap in (False, True):
+            waits = epoch_start_waits(uris[("local", "zstd")], cfg, overlap)
+            print(f"  {'started while the last epoch ends' if overlap else 'started when asked':<34} "
+                  + " ".join(f"{w:.2f}" for w in waits), flush=True)  # fmt: skip
         ray.shutdown()
 
 

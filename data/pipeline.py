@@ -17,7 +17,10 @@ order (`execution_options()`), and the local shuffle buffer is seeded with (seed
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,6 +160,35 @@ def iter_epoch(shard, cfg: PipelineConfig, epoch: int, train: bool = True):
         pin_memory=torch.cuda.is_available(),
         prefetch_batches=cfg.prefetch_batches,
     )
+
+
+def started(batches: Iterator[dict]) -> Iterator[dict]:
+    """`batches`, with its first item already being fetched on a thread: call it for the next epoch where the
+    current one ends, so Ray Data's start-up (the split barrier, the executor, the first read and decode) overlaps
+    validation, checkpointing and reporting instead of being waited for. Errors surface when iterated."""
+    box: dict[str, Any] = {}
+
+    def first() -> None:
+        try:
+            box["item"] = next(batches)
+        except StopIteration:
+            pass
+        except BaseException as e:  # re-raised in the consumer's thread
+            box["error"] = e
+
+    # a daemon thread: a consumer that stops early must not keep the process alive
+    fetch = threading.Thread(target=first, name="next-epoch-first-batch", daemon=True)
+    fetch.start()
+
+    def resumed() -> Iterator[dict]:
+        fetch.join()
+        if "error" in box:
+            raise box["error"]
+        if "item" in box:
+            yield box.pop("item")
+            yield from batches
+
+    return resumed()
 
 
 def read_samples(uri: str, split: str, cfg: PipelineConfig, n: int) -> dict[str, torch.Tensor]:

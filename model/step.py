@@ -55,7 +55,8 @@ COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
 def resolve_compile(compile: str | None, device: torch.device) -> tuple[str, str | None] | None:
     """torch.compile (backend, mode) for G, D, E and the VGG19 of the perceptual loss, or None for eager.
 
-    'auto': inductor on CUDA, off on CPU (compiling there costs more than it saves for these networks).
+    'auto': inductor on CUDA, off on CPU (≈ 80 s of compilation outweighs the gain at the small sizes a CPU
+    trains; at 2048×1024 inductor's C++ code ran G 1.9× faster, see BENCHMARKS.md).
     None/'none': off. A torch.compile mode ('reduce-overhead' = inductor + CUDA graphs, 'max-autotune', ...):
     inductor in that mode on CUDA; those are GPU modes, so on CPU they fall back to eager. Any other value is a
     torch.compile backend name ('inductor', 'eager', ...) used as given.

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from data import storage
 from data.labels import LABEL_SETS
-from data.pipeline import PipelineConfig, iter_epoch
+from data.pipeline import PipelineConfig, iter_epoch, started
 from model.inference import generate
 from model.step import LOSS_NAMES, TrainStep
 from orchestration import checkpoint
@@ -141,6 +141,7 @@ def train_stage(context: dict) -> None:
     images_root = storage.resolve(ctx.run_root).join(f"stage{k}", "images")
     epochs = stage_cfg.epochs
     stage_start = time.perf_counter()
+    upcoming = started(iter_epoch(shard, pcfg, start_epoch)) if start_epoch < epochs else None
 
     for epoch in range(start_epoch, epochs):
         trainable = "local" if k == 2 and epoch < stage_cfg.niter_fix_global else "all"
@@ -151,7 +152,7 @@ def train_stage(context: dict) -> None:
         batches, samples, wait = 0, 0, 0.0
         t_epoch = time.perf_counter()
         t_ready = t_epoch
-        for batch in iter_epoch(shard, pcfg, epoch):
+        for batch in upcoming:
             wait += time.perf_counter() - t_ready
             losses = step.step(batch)
             sums += torch.stack([losses[n] for n in LOSS_NAMES])
@@ -166,13 +167,15 @@ def train_stage(context: dict) -> None:
                     tracker.metrics({f"step/{n}": v for n, v in values.items()}, global_step)
             t_ready = time.perf_counter()
         took = time.perf_counter() - t_epoch
+        last = epoch + 1 == epochs
+        if not last:  # the next epoch's data starts now, while this one is validated, saved and reported
+            upcoming = started(iter_epoch(shard, pcfg, epoch + 1))
         totals = _reduce_sum(torch.cat([sums, torch.tensor([batches, samples], device=device, dtype=sums.dtype)]))
         n_batches, n_samples = totals[-2].item(), totals[-1].item()
         metrics = {name: (totals[i] / max(n_batches, 1)).item() for i, name in enumerate(LOSS_NAMES)}
         metrics.update(stage=k, epoch=epoch + 1, global_step=global_step, lr=lr, trainable=trainable,
                        img_per_s=n_samples / took, data_wait=wait / took, samples=n_samples)  # fmt: skip
 
-        last = epoch + 1 == epochs
         if heldout is not None:
             fake = generate(step.G, opt, heldout["label"], inst=heldout.get("inst"), edges=heldout.get("edges"),
                             features=_features(step, heldout))  # fmt: skip
