@@ -18,7 +18,7 @@ import torch
 
 from model.inputs import synthetic_batch
 from model.memory import step_peak
-from model.step import TrainStep, resolve_precision
+from model.step import TrainStep, resolve_compile, resolve_precision
 from model.vgg import random_weights_file
 from orchestration.config import Config
 
@@ -34,6 +34,7 @@ class StageMemory:
     precision: str
     checkpointing: bool
     peak_gib: float
+    compiled: bool = False  # train.compile on a GPU: the estimate is for the eager step
 
 
 def training_size(cfg: Config, k: int, resolution: dict) -> tuple[int, int]:
@@ -46,6 +47,7 @@ def training_size(cfg: Config, k: int, resolution: dict) -> tuple[int, int]:
 def estimate(cfg: Config, stages: list[int], resolution: dict) -> list[StageMemory]:
     precision = "bf16" if resolve_precision(cfg.train.precision, torch.device("cuda")) else "fp32"
     ckpt = cfg.train.activation_checkpointing
+    compiled = resolve_compile(cfg.train.compile, torch.device("cuda")) is not None
     rows = []
     for k in stages:
         opt = cfg.stage_model(k)
@@ -58,7 +60,7 @@ def estimate(cfg: Config, stages: list[int], resolution: dict) -> list[StageMemo
             size,
             opt.size_multiple,
         )
-        rows.append(StageMemory(k, batch, size[0], size[1], precision, ckpt, peak.peak_gib))
+        rows.append(StageMemory(k, batch, size[0], size[1], precision, ckpt, peak.peak_gib, compiled))
     return rows
 
 
@@ -74,6 +76,9 @@ def report(rows: list[StageMemory], gpu_gib: float) -> tuple[str, bool]:
                      f"{'on' if r.checkpointing else 'off':<13} {r.peak_gib:>8.2f}  {'yes' if ok else 'NO'}")  # fmt: skip
     lines.append(f"(tensors per worker, estimated on the CPU; a {gpu_gib:g} GiB card leaves {budget:g} GiB for them "
                  f"after {CUDA_CONTEXT_GIB:g} GiB of CUDA context and allocator slack)")  # fmt: skip
+    if any(r.compiled and r.checkpointing for r in rows):
+        lines.append("these are the eager step's figures; compiled (train.compile), checkpointing kept far less of its "
+                     "saving in a CPU measurement (BENCHMARKS.md): --set train.compile=none holds to them")  # fmt: skip
     if not fits:
         advice = []
         if not rows[0].checkpointing:

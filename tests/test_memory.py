@@ -91,4 +91,11 @@ def test_train_job_estimates_each_stage_and_says_whether_it_fits(tmp_path, capsy
 
     assert main([*args, "--estimate-memory", "1.001", "--stages", "2"]) == 1
     out = capsys.readouterr().out
-    assert "NO" in out and "train.activation_checkpointing=true" in out
+    assert "NO" in out and "train.activation_checkpointing=true" in out and "eager step's figures" not in out
+
+    # checkpointing with torch.compile on the GPU (compile: auto): the figures are the eager step's, and it says so
+    ckpt = [*args, "--stages", "1", "--set", "train.activation_checkpointing=true", "--estimate-memory", "80"]
+    assert main(ckpt) == 0
+    assert "eager step's figures" in capsys.readouterr().out
+    assert main([*ckpt, "--set", "train.compile=none"]) == 0
+    assert "eager step's figures" not in capsys.readouterr().out
