@@ -29,7 +29,9 @@ from model.inputs import prepare_inputs, synthetic_batch
 from model.networks import build_generator, set_activation_checkpointing
 from model.options import ModelOptions
 
-VARIANTS = (("eager", False), ("eager", True), ("inductor", False), ("inductor", True))
+# (compile, checkpointing, inductor's layout optimisation): TrainStep turns the latter off with checkpointing
+VARIANTS = (("eager", False, True), ("eager", True, True), ("inductor", False, True), ("inductor", True, True),
+            ("inductor", True, False))  # fmt: skip
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
@@ -38,7 +40,9 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _runner(config: str, part: str, compile: str, ckpt: bool, h: int, w: int):
+def _runner(config: str, part: str, compile: str, ckpt: bool, layout_opt: bool, h: int, w: int):
+    import torch._inductor.config
+
     overrides, _, _ = CONFIGS[config]
     if part == "step":
         row = Row(config, 1, "bf16", compile=compile == "inductor", ckpt=ckpt)
@@ -50,6 +54,7 @@ def _runner(config: str, part: str, compile: str, ckpt: bool, h: int, w: int):
     g = build_generator(opt)
     set_activation_checkpointing(g, ckpt)
     if compile == "inductor":
+        torch._inductor.config.layout_optimization = layout_opt
         g.compile(backend="inductor", dynamic=False)
     batch = synthetic_batch(opt, 1, h, w)
     x = prepare_inputs(opt, batch["label"], inst=batch.get("inst")).label  # one-hot labels + instance edges
@@ -64,9 +69,9 @@ def _runner(config: str, part: str, compile: str, ckpt: bool, h: int, w: int):
     return run
 
 
-def measure_one(config: str, part: str, compile: str, ckpt: bool, h: int, w: int) -> tuple[float, float]:
+def measure_one(config: str, part: str, compile: str, ckpt: bool, layout_opt: bool, h: int, w: int):
     """(peak GiB above the pre-run level, seconds) of one warmed-up run, in this process."""
-    run = _runner(config, part, compile, ckpt, h, w)
+    run = _runner(config, part, compile, ckpt, layout_opt, h, w)
     run()
     run()
     peak, stop = [0], threading.Event()
@@ -92,24 +97,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default="local-2048", choices=sorted(CONFIGS))
     p.add_argument("--part", default="g", choices=["g", "step"])
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="default: the config's training size")
-    p.add_argument("--one", nargs=2, metavar=("COMPILE", "CKPT"), help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # a child process: compile ckpt layout-opt
     a = p.parse_args(argv)
     h, w = a.size or CONFIGS[a.config][1:]
     if a.one:
-        gib, took = measure_one(a.config, a.part, a.one[0], a.one[1] == "ckpt", h, w)
+        gib, took = measure_one(a.config, a.part, a.one[0], a.one[1] == "ckpt", a.one[2] == "layout", h, w)
         print(f"{gib:.3f} {took:.2f}")
         return
     print(f"{a.config} {'G forward+backward (bf16)' if a.part == 'g' else 'training step (bf16)'} at {h}x{w}, "
           f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")  # fmt: skip
-    print(f"  {'variant':<26} {'peak GiB':>9} {'s/run':>7}")
-    for compile, ckpt in VARIANTS:
-        args = ["--config", a.config, "--part", a.part, "--size", str(h), str(w)]
+    print(f"  {'variant':<56} {'peak GiB':>9} {'s/run':>7}")
+    for compile, ckpt, layout_opt in VARIANTS:
+        if a.part == "step" and compile == "inductor" and not layout_opt:
+            continue  # the step's own choice (model.step.compile_kwargs) is the row above
+        args = ["--config", a.config, "--part", a.part, "--size", str(h), str(w), "--one", compile,
+                "ckpt" if ckpt else "-", "layout" if layout_opt else "-"]  # fmt: skip
         out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.compiled_memory", *args, "--one", compile, "ckpt" if ckpt else "-"],
-            env={**os.environ, **MALLOC}, capture_output=True, text=True, check=True,
-        ).stdout.split()  # fmt: skip
+            [sys.executable, "-m", "benchmarks.compiled_memory", *args],
+            env={**os.environ, **MALLOC},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         name = compile + (" + checkpointing" if ckpt else "")
-        print(f"  {name:<26} {float(out[-2]):>9.3f} {float(out[-1]):>7.2f}", flush=True)
+        if compile == "inductor" and a.part == "g":
+            name += ", layout optimisation " + ("on" if layout_opt else "off")
+        print(f"  {name:<56} {float(out[-2]):>9.3f} {float(out[-1]):>7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.networks import build_generator
-from model.step import TrainStep, resolve_compile, resolve_fused_adam
+from model.step import TrainStep, compile_kwargs, resolve_compile, resolve_fused_adam
 from tests.conftest import tiny_batch, tiny_options
 from tests.test_losses import write_fake_vgg19
 
@@ -93,6 +93,12 @@ def test_gpu_levers_are_chosen_per_device():
     assert resolve_compile("reduce-overhead", cuda) == ("inductor", "reduce-overhead")  # CUDA graphs
     assert resolve_compile("reduce-overhead", cpu) is None and resolve_compile("max-autotune", cpu) is None
     assert resolve_fused_adam(None, cuda) is True and resolve_fused_adam(None, cpu) is False
+    # with checkpointing, inductor keeps activations in their layout (a mode travels as its options)
+    assert compile_kwargs(("inductor", "reduce-overhead"), True) == dict(
+        backend="inductor", options={"triton.cudagraphs": True, "layout_optimization": False}, dynamic=False
+    )
+    assert compile_kwargs(("inductor", None), False) == dict(backend="inductor", mode=None, dynamic=False)
+    assert compile_kwargs(("aot_eager", None), True) == dict(backend="aot_eager", mode=None, dynamic=False)
     assert resolve_fused_adam(False, cuda) is False
 
 
