@@ -56,7 +56,7 @@ def resolve_compile(compile: str | None, device: torch.device) -> tuple[str, str
     """torch.compile (backend, mode) for G, D, E and the VGG19 of the perceptual loss, or None for eager.
 
     'auto': inductor on CUDA, off on CPU (≈ 80 s of compilation outweighs the gain at the small sizes a CPU
-    trains; at 2048×1024 inductor's C++ code ran G 1.9× faster, see BENCHMARKS.md).
+    trains; at 2048×1024 inductor's C++ code ran G 2× faster, see BENCHMARKS.md).
     None/'none': off. A torch.compile mode ('reduce-overhead' = inductor + CUDA graphs, 'max-autotune', ...):
     inductor in that mode on CUDA; those are GPU modes, so on CPU they fall back to eager. Any other value is a
     torch.compile backend name ('inductor', 'eager', ...) used as given.
