@@ -5,7 +5,8 @@
 
 `benchmarks.memory` follows tensors through the eager step; inside a compiled graph there is nothing to follow
 (inductor's kernels allocate their own buffers). So this measures the process: each variant (eager, eager +
-checkpointing, inductor, inductor + checkpointing) runs in a fresh process with glibc's malloc set to give
+checkpointing, inductor, inductor + checkpointing with and without inductor's layout optimisation, which
+`model.step.compile_kwargs` turns off with checkpointing) runs in a fresh process with glibc's malloc set to give
 large blocks straight back to the system, warms up twice (compilation included), then runs once more while a
 thread samples the resident set every 0.2 ms. The figure is the peak above the level just before that run:
 activations, recomputation, gradients and temporaries of one forward + backward (`--part g`: G under bf16
@@ -41,8 +42,6 @@ def _resident_bytes() -> int:
 
 
 def _runner(config: str, part: str, compile: str, ckpt: bool, layout_opt: bool, h: int, w: int):
-    import torch._inductor.config
-
     overrides, _, _ = CONFIGS[config]
     if part == "step":
         row = Row(config, 1, "bf16", compile=compile == "inductor", ckpt=ckpt)
@@ -54,8 +53,7 @@ def _runner(config: str, part: str, compile: str, ckpt: bool, layout_opt: bool, 
     g = build_generator(opt)
     set_activation_checkpointing(g, ckpt)
     if compile == "inductor":
-        torch._inductor.config.layout_optimization = layout_opt
-        g.compile(backend="inductor", dynamic=False)
+        g.compile(backend="inductor", options={"layout_optimization": layout_opt}, dynamic=False)
     batch = synthetic_batch(opt, 1, h, w)
     x = prepare_inputs(opt, batch["label"], inst=batch.get("inst")).label  # one-hot labels + instance edges
 

@@ -76,16 +76,17 @@ def epoch_start_waits(uri: str, cfg: PipelineConfig, overlap: bool, epochs: int 
     """Seconds the first batch of each epoch is waited for, from a Train-style split iterator, with `work_s` of
     end-of-epoch work (validation, checkpoint, report) between epochs; `overlap`: the next epoch `started`."""
     split = build_dataset(uri, "train", cfg).streaming_split(1, equal=True)[0]
-    upcoming = iter_epoch(split, cfg, 0)
-    upcoming = started(upcoming) if overlap else upcoming
-    waits = []
+
+    def epoch_batches(epoch: int):
+        return started(iter_epoch(split, cfg, epoch)) if overlap else iter_epoch(split, cfg, epoch)
+
+    upcoming, waits = epoch_batches(0), []
     for epoch in range(epochs):
         t0 = time.perf_counter()
         for i, _ in enumerate(upcoming):
             if i == 0:
                 waits.append(time.perf_counter() - t0)
-        upcoming = iter_epoch(split, cfg, epoch + 1)
-        upcoming = started(upcoming) if overlap else upcoming
+        upcoming = epoch_batches(epoch + 1)
         time.sleep(work_s)
     return waits
 

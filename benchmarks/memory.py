@@ -6,8 +6,9 @@
 Rows are those of `benchmarks.step` (config:batch:precision[:compile][:graphs][:ckpt][:cl][:ref]); compile
 flags are ignored: this is the eager step (inductor's partitioner usually stores less, recomputing cheap
 pointwise ops). Each row runs its step (after one warm-up step, so Adam's moments exist) at 1/64 and 1/16 of
-the pixels under `model.memory.StorageTracker`, and extrapolates op by op to full size. The figure counts tensors exactly; a GPU adds allocator rounding and fragmentation, cuDNN
-workspaces and the CUDA context, so compare with `torch.cuda.max_memory_allocated` with some margin.
+the pixels under `model.memory.StorageTracker`, and extrapolates op by op to full size. The figure counts
+tensors exactly; a GPU adds allocator rounding and fragmentation, cuDNN workspaces and the CUDA context, so
+compare with `torch.cuda.max_memory_allocated` with some margin.
 """
 
 from __future__ import annotations
