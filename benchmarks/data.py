@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from data import shards
-from data.pipeline import COLUMNS, Decode, ModelBatches, PipelineConfig, build_dataset, iter_epoch, started
+from data.pipeline import Decode, ModelBatches, PipelineConfig, build_dataset, columns, iter_epoch, started
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
 from data.transforms import Geometry
@@ -52,11 +52,11 @@ def make_source(src: Path | None, n: int, out: Path) -> Path:
 def one_process(uri: str, cfg: PipelineConfig) -> float:
     """Samples/s on one core: the same work Ray Data's tasks and the Train worker do, in one loop."""
     m = shards.load_manifest(uri, "train")
-    decode, collate = Decode(cfg.geometry, cfg.instance_output, m.encoding), ModelBatches(cfg, 0, train=True)
+    decode, collate = Decode(cfg.geometry, cfg.instance_output, m), ModelBatches(cfg, 0, train=True)
     n, t0 = 0, time.perf_counter()
     for loc in m.shard_locations:
         with loc.fs.open_input_file(loc.path) as f:
-            table = pq.read_table(f, columns=COLUMNS)
+            table = pq.read_table(f, columns=columns(m))
         for batch in table.to_batches(max_chunksize=cfg.decode_batch):
             cols = {k: batch.column(k).to_pylist() for k in batch.schema.names}
             collate(decode(cols))

@@ -58,26 +58,47 @@ COLUMNS = ["index", "stem", "label", "inst", "image", "height", "width"]
 
 class Decode:
     """Ray Data batch function: stored bytes (`data.encoding`) -> arrays at the load geometry (+ edges). Keeps
-    `index`."""
+    `index`. Each sample's stored bytes are checked against their crc32 first: a sample that differs from what
+    prepare_data wrote, or cannot be decoded, is a `ShardContentError` naming its shard and stem."""
 
-    def __init__(self, geometry: Geometry, instance_output: str, encoding: str = "png"):
+    def __init__(self, geometry: Geometry, instance_output: str, manifest: shards.Manifest):
         self.geometry = geometry
         self.instance_output = instance_output
-        self.encoding = encodings.check(encoding)
+        self.encoding = encodings.check(manifest.encoding)
+        self.check_crc = manifest.has_crc32
+        self.shards = [(e["first_index"], e["count"], loc.uri) for e, loc in
+                       zip(manifest.data["shards"], manifest.shard_locations, strict=True)]  # fmt: skip
+
+    def _shard(self, index: int) -> str:
+        return next((uri for first, n, uri in self.shards if first <= index < first + n), "a shard of this split")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         labels, insts, images = [], [], []
         for k in range(len(batch["index"])):
-            h, w, enc = int(batch["height"][k]), int(batch["width"][k]), self.encoding
-            label = encodings.decode_label(batch["label"][k], enc, h, w)
+            stem, index = batch["stem"][k], int(batch["index"][k])
+            if self.check_crc and shards.sample_crc32(batch["label"][k], batch["inst"][k], batch["image"][k]) != int(
+                batch["crc32"][k]
+            ):
+                raise shards.ShardContentError(
+                    f"{self._shard(index)}: sample {stem} (index {index}) is not what prepare_data wrote (crc32 "
+                    f"mismatch): the shard was altered after it was written; re-run prepare_data to rewrite it"
+                )
             inst_bytes = batch["inst"][k]
             if self.instance_output != "none" and inst_bytes is None:
                 raise ValueError(
-                    f"sample {batch['stem'][k]} has no instance map but instance_output={self.instance_output!r}; "
+                    f"sample {stem} has no instance map but instance_output={self.instance_output!r}; "
                     f"set no_instance for datasets without instances"
                 )
-            inst = encodings.decode_inst(inst_bytes, enc, h, w) if self.instance_output != "none" else None
-            image = encodings.decode_image(batch["image"][k], enc, h, w)
+            try:
+                h, w, enc = int(batch["height"][k]), int(batch["width"][k]), self.encoding
+                label = encodings.decode_label(batch["label"][k], enc, h, w)
+                inst = encodings.decode_inst(inst_bytes, enc, h, w) if self.instance_output != "none" else None
+                image = encodings.decode_image(batch["image"][k], enc, h, w)
+            except Exception as e:  # noqa: BLE001 - PIL, zstd and numpy raise many kinds for damaged bytes
+                raise shards.ShardContentError(
+                    f"{self._shard(index)}: sample {stem} (index {index}) cannot be decoded ({type(e).__name__}: {e}); "
+                    f"re-run prepare_data to rewrite the shard"
+                ) from None
             label, inst, image = load_geometry(self.geometry, label, inst, image)
             labels.append(label)
             images.append(image)
@@ -93,6 +114,10 @@ class Decode:
         if insts:
             out["edges" if self.instance_output == "edges" else "inst"] = np.stack(insts)
         return out
+
+
+def columns(manifest: shards.Manifest) -> list[str]:
+    return COLUMNS + (["crc32"] if manifest.has_crc32 else [])
 
 
 def execution_options():
@@ -122,9 +147,9 @@ def build_dataset(uri: str, split: str, cfg: PipelineConfig):
         num_cpus=cfg.read_cpus,
         shuffle=FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True),
     )
-    ds = ds.select_columns(COLUMNS)
+    ds = ds.select_columns(columns(manifest))
     return ds.map_batches(
-        Decode(cfg.geometry, cfg.instance_output, manifest.encoding),
+        Decode(cfg.geometry, cfg.instance_output, manifest),
         batch_size=cfg.decode_batch,
         batch_format="numpy",
         num_cpus=cfg.decode_cpus,
@@ -150,16 +175,37 @@ def iter_epoch(shard, cfg: PipelineConfig, epoch: int, train: bool = True):
     them to the GPU without blocking, so the training loop never waits for the GPU to finish a step.
     """
     shuffle = cfg.shuffle_buffer if train and cfg.shuffle_buffer > 0 else None
-    yield from shard.iter_torch_batches(
-        batch_size=cfg.batch_size,
-        drop_last=train,
-        local_shuffle_buffer_size=shuffle,
-        local_shuffle_seed=(cfg.seed * 1_000_003 + epoch) if shuffle else None,
-        collate_fn=ModelBatches(cfg, epoch, train),
-        device="cpu",
-        pin_memory=torch.cuda.is_available(),
-        prefetch_batches=cfg.prefetch_batches,
-    )
+    try:
+        yield from shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            drop_last=train,
+            local_shuffle_buffer_size=shuffle,
+            local_shuffle_seed=(cfg.seed * 1_000_003 + epoch) if shuffle else None,
+            collate_fn=ModelBatches(cfg, epoch, train),
+            device="cpu",
+            pin_memory=torch.cuda.is_available(),
+            prefetch_batches=cfg.prefetch_batches,
+        )
+    except Exception as e:
+        content = content_error(e)
+        if content is None:
+            raise
+        raise content from None  # as itself, not inside Ray's task-error wrappers
+
+
+def content_error(error: BaseException) -> shards.ShardContentError | None:
+    """The ShardContentError behind a Ray Data failure (Ray wraps a map task's exception in its own types)."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, shards.ShardContentError):
+            return shards.ShardContentError(*e.args)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 def started(batches: Iterator[dict]) -> Iterator[dict]:
@@ -197,11 +243,11 @@ def read_samples(uri: str, split: str, cfg: PipelineConfig, n: int) -> dict[str,
     import pyarrow.parquet as pq
 
     manifest = shards.load_manifest(uri, split)
-    decode = Decode(cfg.geometry, cfg.instance_output, manifest.encoding)
+    decode = Decode(cfg.geometry, cfg.instance_output, manifest)
     rows: list[dict] = []
     for loc in manifest.shard_locations:
         with loc.fs.open_input_file(loc.path) as f:
-            table = pq.read_table(f, columns=COLUMNS)
+            table = pq.read_table(f, columns=columns(manifest))
         rows += table.slice(0, n - len(rows)).to_pylist()
         if len(rows) >= n:
             break

@@ -9,7 +9,14 @@ Layout under a destination URI:
     {dest}/{split}/shard-00000.parquet ...    shards of about `shard_mb` MB, samples in stem order
     {dest}/{split}/manifest.json              written last and atomically: it is what publishes the split
     {dest}/{split}/_progress/shard-*.json     per-shard records that let a re-run skip finished shards
-    {dest}/{split}/skipped.json               with --skip-bad: what was skipped and why
+    {dest}/skipped-{split}.json               with --skip-bad: what was skipped and why
+
+Prepared data is a function of the source bytes. A shard's record holds the sha256 of every source file of its
+samples, so a re-run rewrites exactly the shards whose sources changed (the split is unpublished meanwhile), and
+the manifest's statistics are always those of its shards. A `val` split carved out with --val-fraction records
+the split it came from and is removed by a re-run without --val-fraction. Each row carries the crc32 of its
+stored bytes: a sample altered after writing is named (shard and sample) when it is read, whatever the `verify`
+level (`ShardContentError`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +42,8 @@ from data.layouts import BadSample, SampleFiles, discover, label_set, load
 from data.storage import Location
 from data.validate import check
 
-FORMAT = "pix2pixhd-shards/1"
+FORMAT = "pix2pixhd-shards/2"  # /2 added the per-sample crc32; /1 shards are still read, without that check
+READABLE_FORMATS = ("pix2pixhd-shards/1", FORMAT)
 SCHEMA = pa.schema(
     [
         ("index", pa.int64()),
@@ -43,13 +53,28 @@ SCHEMA = pa.schema(
         ("image", pa.binary()),
         ("height", pa.int32()),
         ("width", pa.int32()),
+        ("crc32", pa.int64()),  # of label, inst and image bytes, in that order
     ]
 )
 ROW_GROUP_SIZE = 8
+CARVED_SPLIT = "val"  # the split --val-fraction carves out of the prepared one
 
 
 class ManifestError(ValueError):
     """A manifest or shard that cannot be trusted; the message names the file."""
+
+
+class ShardContentError(ManifestError):
+    """A stored sample whose bytes are not what prepare_data wrote (or cannot be decoded); names the shard and the
+    sample. Reading it again gives the same bytes: not a fault to retry."""
+
+
+def sample_crc32(label: bytes | None, inst: bytes | None, image: bytes | None) -> int:
+    crc = 0
+    for part in (label, inst, image):
+        if part is not None:
+            crc = zlib.crc32(part, crc)
+    return crc
 
 
 @dataclass
@@ -71,27 +96,54 @@ class PrepareOptions:
 # ---- per-sample work (runs in worker processes) --------------------------------------------------------
 
 
+def source_sha256(files: SampleFiles) -> str:
+    """sha256 over the bytes of every file of one sample (image, label, instances, part masks), in a fixed order."""
+    h = hashlib.sha256()
+    paths = [files.image, files.label, files.inst, *(files.masks[k] for k in sorted(files.masks))]
+    for path in paths:
+        if path is not None:
+            h.update(path.name.encode() + b"\0")
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+    return h.hexdigest()
+
+
 def _inspect(layout: str, files: SampleFiles, label_nc: int, scheme: str, encoding: str):
-    """Load + validate one sample. Returns ("ok", stem, h, w, histogram, nbytes) or ("bad", path, problem)."""
+    """Load + validate one sample. Returns ("ok", stem, h, w, histogram, nbytes, source sha256) or
+    ("bad", path, problem)."""
     try:
         sample = load(layout, files)
         stats = check(sample, label_nc, scheme)
         nbytes = sum(len(b) for b in encodings.encode_sample(sample, encoding).values() if b is not None)
-        return ("ok", stats.stem, stats.height, stats.width, stats.histogram, nbytes)
+        return ("ok", stats.stem, stats.height, stats.width, stats.histogram, nbytes, source_sha256(files))
     except BadSample as e:
         return ("bad", e.path, e.problem)
 
 
 def _row(layout: str, files: SampleFiles, index: int, encoding: str) -> dict:
     s = load(layout, files)
-    return {"index": index, "stem": s.stem, **encodings.encode_sample(s, encoding), "height": s.image_size[0],
-            "width": s.image_size[1]}  # fmt: skip
+    stored = encodings.encode_sample(s, encoding)
+    return {"index": index, "stem": s.stem, **stored, "height": s.image_size[0], "width": s.image_size[1],
+            "crc32": sample_crc32(stored["label"], stored["inst"], stored["image"])}  # fmt: skip
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool worker initializer: end this process when the one that started it is gone (killed with -9, say),
+    instead of waiting forever for work that will never come."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _map(workers: int, fn, *iterables):
     if workers <= 1:
         return list(map(fn, *iterables))
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         return list(pool.map(fn, *iterables, chunksize=4))
 
 
@@ -130,11 +182,21 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict[st
     encodings.check(opts.encoding)
     if not 0.0 <= opts.val_fraction < 1.0:
         raise ValueError(f"--val-fraction {opts.val_fraction} must be in [0, 1)")
+    if opts.val_fraction > 0 and opts.split == CARVED_SPLIT:
+        raise ValueError(
+            f"--val-fraction carves a '{CARVED_SPLIT}' split out of --split; it cannot carve it out of itself"
+        )
     samples = discover(opts.layout, opts.source, opts.split)
     if not samples:
         raise ValueError(f"no samples found for split '{opts.split}' in {opts.source} ({opts.layout} layout)")
     dest = storage.resolve(opts.dest)
     storage.check_writable(dest)
+    carved = _published(dest, CARVED_SPLIT)
+    if opts.val_fraction > 0 and carved is not None and carved.get("carved_from") != opts.split:
+        raise ValueError(
+            f"{dest.join(CARVED_SPLIT, 'manifest.json')} holds a '{CARVED_SPLIT}' split prepared on its own (from "
+            f"{carved.get('source')}); --val-fraction would replace it. Use another --dest, or drop --val-fraction"
+        )
     name = opts.name or os.path.basename(os.path.abspath(opts.source))
 
     t0 = time.perf_counter()
@@ -153,34 +215,66 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict[st
         raise ValueError(f"every sample in {opts.source} is bad; see the first: {bad[0][1][1]}: {bad[0][1][2]}")
     log(f"validated in {time.perf_counter() - t0:.1f}s: {len(good)} good, {len(bad)} skipped")
 
-    splits: dict[str, list] = {opts.split: [], "val": []} if opts.val_fraction > 0 else {opts.split: []}
+    splits: dict[str, list] = {opts.split: [], CARVED_SPLIT: []} if opts.val_fraction > 0 else {opts.split: []}
     for s, r in good:
         to_val = opts.val_fraction > 0 and val_fraction_of(s.stem) < opts.val_fraction
-        splits["val" if to_val else opts.split].append((s, r))
-    manifests = {}
+        splits[CARVED_SPLIT if to_val else opts.split].append((s, r))
     for split, items in splits.items():
         if not items:
-            raise ValueError(f"--val-fraction {opts.val_fraction} leaves split '{split}' empty; change it")
-        manifests[split] = _write_split(opts, dest.join(split), split, name, label_nc, items, log)
+            raise ValueError(
+                f"--val-fraction {opts.val_fraction} leaves split '{split}' empty; change it. Nothing was written."
+            )
+    manifests = {}
+    for split, items in splits.items():
+        carved_from = opts.split if split == CARVED_SPLIT and opts.val_fraction > 0 else None
+        manifests[split] = _write_split(opts, dest.join(split), split, name, label_nc, items, carved_from, log)
+    if opts.val_fraction == 0 and carved is not None and carved.get("carved_from") == opts.split:
+        _remove_split(dest.join(CARVED_SPLIT))
+        log(f"[{CARVED_SPLIT}] removed: it was carved out of '{opts.split}' by an earlier --val-fraction, and this "
+            f"run has none (its samples are in '{opts.split}' now)")  # fmt: skip
+    report = dest.join(f"skipped-{opts.split}.json")
     if bad:
-        report = [{"file": r[1], "problem": r[2]} for _, r in bad]
-        storage.write_bytes_atomic(dest.join(f"skipped-{opts.split}.json"), json.dumps(report, indent=1).encode())
-        log(f"skipped {len(bad)} bad samples; report: {dest.join(f'skipped-{opts.split}.json')}")
+        rows = [{"file": r[1], "problem": r[2]} for _, r in bad]
+        storage.write_bytes_atomic(report, json.dumps(rows, indent=1).encode())
+        log(f"skipped {len(bad)} bad samples; report: {report}")
+    elif storage.exists(report):
+        storage.delete(report)  # an earlier run's report no longer describes this data
     return manifests
 
 
-def _write_split(opts, out: Location, split: str, name: str, label_nc: int, items: list, log) -> dict:
+def _published(dest: Location, split: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(dest.join(split, "manifest.json")))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _remove_split(out: Location) -> None:
+    """Unpublish a split (its manifest first), then delete its shards and records."""
+    storage.delete(out.join("manifest.json"))
+    storage.delete_tree(out)
+
+
+def _write_split(opts, out: Location, split: str, name: str, label_nc: int, items: list, carved_from: str | None,
+                 log) -> dict:  # fmt: skip
     files = [s for s, _ in items]
     stats = [r for _, r in items]
     plan = _plan([r[5] for r in stats], int(opts.shard_mb * 2**20))
-    shard_entries = []
+    wanted = []  # (shard name, members, the record a finished shard must have)
     for k, members in enumerate(plan):
-        shard_name = f"shard-{k:05d}.parquet"
-        shard, record = out.join(shard_name), out.join("_progress", f"shard-{k:05d}.json")
-        stems = [files[i].stem for i in members]
-        entry = _finished_shard(shard, record, stems, opts.encoding)
+        record = {"stems": [files[i].stem for i in members], "sources": [stats[i][6] for i in members],
+                  "encoding": opts.encoding, "first_index": members[0]}  # fmt: skip
+        wanted.append((f"shard-{k:05d}.parquet", members, record))
+    finished = {n: _finished_shard(out.join(n), _record_of(out, n), r) for n, _, r in wanted}
+    stale = [n for n, entry in finished.items() if entry is None]
+    if stale and storage.exists(out.join("manifest.json")):
+        storage.delete(out.join("manifest.json"))
+        log(f"[{split}] unpublished while {len(stale)} of {len(wanted)} shards are (re)written")
+    shard_entries = []
+    for shard_name, members, record in wanted:
+        entry = finished[shard_name]
         if entry is not None:
-            log(f"[{split}] {shard_name}: already written and verified, skipped")
+            log(f"[{split}] {shard_name}: already written from the same source bytes and verified, skipped")
         else:
             t0 = time.perf_counter()
             rows = _map(opts.workers, _row, [opts.layout] * len(members), [files[i] for i in members], members,
@@ -188,10 +282,8 @@ def _write_split(opts, out: Location, split: str, name: str, label_nc: int, item
             data = _parquet_bytes(rows)
             entry = {"name": shard_name, "count": len(members), "bytes": len(data),
                      "sha256": hashlib.sha256(data).hexdigest(), "first_index": members[0]}  # fmt: skip
-            storage.write_bytes_atomic(shard, data)
-            storage.write_bytes_atomic(
-                record, json.dumps({**entry, "stems": stems, "encoding": opts.encoding}).encode()
-            )
+            storage.write_bytes_atomic(out.join(shard_name), data)
+            storage.write_bytes_atomic(_record_of(out, shard_name), json.dumps({**entry, **record}).encode())
             took = time.perf_counter() - t0
             log(f"[{split}] {shard_name}: {len(members)} samples, {len(data) / 2**20:.1f} MB in {took:.1f}s")
         shard_entries.append(entry)
@@ -204,6 +296,7 @@ def _write_split(opts, out: Location, split: str, name: str, label_nc: int, item
         "dataset": name,
         "layout": opts.layout,
         "split": split,
+        "carved_from": carved_from,
         "label_nc": label_nc,
         "encoding": opts.encoding,
         "has_instances": any(s.inst is not None for s in files),
@@ -218,12 +311,26 @@ def _write_split(opts, out: Location, split: str, name: str, label_nc: int, item
     }
     storage.write_bytes_atomic(out.join("manifest.json"), json.dumps(manifest, indent=1).encode())
     log(f"[{split}] manifest: {out.join('manifest.json')} ({len(files)} samples in {len(shard_entries)} shards)")
+    _remove_unlisted_shards(out, {n for n, _, _ in wanted})
     return manifest
 
 
-def _finished_shard(shard: Location, record: Location, stems: list[str], encoding: str) -> dict | None:
-    """The shard's entry when an earlier run wrote exactly these samples, in this encoding, and the bytes still
-    verify."""
+def _record_of(out: Location, shard_name: str) -> Location:
+    return out.join("_progress", shard_name.replace(".parquet", ".json"))
+
+
+def _remove_unlisted_shards(out: Location, listed: set[str]) -> None:
+    """Shards of an earlier, larger run that the new manifest does not list (and their records)."""
+    for loc in storage.list_files(out):
+        name = loc.uri.rsplit("/", 1)[-1]
+        if name.startswith("shard-") and name.endswith(".parquet") and name not in listed:
+            storage.delete(loc)
+            storage.delete(_record_of(out, name))
+
+
+def _finished_shard(shard: Location, record: Location, wanted: dict) -> dict | None:
+    """The shard's manifest entry when an earlier run wrote exactly these samples from the same source bytes, in
+    this encoding and at these indices, and the shard's bytes still verify."""
     if not storage.exists(record) or not storage.exists(shard):
         return None
     try:
@@ -231,8 +338,7 @@ def _finished_shard(shard: Location, record: Location, stems: list[str], encodin
     except (ValueError, FileNotFoundError):
         return None
     if (
-        rec.get("stems") != stems
-        or rec.get("encoding", "png") != encoding
+        any(rec.get(key) != value for key, value in wanted.items())
         or storage.size(shard) != rec.get("bytes")
         or storage.sha256(shard) != rec.get("sha256")
     ):
@@ -256,6 +362,17 @@ class Manifest:
     def encoding(self) -> str:
         return self.data.get("encoding", "png")  # manifests written before encodings existed are png
 
+    @property
+    def has_crc32(self) -> bool:
+        return self.data["format"] != "pix2pixhd-shards/1"
+
+    def shard_of(self, index: int) -> Location:
+        """The shard that holds sample `index` (shards hold consecutive indices)."""
+        for entry, loc in zip(self.data["shards"], self.shard_locations, strict=True):
+            if entry["first_index"] <= index < entry["first_index"] + entry["count"]:
+                return loc
+        raise KeyError(index)
+
     def __getitem__(self, key: str):
         return self.data[key]
 
@@ -273,8 +390,8 @@ def load_manifest(uri: str, split: str = "train") -> Manifest:
         ) from None
     except ValueError as e:
         raise ManifestError(f"{loc} is not valid JSON ({e})") from None
-    if data.get("format") != FORMAT:
-        raise ManifestError(f"{loc}: format {data.get('format')!r}, expected {FORMAT!r}")
+    if data.get("format") not in READABLE_FORMATS:
+        raise ManifestError(f"{loc}: format {data.get('format')!r}, expected {FORMAT!r}; re-run prepare_data")
     return Manifest(data, root.join(split))
 
 

@@ -118,6 +118,38 @@ def size(loc: Location) -> int | None:
     return info.size if info.type == pafs.FileType.File else None
 
 
+def _children(loc: Location, kind: pafs.FileType) -> list[str]:
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False, allow_not_found=True))
+    return sorted(PurePosixPath(i.path).name for i in infos if i.type == kind)
+
+
+def list_dirs(loc: Location) -> list[str]:
+    """Names of the folders directly under `loc` (none if it does not exist)."""
+    return _children(loc, pafs.FileType.Directory)
+
+
+def list_files(loc: Location) -> list[Location]:
+    """The files directly under `loc` (none if it does not exist)."""
+    return [loc.join(name) for name in _children(loc, pafs.FileType.File)]
+
+
+def delete(loc: Location) -> None:
+    """Delete one file or object; nothing happens if it does not exist."""
+    if not exists(loc):
+        return
+    if loc.is_s3:
+        _s3_delete_object(loc)  # pyarrow's delete_file would leave an empty "folder/" marker object in its place
+    else:
+        loc.fs.delete_file(loc.path)
+
+
+def delete_tree(loc: Location) -> None:
+    """Delete a folder and everything under it; nothing happens if it does not exist."""
+    if loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
+        return
+    loc.fs.delete_dir(loc.path)
+
+
 def read_bytes(loc: Location) -> bytes:
     try:
         with loc.fs.open_input_stream(loc.path) as f:
@@ -149,11 +181,35 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
 
 
 def check_writable(loc: Location) -> None:
-    """Write and delete a small probe object under `loc`; a clear error when that is not possible."""
+    """Write and delete a small probe object under `loc`; a clear error when that is not possible. Leaves nothing
+    behind: no folder that did not exist, no S3 folder-marker object."""
     check_reachable(loc)
     probe = loc.join(f".write-probe-{uuid.uuid4().hex[:8]}")
-    write_bytes_atomic(probe, b"ok")
-    loc.fs.delete_file(probe.path)
+    if loc.is_s3:
+        write_bytes_atomic(probe, b"ok")
+        delete(probe)
+        return
+    missing = []  # folders the probe creates, innermost first
+    folder = PurePosixPath(loc.path)
+    while loc.fs.get_file_info(str(folder)).type == pafs.FileType.NotFound and folder != folder.parent:
+        missing.append(str(folder))
+        folder = folder.parent
+    try:
+        write_bytes_atomic(probe, b"ok")
+        loc.fs.delete_file(probe.path)
+    finally:
+        for path in missing:
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+
+
+def _s3_delete_object(loc: Location) -> None:
+    import boto3
+
+    bucket, key = loc.path.split("/", 1)
+    boto3.client("s3", endpoint_url=s3_endpoint()).delete_object(Bucket=bucket, Key=key)
 
 
 def sha256(loc: Location, chunk: int = 8 << 20) -> str:

@@ -5,6 +5,8 @@
 
 Label maps: single-channel PNGs of class ids (e.g. *_gtFine_labelIds.png), any size the network accepts
 (a multiple of 2^(downsamplings)); instance maps pair with them by stem. Writes <stem>_synthesized.png.
+Everything is checked before the first image is written: the output folder, every label / instance pair (mode,
+size, ids), then the model (one line when it or its server cannot be found) and the sizes it accepts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,8 @@ from PIL import Image
 
 from data import storage
 from data.layouts import IMAGE_EXTS, stem_of
-from orchestration.registry import load_generator
+from orchestration.config import ConfigError
+from orchestration.registry import ModelNotFound, load_generator
 from orchestration.tracking import resolve_tracking_uri
 from orchestration.visuals import to_uint8
 
@@ -40,10 +44,54 @@ def list_maps(uri: str) -> dict[str, storage.Location]:
 
 
 def read_ids(loc: storage.Location) -> np.ndarray:
-    img = Image.open(io.BytesIO(storage.read_bytes(loc)))
+    try:
+        img = Image.open(io.BytesIO(storage.read_bytes(loc)))
+        img.load()
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{loc}: cannot decode image ({type(e).__name__}: {e})") from None
     if img.mode not in ("L", "P", "I", "I;16"):
         raise ValueError(f"{loc}: expected a single-channel id map, got a {img.mode} image")
     return np.asarray(img).astype(np.int64)
+
+
+def check_out(out: Path) -> None:
+    """The output folder exists or can be created, and a file can be written in it."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder to write the images into")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def check_pairs(labels: dict[str, storage.Location], instances: dict[str, storage.Location]) -> dict[str, tuple]:
+    """Every label map (and its instance map) decodes as a single-channel id map of one size; returns
+    {stem: (height, width, largest label id)}."""
+    sizes = {}
+    for stem, loc in labels.items():
+        label = read_ids(loc)
+        if stem in instances:
+            inst = read_ids(instances[stem])
+            if inst.shape != label.shape:
+                raise ValueError(
+                    f"{instances[stem]} is {inst.shape[1]}x{inst.shape[0]} but its label map {loc} is "
+                    f"{label.shape[1]}x{label.shape[0]}: a label map and its instance map must have one size"
+                )
+        sizes[stem] = (*label.shape, int(label.max(initial=0)))
+    return sizes
+
+
+def check_model_accepts(G, sizes: dict[str, tuple], labels: dict[str, storage.Location]) -> None:
+    opt = G.opt
+    m = opt.size_multiple
+    for stem, (h, w, top) in sizes.items():
+        if h % m or w % m:
+            fit = f"{max(m, round(w / m) * m)}x{max(m, round(h / m) * m)}"
+            raise ValueError(f"{labels[stem]} is {w}x{h}; this generator needs multiples of {m} (e.g. {fit})")
+        if opt.label_nc and top >= opt.label_nc:
+            raise ValueError(f"{labels[stem]} holds label id {top}; this generator knows ids 0..{opt.label_nc - 1}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,25 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
     a = p.parse_args(argv)
     try:
+        out = Path(a.out)
+        check_out(out)
         labels = list_maps(a.labels)
         instances = list_maps(a.instances) if a.instances else {}
         missing = sorted(set(labels) - set(instances)) if instances else []
         if missing:
             raise FileNotFoundError(f"{labels[missing[0]]} has no instance map in {a.instances} (stem '{missing[0]}')")
-        G = load_generator(a.model, resolve_tracking_uri(a.tracking_uri)).to(a.device)
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
+        sizes = check_pairs(labels, instances)
+        G = load_generator(a.model, resolve_tracking_uri(a.tracking_uri, ray_job=False)).to(a.device)
+        check_model_accepts(G, sizes, labels)
         for stem, loc in labels.items():
             label = read_ids(loc)
             inst = read_ids(instances[stem]) if stem in instances else label
-            x = torch.from_numpy(np.stack([label, inst])[None])
-            try:
-                image = G(x)[0]
-            except ValueError as e:
-                raise ValueError(f"{loc}: {e}") from None
+            image = G(torch.from_numpy(np.stack([label, inst])[None]))[0]
             Image.fromarray(to_uint8(image)).save(out / f"{stem}_synthesized.png")
             print(f"{loc} -> {out / f'{stem}_synthesized.png'} ({label.shape[1]}x{label.shape[0]})")
-    except (FileNotFoundError, ValueError, storage.StorageError) as e:
+    except (FileNotFoundError, ValueError, storage.StorageError, ConfigError, ModelNotFound) as e:
         print(f"infer: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,10 +1,12 @@
 """Train pix2pixHD through its three-stage curriculum on Ray Train (what `ray job submit` runs).
 
-    python -m jobs.train --config configs/X.yaml [--data URI] [--storage URI] [--num-workers N] [--use-gpu]
-        [--run-id ID] [--stages 1,2,3] [--from-run RUN_ID] [--set section.key=value ...]
+    python -m jobs.train --config configs/X.yaml|s3://.../X.yaml [--data URI] [--storage URI] [--num-workers N]
+        [--use-gpu] [--run-id ID] [--stages 1,2,3] [--from-run RUN_ID | --init-checkpoint URI] [--set key=value ...]
     python -m jobs.train --config configs/X.yaml --data URI --estimate-memory 12   # will it fit a 12 GiB GPU?
 
 No cluster address (RAY_ADDRESS unset, not under `ray job submit`): a local Ray instance. No storage: outputs/runs.
+Exit status: 0 trained (and registered); 2 bad input, nothing trained or a stage stopped on bad input; 3 trained
+but not registered (`python -m jobs.register --run ID` retries); 130 stopped (`ray job stop`, Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import sys
 from data.layouts import LayoutError
 from data.shards import ManifestError, load_manifest
 from data.storage import StorageError
-from orchestration.config import ConfigError, load_config
+from orchestration.checkpoint import CheckpointError
+from orchestration.config import ConfigError, check_name, load_config
 from orchestration.curriculum import RunPlan, default_run_id, run
+from orchestration.registry import RegistrationError
+from orchestration.stopping import STOPPED_EXIT, stop_on_sigterm
 from orchestration.tracking import resolve_tracking_uri
 
 DEFAULT_STORAGE = "outputs/runs"
@@ -33,6 +38,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-id", help="resubmitting an id skips finished stages and resumes an unfinished one")
     p.add_argument("--stages", default="1,2,3", help="which stages to run, e.g. 2,3")
     p.add_argument("--from-run", help="take the checkpoint the first stage starts from out of this run")
+    p.add_argument("--init-checkpoint", metavar="URI",
+                   help="the checkpoint the first stage (2 or 3) starts from, e.g. an older one of the previous stage")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else a local sqlite store)")
     p.add_argument("--no-tracking", action="store_true", help="no MLflow tracking and no registration")
@@ -50,6 +57,9 @@ def plan_from_args(a: argparse.Namespace) -> RunPlan:
         if getattr(a, flag) is not None:
             overrides.append(f"{key}={getattr(a, flag)}".replace("=True", "=true"))
     cfg = load_config(a.config, overrides)
+    for name, what in ((a.run_id, "--run-id"), (a.from_run, "--from-run")):
+        if name is not None:
+            check_name(name, what)
     data = a.data or cfg.data.uri
     if not data:
         raise ConfigError("no dataset: set data.uri in the config or pass --data URI (see jobs.prepare_data)")
@@ -59,6 +69,7 @@ def plan_from_args(a: argparse.Namespace) -> RunPlan:
         raise ConfigError(f"--stages {a.stages!r}: expected comma-separated stage numbers, e.g. 2,3") from None
     return RunPlan(cfg=cfg, run_id=a.run_id or default_run_id(cfg), stages=stages, data_uri=data,
                    storage_uri=a.storage or cfg.train.storage or DEFAULT_STORAGE, from_run=a.from_run,
+                   init_checkpoint=a.init_checkpoint,
                    tracking_uri=None if a.no_tracking else resolve_tracking_uri(a.tracking_uri),
                    register=not a.no_register)  # fmt: skip
 
@@ -75,14 +86,21 @@ def estimate_memory(plan: RunPlan, gpu_gib: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    stop_on_sigterm()
     try:
         plan = plan_from_args(a)
         if a.estimate_memory is not None:
             return estimate_memory(plan, a.estimate_memory)
         results = run(plan)
-    except (ConfigError, ManifestError, StorageError, LayoutError) as e:
+    except (ConfigError, ManifestError, StorageError, LayoutError, CheckpointError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
+    except RegistrationError as e:
+        print(f"train: error: training finished but {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as e:
+        print(f"train: stopped ({e or 'interrupted'}); resubmit the same --run-id to resume", file=sys.stderr)
+        return STOPPED_EXIT
     print(f"run {plan.run_id} done; final checkpoint {results.final['checkpoint']}")
     if results.registry:
         print(f"registered {results.registry['name']} version {results.registry['version']}: {results.registry['uri']}")

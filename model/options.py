@@ -71,6 +71,13 @@ class ModelOptions:
         for name in ("label_nc", "n_downsample_global", "n_blocks_global", "n_blocks_local", "pool_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"option {name}={getattr(self, name)} must be >= 0")
+        for name in ("lambda_feat", "lambda_vgg", "niter", "niter_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"option {name}={getattr(self, name)} must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"option lr={self.lr} must be > 0 (the paper's is 0.0002)")
+        if not 0 <= self.beta1 < 1:
+            raise ValueError(f"option beta1={self.beta1} must lie in [0, 1) (the paper's is 0.5)")
         if self.label_nc == 0 and self.input_nc < 1:
             raise ValueError("option input_nc must be >= 1 when label_nc == 0")
         if self.use_vgg and not self.vgg_weights:

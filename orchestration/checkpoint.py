@@ -97,6 +97,43 @@ def shift_discriminator_scales(d_state: dict[str, torch.Tensor], shift: int) -> 
     return out
 
 
+def verify(uri: str) -> dict[str, Any]:
+    """Check a checkpoint directory in any storage without loading it: meta.json present, state.pt's sha256 as
+    meta.json says. Returns meta.json; raises CheckpointError naming the directory and what is wrong."""
+    from data import storage
+
+    loc = storage.resolve(uri)
+    try:
+        meta = json.loads(storage.read_bytes(loc.join(META)))
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri} has no {META}: not a checkpoint, or a partly written one") from None
+    except ValueError:
+        raise CheckpointError(f"{uri}/{META} is not valid JSON: a damaged checkpoint") from None
+    if storage.size(loc.join(STATE)) is None:
+        raise CheckpointError(f"{uri}/{STATE} is missing: a partial checkpoint")
+    if storage.sha256(loc.join(STATE)) != meta.get("sha256"):
+        raise CheckpointError(f"{uri}/{STATE} does not match the sha256 in {META}: a damaged checkpoint")
+    return meta
+
+
+def verified_alternative(uri: str) -> tuple[str, dict] | None:
+    """Another checkpoint of the same stage folder that verifies (Ray Train keeps the latest two), newest first,
+    with its meta.json; None if there is none."""
+    from data import storage
+
+    loc = storage.resolve(uri)
+    parent = storage.Location(loc.fs, str(Path(loc.path).parent), loc.uri.rstrip("/").rsplit("/", 1)[0])
+    for name in sorted(storage.list_dirs(parent), reverse=True):
+        other = parent.join(name)
+        if not name.startswith("checkpoint_") or other.uri.rstrip("/") == loc.uri.rstrip("/"):
+            continue
+        try:
+            return other.uri, verify(other.uri)
+        except CheckpointError:
+            continue
+    return None
+
+
 def fetch(uri: str, into: str | Path) -> dict[str, Any]:
     """Load a checkpoint directory from any storage URI (S3 files are copied into the local folder `into`)."""
     from data import storage

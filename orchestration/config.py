@@ -18,11 +18,12 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -34,56 +35,97 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the file and key."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config field accepts; checked, naming the key, when the config is built."""
+
+    low: float
+    strict: bool = False  # True: value > low; False: value >= low
+
+    def check(self, value: float, key: str) -> None:
+        if value < self.low or (self.strict and value == self.low):
+            raise ConfigError(f"{key}={value} must be {'>' if self.strict else '>='} {self.low}")
+
+
+def at_least(low: float, default: Any) -> Any:
+    return field(default=default, metadata={"range": Range(low)})
+
+
+def positive(default: Any) -> Any:
+    return field(default=default, metadata={"range": Range(0, strict=True)})
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_name(value: str, what: str) -> str:
+    """Run ids, sweep and dataset names become storage folders and MLflow tag values: letters, digits, '.', '_'
+    and '-' only, no '..' (so no path can leave the storage folder), at most 128 characters."""
+    if not NAME_PATTERN.fullmatch(value) or ".." in value or value.startswith(".") or len(value) > 128:
+        raise ConfigError(
+            f"{what} {value!r} is not a valid name: use letters, digits, '.', '_' and '-' (no '/', no '..', not "
+            f"starting with '.', at most 128 characters), e.g. {re.sub(r'[^A-Za-z0-9_-]+', '-', value).strip('-') or 'run-01'}"
+        )
+    return value
+
+
+ResizeOrCrop = Literal["resize_and_crop", "scale_width", "scale_width_and_crop", "crop", "none"]
+
+
 @dataclass
 class DataConfig:
     uri: str | None = None  # a prepared dataset (jobs.prepare_data --dest); --data overrides
     train_split: str = "train"
     val_split: str | None = "val"  # None: no validation
-    resize_or_crop: str = "scale_width"
-    load_size: int = 1024
-    fine_size: int = 512
+    resize_or_crop: ResizeOrCrop = "scale_width"
+    load_size: int = at_least(1, 1024)
+    fine_size: int = at_least(1, 512)
     no_flip: bool = False
-    shuffle_buffer: int = 16
-    verify: str = "sha256"  # shard check before each stage: sha256, size, none
-    read_cpus: float = 0.25
-    decode_cpus: float = 0.5
-    prefetch_batches: int = 2  # batches each Train worker prepares ahead of its step
+    shuffle_buffer: int = at_least(0, 16)
+    # shard check before each stage: sha256 (every byte), size, none; every sample's own digest is checked as it is
+    # decoded, whatever this says
+    verify: Literal["sha256", "size", "none"] = "sha256"
+    read_cpus: float = positive(0.25)
+    decode_cpus: float = positive(0.5)
+    prefetch_batches: int = at_least(0, 2)  # batches each Train worker prepares ahead of its step
 
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 1
+    num_workers: int = at_least(1, 1)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    batch_size: int = 1
-    save_epoch_freq: int = 10  # epochs between checkpoints (and always at stage end)
-    max_failures: int = 3  # worker-group restarts per stage, each resuming from the latest checkpoint
+    cpus_per_worker: float = positive(1.0)
+    gpus_per_worker: float = positive(1.0)
+    batch_size: int = at_least(1, 1)
+    save_epoch_freq: int = at_least(1, 10)  # epochs between checkpoints (and always at stage end)
+    max_failures: int = at_least(
+        -1, 3
+    )  # worker-group restarts per stage (-1: unlimited), each from the latest checkpoint
     storage: str | None = None  # run storage: a path or s3://; default outputs/runs
-    precision: str = "auto"  # auto (bf16 on GPU), bf16, fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     channels_last: bool = False
     compile: str = "auto"  # torch.compile of G, D, E, VGG: auto (inductor on GPU, off on CPU), none, a mode
     # (reduce-overhead = + CUDA graphs, max-autotune; GPU only, eager on CPU) or a backend name
     activation_checkpointing: bool = False  # recompute G's residual blocks in backward: less memory, more time
-    image_every: int = 1  # epochs between image grids
-    log_every: int = 0  # steps between progress lines; 0 = once per epoch
-    val_samples: int = 4  # held-out samples shown in image grids
-    seed: int = 0
+    image_every: int = at_least(1, 1)  # epochs between image grids
+    log_every: int = at_least(0, 0)  # steps between progress lines; 0 = once per epoch
+    val_samples: int = at_least(0, 4)  # held-out samples shown in image grids
+    seed: int = at_least(0, 0)
 
 
 @dataclass
 class StageConfig:
-    niter: int = 1
-    niter_decay: int = 0
-    niter_fix_global: int = 0  # stage 2: epochs during which G1 is frozen
+    niter: int = at_least(0, 1)
+    niter_decay: int = at_least(0, 0)
+    niter_fix_global: int = at_least(0, 0)  # stage 2: epochs during which G1 is frozen
     # optional per-stage overrides of the shared sections
-    batch_size: int | None = None
-    lr: float | None = None
-    num_D: int | None = None
-    resize_or_crop: str | None = None
-    load_size: int | None = None
-    fine_size: int | None = None
-    save_epoch_freq: int | None = None
+    batch_size: int | None = at_least(1, None)
+    lr: float | None = positive(None)
+    num_D: int | None = at_least(1, None)
+    resize_or_crop: ResizeOrCrop | None = None
+    load_size: int | None = at_least(1, None)
+    fine_size: int | None = at_least(1, None)
+    save_epoch_freq: int | None = at_least(1, None)
 
     @property
     def epochs(self) -> int:
@@ -94,18 +136,18 @@ class StageConfig:
 class SweepConfig:
     """Ray Tune over the loss weights (log-uniform ranges); lr and gan_mode optionally."""
 
-    stage: int = 1
-    num_samples: int = 8
+    stage: Literal[1, 2, 3] = 1
+    num_samples: int = at_least(1, 8)
     lambda_feat: list[float] = field(default_factory=lambda: [1.0, 30.0])
     lambda_vgg: list[float] = field(default_factory=lambda: [1.0, 30.0])
     lr: list[float] | None = None  # log-uniform range, e.g. [5e-5, 5e-4]
     gan_mode: list[str] | None = None  # choices, e.g. [lsgan, hinge]
     metric: str = "val_L1"
-    mode: str = "min"
-    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
-    reduction_factor: int = 2
-    max_concurrent_trials: int | None = None  # default: GPUs / GPUs per trial (1 on CPU)
-    trial_cpus: float = 0.1  # the trial's own driver; its Train workers take train.cpus_per_worker each
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = at_least(1, 1)  # ASHA: epochs before a trial can be stopped
+    reduction_factor: int = at_least(2, 2)
+    max_concurrent_trials: int | None = at_least(1, None)  # default: GPUs / GPUs per trial (1 on CPU)
+    trial_cpus: float = positive(0.1)  # the trial's own driver; its Train workers take train.cpus_per_worker each
 
 
 @dataclass
@@ -168,11 +210,13 @@ class Config:
         return "none" if self.model.no_instance else "edges"
 
     def validate(self) -> None:
-        """Cross-field checks (each section's own checks ran when it was built)."""
+        """Cross-field checks (each field's type and range were checked when its section was built)."""
+        check_name(self.name, "name")
+        check_name(self.dataset, "dataset")
         for k in (1, 2, 3):
             s = self.stage(k)
             where = f"stage{k}"
-            if s.niter < 0 or s.niter_decay < 0 or s.epochs < 1:
+            if s.epochs < 1:
                 raise ConfigError(f"{where}: niter + niter_decay must be >= 1 (got {s.niter} + {s.niter_decay})")
             if s.niter_fix_global and k != 2:
                 raise ConfigError(f"{where}.niter_fix_global: only stage 2 freezes the global generator")
@@ -187,22 +231,26 @@ class Config:
             raise ConfigError("stage2.num_D must be >= stage1.num_D (stage 2 adds a discriminator scale)")
         if self.stage_model(3).num_D != self.stage_model(2).num_D:
             raise ConfigError("stage3.num_D must equal stage2.num_D (stage 3 continues stage 2's networks)")
-        w = self.sweep
-        if w.stage not in (1, 2, 3):
-            raise ConfigError(f"sweep.stage={w.stage} is not one of 1, 2, 3")
         for name in ("lambda_feat", "lambda_vgg", "lr"):
-            r = getattr(w, name)
+            r = getattr(self.sweep, name)
             if r is not None and (len(r) != 2 or not 0 < r[0] <= r[1]):
                 raise ConfigError(f"sweep.{name}={r}: give a range [low, high] with 0 < low <= high")
-        if w.mode not in ("min", "max"):
-            raise ConfigError(f"sweep.mode={w.mode!r} is not one of min, max")
-        t = self.train
-        if t.num_workers < 1 or t.batch_size < 1 or t.save_epoch_freq < 1:
-            raise ConfigError("train.num_workers, train.batch_size and train.save_epoch_freq must be >= 1")
-        if t.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"train.precision={t.precision!r} is not one of auto, bf16, fp32")
-        if self.data.prefetch_batches < 0:
-            raise ConfigError(f"data.prefetch_batches={self.data.prefetch_batches} must be >= 0")
+        _check_compile(self.train.compile)
+
+
+def _check_compile(value: str) -> None:
+    from model.step import COMPILE_MODES
+
+    if value in ("auto", "none", *COMPILE_MODES):
+        return
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if value not in backends:
+        raise ConfigError(
+            f"train.compile={value!r} is not auto, none, a torch.compile mode ({', '.join(COMPILE_MODES)}) or a "
+            f"backend ({', '.join(backends)})"
+        )
 
 
 # ---- building from YAML ---------------------------------------------------------------------------------
@@ -268,7 +316,7 @@ def _build(cls, raw: Any, prefix: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
+    known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         path = f"{prefix}.{key}" if prefix else str(key)
@@ -277,6 +325,9 @@ def _build(cls, raw: Any, prefix: str):
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
             raise ConfigError(f"unknown key '{path}'{hint}")
         kwargs[key] = _coerce(value, hints[key], path)
+        limits = known[key].metadata.get("range")
+        if limits is not None and kwargs[key] is not None:
+            limits.check(kwargs[key], path)
     try:
         return cls(**kwargs)
     except ValueError as e:
@@ -301,25 +352,47 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def _read_config(path: str | Path) -> str:
+    """A config file's text from a local path or a storage URI (s3://, file://)."""
+    text_path = str(path)
+    if "://" in text_path:
+        from data import storage
+
+        try:
+            return storage.read_bytes(storage.resolve(text_path)).decode()
+        except FileNotFoundError:
+            raise ConfigError(f"config file {text_path} does not exist") from None
+        except (storage.StorageError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {text_path} cannot be read: {e}") from None
     p = Path(path)
     try:
-        text = p.read_text()
+        return p.read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist (see configs/ for examples)") from None
-    except OSError as e:
-        raise ConfigError(f"config file {p} cannot be read: {e.strerror}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config in a YAML file (a local path or a storage URI), with `section.key=value` overrides."""
+    text = _read_config(path)
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if raw is None:
+        raise ConfigError(
+            f"config file {path} is empty: a recipe names at least its dataset and stages; start from one in configs/"
+        )
     try:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"expected a mapping of sections (model:, data:, train:, ...), got {raw!r:.80}")
         for assignment in overrides or []:
             apply_override(raw, assignment)
         cfg = _build(Config, raw, "")
         cfg.validate()
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        raise ConfigError(f"{path}: {e}") from None
     return cfg
 
 

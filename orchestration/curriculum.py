@@ -6,22 +6,26 @@
     stage 3: everything jointly, lr constant for niter then linear decay over niter_decay
 
 Run layout in storage (a local folder by default, s3://... on a cluster):
-    {storage}/{run_id}/run.json           stage status and final checkpoints (written after each stage)
+    {storage}/{run_id}/run.json           the run's data, stage status and final checkpoints, its registered version
     {storage}/{run_id}/stage{k}/...       Ray Train's run folder: checkpoints, images/epoch_NNNN.png
 
-A resubmitted run id skips finished stages and resumes an unfinished one from its latest checkpoint.
+A resubmitted run id skips finished stages and resumes an unfinished one from its latest checkpoint. The MLflow
+runs of a curriculum always end: FINISHED, FAILED (an error, or a registration that did not happen) or KILLED
+(the job was stopped), the nested stage runs with their parent.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
 from data import shards, storage
 from data.layouts import label_set
 from data.pipeline import build_dataset, execution_options
+from orchestration import checkpoint
 from orchestration.config import Config, ConfigError
+from orchestration.failures import Trainer, fit
+from orchestration.run_state import RunState, run_root
 from orchestration.tracking import RUN_TAG, STAGE_TAG, Tracker
 from orchestration.worker import StageContext, pipeline_config, train_stage
 
@@ -39,25 +43,6 @@ STAGES = (
 )
 
 
-class RunState:
-    """run.json: which stages finished, with their final checkpoints. Written atomically by the driver."""
-
-    def __init__(self, root: storage.Location):
-        self.loc = root.join("run.json")
-        try:
-            self.data = json.loads(storage.read_bytes(self.loc))
-        except FileNotFoundError:
-            self.data = {"stages": {}}
-
-    def done(self, k: int) -> dict | None:
-        entry = self.data["stages"].get(str(k))
-        return entry if entry and entry.get("status") == "done" else None
-
-    def record(self, k: int, **entry) -> None:
-        self.data["stages"][str(k)] = {"status": "done", **entry}
-        storage.write_bytes_atomic(self.loc, json.dumps(self.data, indent=1).encode())
-
-
 @dataclass
 class RunPlan:
     cfg: Config
@@ -66,6 +51,7 @@ class RunPlan:
     data_uri: str
     storage_uri: str
     from_run: str | None = None
+    init_checkpoint: str | None = None  # the checkpoint the first stage starts from (default: the previous stage's)
     tracking_uri: str | None = None  # None: no tracking (resolve_tracking_uri gives the embedded default)
     register: bool = True  # register the generator after stage 3
 
@@ -74,10 +60,13 @@ def default_run_id(cfg: Config) -> str:
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def preflight(plan: RunPlan) -> tuple[storage.Location, RunState, dict[int, str]]:
-    """Every check that can fail before a worker starts: data manifest, storage, earlier stages."""
+def preflight(plan: RunPlan, log=print) -> tuple[storage.Location, RunState, dict[int, str]]:
+    """Every check that can fail before a worker starts: names, data manifest, storage, the checkpoint the first
+    stage starts from (verified byte for byte)."""
     if not plan.stages or any(k not in (1, 2, 3) for k in plan.stages) or plan.stages != sorted(set(plan.stages)):
         raise ConfigError(f"--stages {plan.stages}: give increasing stage numbers from 1, 2, 3 (e.g. 2,3)")
+    root = run_root(plan.storage_uri, plan.run_id)
+    source = RunState(run_root(plan.storage_uri, plan.from_run, "--from-run")) if plan.from_run else None
     manifest = shards.load_manifest(plan.data_uri, plan.cfg.data.train_split)
     label_nc = plan.cfg.model.label_nc
     if label_nc and manifest["label_nc"] > label_nc:
@@ -88,22 +77,46 @@ def preflight(plan: RunPlan) -> tuple[storage.Location, RunState, dict[int, str]
         raise ConfigError(
             f"{plan.data_uri} has no instance maps: set model.no_instance: true (and instance_feat: false)"
         )
-    root = storage.resolve(plan.storage_uri).join(plan.run_id)
     storage.check_writable(root)
     state = RunState(root)
     inits: dict[int, str] = {}
     first = plan.stages[0]
-    if first > 1:
-        source = state if plan.from_run is None else RunState(storage.resolve(plan.storage_uri).join(plan.from_run))
-        prev = source.done(first - 1) or state.done(first - 1)
-        if prev is None:
-            raise ConfigError(
-                f"stage {first} starts from stage {first - 1}'s final checkpoint, but run "
-                f"'{plan.from_run or plan.run_id}' in {plan.storage_uri} has no finished stage {first - 1}; "
-                f"pass --from-run RUN_ID of a run that finished it"
-            )
-        inits[first] = prev["checkpoint"]
+    if plan.init_checkpoint and (first == 1 or state.done(first)):
+        raise ConfigError(f"--init-checkpoint: stage {first} does not start from a checkpoint in this run")
+    if first > 1 and not state.done(first):
+        init = plan.init_checkpoint
+        if init is None:
+            prev = (source and source.done(first - 1)) or state.done(first - 1)
+            if prev is None:
+                raise ConfigError(
+                    f"stage {first} starts from stage {first - 1}'s final checkpoint, but run "
+                    f"'{plan.from_run or plan.run_id}' in {plan.storage_uri} has no finished stage {first - 1}; "
+                    f"pass --from-run RUN_ID of a run that finished it"
+                )
+            init = prev["checkpoint"]
+        inits[first] = verified_init(init, first, log)
     return root, state, inits
+
+
+def verified_init(uri: str, stage: int, log=print) -> str:
+    """The checkpoint stage `stage` starts from, verified in the driver; a damaged one names a good alternative."""
+    log(f"[stage {stage}] verifying the checkpoint it starts from: {uri}")
+    try:
+        meta = checkpoint.verify(uri)
+    except checkpoint.CheckpointError as e:
+        alternative = checkpoint.verified_alternative(uri)
+        hint = (
+            f"; an older checkpoint of that stage verifies: {alternative[0]} (epoch {alternative[1].get('epoch')}); "
+            f"start from it with --init-checkpoint {alternative[0]}"
+            if alternative
+            else "; no other checkpoint of that stage verifies: run that stage again"
+        )
+        raise ConfigError(f"{e}{hint}") from None
+    if meta.get("stage") != stage - 1:
+        raise ConfigError(
+            f"{uri} is a stage {meta.get('stage')} checkpoint; stage {stage} starts from a stage {stage - 1} one"
+        )
+    return uri
 
 
 def experiment_name(cfg: Config) -> str:
@@ -122,40 +135,34 @@ class RunResult:
 
 def run(plan: RunPlan, log=print) -> RunResult:
     """Run the planned stages, tracked in MLflow when plan.tracking_uri is set; after stage 3 the generator is
-    registered (plan.register)."""
+    registered (plan.register): a registration that does not happen raises RegistrationError once training is
+    done (the model is safe in storage; `jobs.register` retries it)."""
+    from orchestration.registry import RegistrationError, register_run
+
+    checked = preflight(plan, log)  # bad input fails here, before Ray or MLflow hear of the run
     parent = None
     if plan.tracking_uri:
         parent = Tracker(plan.tracking_uri, experiment_name(plan.cfg), {RUN_TAG: plan.run_id}, plan.run_id, log=log)
     try:
-        result = RunResult(_run_stages(plan, parent, log))
-    except BaseException:
+        result = RunResult(_run_stages(plan, checked, parent, log))
         if parent:
-            parent.close("FAILED", timeout=10)
+            parent.metrics({f"stage{k}/{m}": v for k, r in result.stages.items()
+                            for m, v in (r.get("metrics") or {}).items() if m in ("val_L1", "val_VGG")}, step=0)  # fmt: skip
+            if plan.register and 3 in result.stages:
+                if not parent.flush():
+                    raise RegistrationError(
+                        f"MLflow at {plan.tracking_uri} is unreachable: the generator was not registered. It is safe "
+                        f"at {result.final['checkpoint']}; once the server answers: python -m jobs.register --run "
+                        f"{plan.run_id} --storage {plan.storage_uri} --tracking-uri {plan.tracking_uri}"
+                    )
+                result.registry = register_run(run_root(plan.storage_uri, plan.run_id), plan.tracking_uri, log)
+    except BaseException as e:
+        if parent:
+            parent.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", end_children=True)
         raise
     if parent:
-        parent.metrics({f"stage{k}/{m}": v for k, r in result.stages.items() for m, v in (r.get("metrics") or {}).items()
-                        if m in ("val_L1", "val_VGG")}, step=0)  # fmt: skip
-        if plan.register and 3 in result.stages:
-            parent.flush()
-            result.registry = _register(plan, result.final, log)
         parent.close("FINISHED")
     return result
-
-
-def _register(plan: RunPlan, final: dict, log) -> dict | None:
-    from orchestration.registry import register
-
-    metric = (final.get("metrics") or {}).get("val_L1")
-    for attempt in range(3):
-        try:
-            return register(
-                plan.cfg, plan.run_id, final["checkpoint"], 3, plan.data_uri, metric, plan.tracking_uri, log
-            )
-        except Exception as e:  # noqa: BLE001 - the trained model is safe in storage; registration can be redone
-            log(f"registry: attempt {attempt + 1} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-            time.sleep(5 * (attempt + 1))
-    log(f"registry: not registered; the final checkpoint is {final['checkpoint']}")
-    return None
 
 
 def available_val_split(cfg: Config, data_uri: str, log=print) -> str | None:
@@ -173,7 +180,6 @@ def stage_trainer(cfg: Config, k: int, data_uri: str, val_split: str | None, con
                   storage_root: storage.Location, name: str, callbacks: list | None = None):  # fmt: skip
     """The TorchTrainer of stage k: datasets, workers, checkpoints and restarts as configured."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     pcfg = pipeline_config(cfg, k)
     datasets = {
@@ -183,7 +189,7 @@ def stage_trainer(cfg: Config, k: int, data_uri: str, val_split: str | None, con
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = cfg.train.gpus_per_worker
-    return TorchTrainer(
+    return Trainer(
         train_stage,
         train_loop_config=vars(context),
         scaling_config=ScalingConfig(
@@ -202,11 +208,12 @@ def stage_trainer(cfg: Config, k: int, data_uri: str, val_split: str | None, con
     )
 
 
-def _run_stages(plan: RunPlan, parent: Tracker | None, log) -> dict[int, dict]:
+def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, log) -> dict[int, dict]:
     import ray
 
     cfg = plan.cfg
-    root, state, inits = preflight(plan)
+    root, state, inits = checked
+    state.update(run_id=plan.run_id, data_uri=plan.data_uri, config=cfg.to_dict())
     val_split = available_val_split(cfg, plan.data_uri, log)
     if not ray.is_initialized():
         ray.init()
@@ -233,7 +240,7 @@ def _run_stages(plan: RunPlan, parent: Tracker | None, log) -> dict[int, dict]:
         context = StageContext(cfg.to_dict(), k, root.uri, inits.get(k), labels, plan.run_id, plan.tracking_uri,
                                experiment_name(cfg))  # fmt: skip
         t0 = time.perf_counter()
-        result = stage_trainer(cfg, k, plan.data_uri, val_split, context, root, f"stage{k}").fit()
+        result = fit(stage_trainer(cfg, k, plan.data_uri, val_split, context, root, f"stage{k}"), f"stage {k}")
         ckpt_uri = checkpoint_uri(result, root, f"stage {k}")
         metrics = result.metrics or {}
         entry = dict(checkpoint=ckpt_uri, epochs=metrics.get("epoch"), global_step=metrics.get("global_step"),

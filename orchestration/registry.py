@@ -1,15 +1,22 @@
 """Register the final generator in the MLflow model registry and move the `champion` alias when it is no worse.
 
-Registered model: `pix2pixhd-<dataset>`. Each version carries tags: run id, config hash, data manifest sha256
-and the validation metric; tags are set when the version is created (one call), so a version never exists
-without them. The alias `champion` moves only when the new version's val_L1 is <= the current champion's.
+Registered model: `pix2pixhd-<dataset>`. Each version carries tags: run id, the checkpoint it was built from,
+config hash, data manifest sha256 and the validation metric; tags are set when the version is created (one
+call), so a version never exists without them. One checkpoint gives at most one version: registering it again
+finds the version by its `checkpoint` tag. The alias `champion` moves only when the new version's val_L1 is <=
+the current champion's.
+
+`register_run` is what `jobs.train` calls after stage 3 and what `python -m jobs.register --run RUN_ID` retries:
+everything it needs is in the run's run.json and its final checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,12 +28,18 @@ from data.pipeline import read_samples
 from model.bundle import Pix2PixHDGenerator, feature_clusters
 from model.networks import build_encoder, build_generator
 from orchestration import checkpoint
-from orchestration.config import Config
-from orchestration.tracking import RUN_TAG, STAGE_TAG, ensure_experiment
+from orchestration.config import Config, ConfigError, from_dict
+from orchestration.run_state import RunState
+from orchestration.tracking import RUN_TAG, STAGE_TAG, ensure_experiment, fail_fast_http, filter_value
 
 ALIAS = "champion"
 METRIC = "val_L1"  # lower is better
 MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
+FINAL_STAGE = 3
+
+
+class RegistrationError(RuntimeError):
+    """The trained generator was not registered; the message says why and how to retry."""
 
 
 def model_name(cfg: Config) -> str:
@@ -67,9 +80,46 @@ def _clusters(cfg: Config, k: int, E, data_uri: str, n: int = 64) -> torch.Tenso
     return feature_clusters(stacked, cfg.model.label_nc, cfg.model.feat_num)
 
 
-def register(cfg: Config, run_id: str, final_checkpoint: str, k: int, data_uri: str, val_metric: float | None,
+def register_run(root: storage.Location, tracking_uri: str, log=print, data_uri: str | None = None,
+                 attempts: int = 2) -> dict:  # fmt: skip
+    """Register the final generator of the run stored at `root` ({storage}/{run_id}); idempotent. Raises
+    ConfigError for a run with nothing to register, RegistrationError (with the full cause) when registering
+    fails `attempts` times, 5 s apart."""
+    state = RunState(root)
+    run_id = state.data.get("run_id") or Path(root.path).name
+    final = state.done(FINAL_STAGE)
+    if final is None:
+        raise ConfigError(f"run '{run_id}' in {root} has no finished stage {FINAL_STAGE}: nothing to register")
+    data_uri = data_uri or state.data.get("data_uri")
+    if not data_uri:
+        raise ConfigError(f"{state.loc} does not record the dataset (an older run): pass --data URI")
+    cfg = from_dict(state.data["config"]) if "config" in state.data else None
+    retry = (
+        f"python -m jobs.register --run {run_id} --storage {root.uri.rsplit('/', 1)[0]} --tracking-uri {tracking_uri}"
+    )
+    for attempt in range(1, attempts + 1):
+        try:
+            result = register(run_id, cfg, final["checkpoint"], data_uri, (final.get("metrics") or {}).get(METRIC),
+                              tracking_uri, log)  # fmt: skip
+            break
+        except Exception as e:  # noqa: BLE001 - reported in full below; the model is safe in storage
+            cause = "".join(traceback.format_exception(e)).rstrip()
+            if attempt == attempts:
+                raise RegistrationError(
+                    f"registering run '{run_id}' failed {attempts} times; the last error:\n{cause}\n"
+                    f"The trained generator is safe at {final['checkpoint']}. Once the cause is fixed: {retry}"
+                ) from e
+            log(f"registry: attempt {attempt} failed ({type(e).__name__}: {e}); retrying in 5 s")
+            time.sleep(5)
+    state.update(registered={k: result[k] for k in ("name", "version", "checkpoint")})
+    return result
+
+
+def register(run_id: str, cfg: Config | None, final_checkpoint: str, data_uri: str, val_metric: float | None,
              tracking_uri: str, log=print) -> dict:  # fmt: skip
-    """Log the generator to the curriculum's parent run, create a tagged version, maybe move the alias."""
+    """Log the generator of `final_checkpoint` to the curriculum's parent run, create a tagged version (unless
+    one exists for this checkpoint), maybe move the alias. `cfg`: the run's config (None: the checkpoint's)."""
+    fail_fast_http()
     import mlflow
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
@@ -78,7 +128,24 @@ def register(cfg: Config, run_id: str, final_checkpoint: str, k: int, data_uri: 
     mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        state = checkpoint.fetch(final_checkpoint, tmp)
+        state = None
+        if cfg is None:
+            state = checkpoint.fetch(final_checkpoint, tmp)
+            cfg = from_dict(json.loads(state["config"]))
+        name = model_name(cfg)
+        existing = client.search_registered_models(f"name = {filter_value(name)}") and client.search_model_versions(
+            f"name = {filter_value(name)} and tags.checkpoint = {filter_value(final_checkpoint)}"
+        )
+        if existing:
+            version = min(existing, key=lambda v: int(v.version))
+            _wait_ready(client, name, version.version)
+            moved, reason = _maybe_move_alias(client, name, version.version, val_metric)
+            log(f"registry: {name} version {version.version} already holds {final_checkpoint}: not registered "
+                f"again; {_alias_line(client, name, version.version, moved, reason)}")  # fmt: skip
+            return _result(name, version.version, moved, final_checkpoint)
+        state = state or checkpoint.fetch(final_checkpoint, tmp)
+
+    k = FINAL_STAGE
     bundle = build_bundle(cfg, state, k, data_uri)
     h, w = (2 * cfg.stage_model(k).size_multiple,) * 2
     example = np.zeros((2, 2, h, w), np.int64)
@@ -86,7 +153,7 @@ def register(cfg: Config, run_id: str, final_checkpoint: str, k: int, data_uri: 
 
     exp = ensure_experiment(client, f"pix2pixhd-{cfg.dataset}", tracking_uri)
     parent = client.search_runs(
-        [exp], f"tags.`{RUN_TAG}` = '{run_id}' and tags.`{STAGE_TAG}` = 'parent'", max_results=1
+        [exp], f"tags.`{RUN_TAG}` = {filter_value(run_id)} and tags.`{STAGE_TAG}` = 'parent'", max_results=1
     )
     parent_id = parent[0].info.run_id if parent else None
     with mlflow.start_run(run_id=parent_id, experiment_id=exp, run_name=run_id):
@@ -96,11 +163,11 @@ def register(cfg: Config, run_id: str, final_checkpoint: str, k: int, data_uri: 
             input_example=example,
         )  # fmt: skip
         mlflow_run_id = mlflow.active_run().info.run_id
-    name = model_name(cfg)
-    if not client.search_registered_models(f"name = '{name}'"):
+    if not client.search_registered_models(f"name = {filter_value(name)}"):
         client.create_registered_model(name, description="pix2pixHD generator: label ids + instance ids -> image")
     tags = {
         "run_id": run_id,
+        "checkpoint": final_checkpoint,
         "config_hash": cfg.hash(),
         "data_manifest_sha256": manifest_sha256(data_uri, cfg.data.train_split),
     }
@@ -110,8 +177,19 @@ def register(cfg: Config, run_id: str, final_checkpoint: str, k: int, data_uri: 
     _wait_ready(client, name, version.version)
     moved, reason = _maybe_move_alias(client, name, version.version, val_metric)
     log(f"registered {name} version {version.version} ({METRIC} {val_metric if val_metric is not None else 'n/a'}); "
-        f"alias '{ALIAS}' {'moved to it' if moved else 'kept'}: {reason}")  # fmt: skip
-    return {"name": name, "version": version.version, "alias_moved": moved, "uri": f"models:/{name}@{ALIAS}"}
+        f"{_alias_line(client, name, version.version, moved, reason)}")  # fmt: skip
+    return _result(name, version.version, moved, final_checkpoint)
+
+
+def _result(name: str, version: str, moved: bool, final_checkpoint: str) -> dict:
+    return {"name": name, "version": version, "alias_moved": moved, "checkpoint": final_checkpoint,
+            "uri": f"models:/{name}/{version}"}  # fmt: skip
+
+
+def _alias_line(client, name: str, version: str, moved: bool, reason: str) -> str:
+    champion = client.get_model_version_by_alias(name, ALIAS).version
+    where = "moved to it" if moved else ("is on it" if champion == str(version) else f"kept on version {champion}")
+    return f"alias '{ALIAS}' {where} ({reason})"
 
 
 def _wait_ready(client, name: str, version: str, timeout: float = 120) -> None:
@@ -132,6 +210,8 @@ def _maybe_move_alias(client, name: str, version: str, metric: float | None) -> 
     if champion is None:
         client.set_registered_model_alias(name, ALIAS, version)
         return True, "there was no champion"
+    if champion.version == str(version):
+        return False, "it is the champion already"
     champ_metric = champion.tags.get(METRIC)
     if metric is None:
         return False, f"this version has no {METRIC}"
@@ -141,10 +221,30 @@ def _maybe_move_alias(client, name: str, version: str, metric: float | None) -> 
     return False, f"{METRIC} {metric:.4f} is worse than champion v{champion.version}'s {float(champ_metric):.4f}"
 
 
+class ModelNotFound(LookupError):
+    """A model URI that names nothing, or a registry that cannot be reached; one line that says which."""
+
+
 def load_generator(model_uri: str, tracking_uri: str | None = None) -> Pix2PixHDGenerator:
+    fail_fast_http()
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    where = tracking_uri or mlflow.get_tracking_uri()
+    try:
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except MlflowException as e:
+        text = str(e.message if hasattr(e, "message") else e).strip()
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise ModelNotFound(f"{model_uri}: not in the registry at {where} ({text.splitlines()[0][:300]})") from None
+        if "API request to" in text and "failed with exception" in text:  # MLflow's wording for a transport error
+            why = "timed out" if "timeout" in text.lower() else "connection refused or host unknown"
+            raise ModelNotFound(f"{model_uri}: cannot reach the registry at {where} ({why})") from None
+        raise ModelNotFound(
+            f"{model_uri}: the registry at {where} cannot be used ({text.splitlines()[0][:300]})"
+        ) from None
+    except OSError as e:  # connection errors raised outside MLflow's REST client
+        raise ModelNotFound(f"{model_uri}: cannot reach the registry at {where} ({type(e).__name__})") from None

@@ -3,7 +3,9 @@
 `Tracker` queues everything (params, metrics, tags, artifacts) and a background thread sends it. While the
 tracking server is unreachable the queue is kept and retried with backoff; a warning is printed once per
 outage. Runs are found again by tags, so a resumed or resubmitted run logs into the same MLflow runs, and a
-server that comes back mid-run receives everything logged meanwhile.
+server that comes back mid-run receives everything logged meanwhile. An outage costs a bounded delay: each
+request gives up after MLFLOW_HTTP_REQUEST_TIMEOUT (10 s) without MLflow's own retries, and once the server is
+known to be unreachable, `flush` and `close` wait at most `UNREACHABLE_WAIT_S` for it.
 
 Tracking URI: `--tracking-uri`, else MLFLOW_TRACKING_URI, else a local sqlite store (registry included) under
 outputs/mlflow (the embedded default).
@@ -22,13 +24,35 @@ from typing import Any
 
 RUN_TAG, STAGE_TAG, SWEEP_TAG = "p2p.run_id", "p2p.stage", "p2p.sweep"
 LOCAL_STORE = Path("outputs/mlflow")
+UNREACHABLE_WAIT_S = 5.0  # what flush/close wait for a server that is known to be unreachable
 
 
-def resolve_tracking_uri(explicit: str | None = None) -> str:
+def filter_value(value: str) -> str:
+    """`value` as a string literal in an MLflow search filter. MLflow's filter grammar has no escapes: a value is
+    quoted with whichever quote it does not contain."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise ValueError(f"{value!r} holds both quote characters and cannot appear in an MLflow search filter")
+
+
+def resolve_tracking_uri(explicit: str | None = None, ray_job: bool = True) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the embedded sqlite store — except for a job of a Ray
+    cluster (`ray_job` and RAY_ADDRESS set, as under `ray job submit`): there the embedded store would live in the
+    job's working-directory cache on one node and vanish with it, so that is an error saying what to set."""
+    from orchestration.config import ConfigError
+
     if explicit:
         return explicit
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    if ray_job and os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(
+            "no MLflow tracking URI, and this job runs on a Ray cluster (RAY_ADDRESS is set): a local store would be "
+            "written into the job's working directory and vanish with it. Give the job one through its runtime env "
+            '(ray job submit --runtime-env-json \'{"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}\' '
+            "...), or pass --tracking-uri URI, or --no-tracking"
+        )
     LOCAL_STORE.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(LOCAL_STORE / 'mlflow.db').resolve()}"
 
@@ -40,10 +64,16 @@ def local_artifact_location(uri: str) -> str | None:
     return None
 
 
-def quiet_client(uri: str):
-    """An MlflowClient that fails fast: our queue does the retrying, not MLflow's minutes-long backoff."""
+def fail_fast_http() -> None:
+    """MLflow requests in this process give up after one 10 s try instead of MLflow's minutes-long backoff: our
+    callers retry where it helps (the tracking queue, registration) and say so. Call before MLflow's first request."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def quiet_client(uri: str):
+    """An MlflowClient that fails fast: our queue does the retrying, not MLflow's minutes-long backoff."""
+    fail_fast_http()
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -70,7 +100,7 @@ def ensure_experiment(client, name: str, uri: str) -> str:
 def find_or_create_run(
     client, experiment_id: str, tags: dict[str, str], run_name: str, parent: str | None = None
 ) -> str:
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    query = " and ".join(f"tags.`{k}` = {filter_value(v)}" for k, v in tags.items())
     if parent is None:
         query += f" and tags.`{STAGE_TAG}` = 'parent'"
     found = client.search_runs([experiment_id], filter_string=query, max_results=1)
@@ -104,6 +134,7 @@ class Tracker:
         self._ops: queue.Queue = queue.Queue()
         self._pending: list = []
         self._closing = threading.Event()
+        self._wake = threading.Event()  # cuts a retry backoff short (flush, close)
         self._down_since: float | None = None
         self._thread = threading.Thread(target=self._loop, name="mlflow-tracker", daemon=True)
         self._thread.start()
@@ -122,17 +153,29 @@ class Tracker:
     def artifact(self, data: bytes, path: str) -> None:
         self._ops.put(("artifact", data, path))
 
+    @property
+    def unreachable(self) -> bool:
+        """The last attempt to reach the server failed."""
+        return self._down_since is not None
+
+    def _wait_time(self, timeout: float) -> float:
+        self._wake.set()  # retry now rather than at the end of the backoff
+        return min(timeout, UNREACHABLE_WAIT_S) if self.unreachable else timeout
+
     def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until everything queued so far was sent; False if the server stayed unreachable."""
+        """Wait until everything queued so far was sent; False if the server stayed unreachable (waiting at most
+        UNREACHABLE_WAIT_S once it is known to be down)."""
         done = threading.Event()
         self._ops.put(("flush", done))
-        return done.wait(timeout)
+        return done.wait(self._wait_time(timeout))
 
-    def close(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
-        """Flush and end the run; returns False (after a warning) if the server stayed unreachable."""
-        self._ops.put(("end", status))
+    def close(self, status: str = "FINISHED", timeout: float = 60.0, end_children: bool = False) -> bool:
+        """Flush and end the run (and, with end_children, every run nested under it that is still RUNNING: the
+        stage runs of workers that were stopped with the job); returns False (after a warning) if the server
+        stayed unreachable."""
+        self._ops.put(("end", status, end_children))
         self._closing.set()
-        self._thread.join(timeout)
+        self._thread.join(self._wait_time(timeout))
         if self._thread.is_alive() or self._pending or not self._ops.empty():
             self.log(f"mlflow: {self.uri} unreachable; {len(self._pending) + self._ops.qsize()} tracking records "
                      f"for run '{self.run_name}' were not sent")  # fmt: skip
@@ -171,7 +214,13 @@ class Tracker:
         elif kind == "flush":
             op[1].set()
         elif kind == "end":
-            client.set_terminated(self.run_id, status=op[1])
+            _, status, end_children = op
+            if end_children:
+                experiment = client.get_run(self.run_id).info.experiment_id
+                query = f"tags.`mlflow.parentRunId` = '{self.run_id}' and attributes.status = 'RUNNING'"
+                for child in client.search_runs([experiment], query):
+                    client.set_terminated(child.info.run_id, status=status)
+            client.set_terminated(self.run_id, status=status)
 
     def _loop(self) -> None:
         client = None
@@ -204,6 +253,8 @@ class Tracker:
                 if self._down_since is None:
                     self._down_since = time.time()
                     self.log(f"mlflow: cannot log to {self.uri} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                             f"training continues, records are queued and retried")  # fmt: skip
-                time.sleep(backoff)
+                             f"training continues, records are queued and retried (waiting at most "
+                             f"{UNREACHABLE_WAIT_S:.0f}s for the server when a stage ends)")  # fmt: skip
+                self._wake.wait(backoff)
+                self._wake.clear()
                 backoff = min(backoff * 2, 10.0)

@@ -111,10 +111,9 @@ def _rewrite(path, fn):
 )
 def test_bad_sample_stops_before_anything_is_written(city, tmp_path, damage, message):
     damage(city)
-    dest = tmp_path / "out"
     with pytest.raises(BadSample, match=message + r".*Nothing was written"):
-        run(city, dest)
-    assert not dest.exists() or not any(p.is_file() for p in dest.rglob("*"))
+        run(city, tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()  # not even the folders the write probe needed
 
 
 def test_skip_bad_writes_a_report_and_publishes_the_rest(city, tmp_path):
@@ -148,7 +147,7 @@ def test_rerun_resumes_and_skips_verified_shards(city, tmp_path):
     (tmp_path / "out" / "train" / last).unlink()
     logs.clear()
     second = prepare(PrepareOptions(**opts), log=logs.append)["train"]
-    skipped = [line for line in logs if "already written and verified, skipped" in line]
+    skipped = [line for line in logs if "already written from the same source bytes and verified, skipped" in line]
     assert len(skipped) == len(first["shards"]) - 1
     assert any(last in line and "samples" in line for line in logs)
     assert second["shards"] == first["shards"]
@@ -159,7 +158,7 @@ def test_rerun_in_another_encoding_rewrites_every_shard(city, tmp_path):
     first = prepare(PrepareOptions(**opts), log=lambda _: None)["train"]
     logs = []
     second = prepare(PrepareOptions(**opts, encoding="zstd"), log=logs.append)["train"]
-    assert not any("already written and verified" in line for line in logs)
+    assert not any("already written from the same source bytes" in line for line in logs)
     assert second["encoding"] == "zstd" and first["encoding"] == "png"
     assert not {s["sha256"] for s in second["shards"]} & {s["sha256"] for s in first["shards"]}
     with pytest.raises(ValueError, match="encoding='jpeg' is not one of png, zstd"):
@@ -189,3 +188,124 @@ def test_real_cityscapes_samples_validate(cityscapes_samples, tmp_path):
     assert m["sample_count"] == 6 and m["resolution"] == {"height": 1024, "width": 2048}
     hist = np.array(m["class_histogram"])
     assert hist[7] > 0 and hist[26] > 0 and hist[34] == 0  # road, car; nothing at id 34
+
+
+# ---- re-runs: prepared data is a function of the source bytes ---------------------------------------------
+
+
+def shard_samples(dest, split="train"):
+    """{stem: (label, image bytes)} and the class histogram computed from the shards themselves."""
+    import pyarrow.parquet as pq
+
+    from data.layouts import decode_png_ids
+
+    m = load_manifest(str(dest), split)
+    samples, hist = {}, np.zeros(m["label_nc"], np.int64)
+    for loc in m.shard_locations:
+        for row in pq.read_table(loc.path).to_pylist():
+            label = decode_png_ids(row["label"])
+            samples[row["stem"]] = (label, row["image"])
+            hist += np.bincount(label.ravel(), minlength=m["label_nc"])
+    return m, samples, hist
+
+
+def test_a_changed_source_photo_or_label_rewrites_its_shard_and_the_statistics(city, tmp_path):
+    opts = dict(layout="flat", source=str(city), dest=str(tmp_path / "out"), workers=1, shard_mb=0.01)
+    prepare(PrepareOptions(**opts), log=lambda _: None)
+    photo = next((city / "train_img").glob("rendham_000002*"))
+    _rewrite(photo, lambda a: 255 - a)  # inverted photo, same stems, same sizes
+    label = next((city / "train_label").glob("procville_000001*"))
+    _rewrite(label, lambda a: np.where(a == 7, 8, a).astype(np.uint8))  # road becomes sidewalk
+    inst = next((city / "train_inst").glob("procville_000001*"))
+    _rewrite(inst, lambda a: np.where(a == 7, 8, a).astype(np.uint16))
+    logs = []
+    prepare(PrepareOptions(**opts), log=logs.append)
+    rewritten = [line for line in logs if "samples," in line]
+    assert len(rewritten) == 2 and any("unpublished while 2 of" in line for line in logs)
+    m, samples, hist = shard_samples(tmp_path / "out")
+    assert samples["rendham_000002_000019"][1] == photo.read_bytes()
+    assert np.array_equal(samples["procville_000001_000019"][0], np.asarray(Image.open(label)))
+    assert m["class_histogram"] == hist.tolist()
+
+
+def test_dropping_val_fraction_removes_the_carved_val_split(city, tmp_path):
+    opts = dict(layout="flat", source=str(city), dest=str(tmp_path / "out"), workers=1)
+    first = prepare(PrepareOptions(**opts, val_fraction=0.3), log=lambda _: None)
+    assert first["val"]["carved_from"] == "train" and first["val"]["sample_count"] >= 1
+    logs = []
+    second = prepare(PrepareOptions(**opts), log=logs.append)
+    assert set(second) == {"train"} and second["train"]["sample_count"] == 6
+    assert not (tmp_path / "out" / "val").exists()
+    assert any("[val] removed: it was carved out of 'train'" in line for line in logs)
+    with pytest.raises(ManifestError, match="no manifest at"):
+        load_manifest(str(tmp_path / "out"), "val")
+
+
+def test_a_val_split_prepared_on_its_own_is_not_replaced_by_val_fraction(tmp_path):
+    root = write_city(tmp_path / "cs", count=3, height=32, width=64, layout="cityscapes", split="train", workers=1)
+    write_city(root, count=2, height=32, width=64, layout="cityscapes", split="val", workers=1)
+    run(root, tmp_path / "out", layout="cityscapes", split="val")
+    with pytest.raises(ValueError, match=r"val/manifest.json holds a 'val' split prepared on its own"):
+        run(root, tmp_path / "out", layout="cityscapes", val_fraction=0.5)
+    run(root, tmp_path / "out", layout="cityscapes")  # without --val-fraction: the real val split stays
+    assert load_manifest(str(tmp_path / "out"), "val")["sample_count"] == 2
+
+
+def test_fewer_samples_on_a_rerun_leave_no_unlisted_shards(city, tmp_path):
+    opts = dict(layout="flat", source=str(city), dest=str(tmp_path / "out"), workers=1, shard_mb=0.01)
+    first = prepare(PrepareOptions(**opts), log=lambda _: None)["train"]
+    for d in ("train_label", "train_inst", "train_img"):
+        for f in sorted((city / d).iterdir())[-2:]:
+            f.unlink()
+    second = prepare(PrepareOptions(**opts), log=lambda _: None)["train"]
+    assert len(second["shards"]) < len(first["shards"])
+    on_disk = sorted(p.name for p in (tmp_path / "out" / "train").glob("shard-*.parquet"))
+    assert on_disk == [s["name"] for s in second["shards"]]
+    assert len(list((tmp_path / "out" / "train" / "_progress").iterdir())) == len(second["shards"])
+
+
+def test_a_shard_altered_in_place_names_shard_and_sample_whatever_the_verify_level(city, tmp_path):
+    from data.pipeline import PipelineConfig, read_samples
+    from data.shards import ShardContentError
+    from data.transforms import Geometry
+
+    run(city, tmp_path / "out")
+    m = load_manifest(str(tmp_path / "out"), "train")
+    shard = tmp_path / "out" / "train" / m["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    at = data.find(b"IDAT", len(data) // 2)  # inside a stored PNG: Parquet's own structure stays readable
+    data[at + 8] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    verify(m, "size")  # the size check cannot see it
+    cfg = PipelineConfig(geometry=Geometry("none", size_multiple=1), verify="none")
+    with pytest.raises(
+        ShardContentError, match=r"shard-00000.parquet: sample \S+ \(index \d+\) is not what prepare_data wrote"
+    ):
+        read_samples(str(tmp_path / "out"), "train", cfg, 6)
+
+
+def test_killing_prepare_data_leaves_no_worker_processes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    src = write_city(tmp_path / "big", count=64, height=256, width=512, workers=2)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.prepare_data", "--layout", "flat", "--source", str(src),
+                             "--dest", str(tmp_path / "out"), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    while len(parent.children()) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    workers = parent.children()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    for p in alive:  # the test's own clean-up when it fails
+        p.kill()
+    assert not alive, f"{len(alive)} decode workers outlived prepare_data"

@@ -98,7 +98,10 @@ def test_rerun_on_s3_skips_the_shards_already_written(ray_local, bucket, tmp_pat
     s3.delete_object(Bucket=name, Key=f"city/train/{first['shards'][0]['name']}")
     logs = []
     second = prepare(opts, log=logs.append)["train"]
-    assert sum("already written and verified, skipped" in line for line in logs) == len(first["shards"]) - 1
+    assert (
+        sum("already written from the same source bytes and verified, skipped" in line for line in logs)
+        == len(first["shards"]) - 1
+    )
     assert second["shards"] == first["shards"]
     assert_exact("flat", src, read_back(f"{bucket}/city"))
 

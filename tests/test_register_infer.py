@@ -1,0 +1,148 @@
+"""jobs.register (idempotent, retried, bounded when the server is down) and jobs.infer's checks before it writes
+anything, against a real (sqlite) MLflow store and a finished run made without training."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from data.shards import PrepareOptions, prepare
+from data.synthetic.write import write_city
+from model.step import TrainStep
+from orchestration import checkpoint
+from orchestration.config import load_config
+from orchestration.run_state import RunState, run_root
+from tests.services import free_port
+
+MODEL = "pix2pixhd-synthetic-city"
+
+
+def cli(*args, timeout=300, cwd=None):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A run whose stage 3 finished (an untrained generator), the dataset it names, and a sqlite registry."""
+    tmp = tmp_path_factory.mktemp("finished")
+    src = write_city(tmp / "src", count=4, height=64, width=128, workers=1)
+    prepare(PrepareOptions("flat", str(src), str(tmp / "data"), workers=1), log=lambda m: None)
+    cfg = load_config("configs/tiny.yaml")
+    storage_uri = str(tmp / "runs")
+    for run_id, done in (("r1", True), ("half", False)):
+        state = RunState(run_root(storage_uri, run_id))
+        state.update(run_id=run_id, data_uri=str(tmp / "data"), config=cfg.to_dict())
+        k = 3 if done else 1
+        ckpt = checkpoint.save(tmp / "runs" / run_id / f"stage{k}" / "checkpoint_0", TrainStep(cfg.stage_model(k)),
+                               stage=k, epoch=1, global_step=1, lr=1e-4, config=cfg.to_dict())  # fmt: skip
+        state.record(k, checkpoint=str(ckpt), epochs=1, global_step=1, metrics={"val_L1": 0.5})
+    return {"storage": storage_uri, "tracking": f"sqlite:///{tmp}/mlflow.db", "src": src, "tmp": tmp}
+
+
+def register(finished, run_id="r1", tracking=None):
+    return cli("jobs.register", "--run", run_id, "--storage", finished["storage"], "--tracking-uri",
+               tracking or finished["tracking"])  # fmt: skip
+
+
+def test_register_creates_one_version_per_checkpoint(finished):
+    first = register(finished)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = register(finished)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already holds" in again.stdout and "not registered again" in again.stdout
+    versions = MlflowClient(registry_uri=finished["tracking"]).search_model_versions(f"name = '{MODEL}'")
+    assert len(versions) == 1 and versions[0].tags["checkpoint"].endswith("r1/stage3/checkpoint_0")
+    state = RunState(run_root(finished["storage"], "r1")).data
+    assert state["registered"]["version"] == versions[0].version
+
+
+def test_register_refuses_a_run_without_stage3_and_a_bad_run_id(finished):
+    r = register(finished, "half")
+    assert r.returncode == 2 and "has no finished stage 3: nothing to register" in r.stderr
+    r = register(finished, "../r1")
+    assert r.returncode == 2 and "'../r1' is not a valid name" in r.stderr
+
+
+def test_register_with_the_server_down_fails_in_seconds_naming_the_cause_and_the_retry(finished):
+    down = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    r = register(finished, tracking=down)
+    took = time.monotonic() - t0
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert took < 60, took  # two attempts 5 s apart, no MLflow backoff
+    assert "failed 2 times" in r.stderr and "ConnectionError" in r.stderr and "Traceback" in r.stderr
+    assert f"python -m jobs.register --run r1 --storage {finished['storage']} --tracking-uri {down}" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def registered(finished):
+    r = register(finished)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return finished
+
+
+def infer(registered, out, *extra, model=f"models:/{MODEL}@champion", tracking=None, labels=None):
+    src = registered["src"]
+    return cli("jobs.infer", "--model", model, "--labels", str(labels or src / "train_label"), "--out", str(out),
+               "--tracking-uri", tracking or registered["tracking"], *extra)  # fmt: skip
+
+
+def test_infer_renders_every_label_map(registered, tmp_path):
+    r = infer(registered, tmp_path / "out", "--instances", str(registered["src"] / "train_inst"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "out").glob("*_synthesized.png"))) == 4
+
+
+@pytest.mark.parametrize("model, tracking, message", [
+    (f"models:/{MODEL}-missing@champion", None, f"models:/{MODEL}-missing@champion: not in the registry at"),
+    (f"models:/{MODEL}@champion", "down", f"models:/{MODEL}@champion: cannot reach the registry at http://127.0.0.1:"),
+], ids=["missing-model", "server-down"])  # fmt: skip
+def test_a_model_that_cannot_be_loaded_is_one_line_in_seconds(registered, tmp_path, model, tracking, message):
+    tracking = f"http://127.0.0.1:{free_port()}" if tracking == "down" else tracking
+    t0 = time.monotonic()
+    r = infer(registered, tmp_path / "out", model=model, tracking=tracking)
+    assert time.monotonic() - t0 < 30
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-3000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_bad_pairs_and_sizes_are_named_before_any_output_is_written(registered, tmp_path):
+    src = registered["src"]
+    maps = tmp_path / "labels"
+    maps.mkdir()
+    insts = tmp_path / "insts"
+    insts.mkdir()
+    for f in sorted((src / "train_label").iterdir()):
+        (maps / f.name).write_bytes(f.read_bytes())
+    for f in sorted((src / "train_inst").iterdir()):
+        (insts / f.name).write_bytes(f.read_bytes())
+    last_inst = sorted(insts.iterdir())[-1]
+    Image.fromarray(np.zeros((32, 64), np.uint16)).save(last_inst)
+    out = tmp_path / "out"
+    r = infer(registered, out, "--instances", str(insts), labels=maps)
+    assert r.returncode == 2
+    assert f"{last_inst} is 64x32 but its label map" in r.stderr and "is 128x64" in r.stderr
+    assert not list(out.glob("*.png"))
+
+    last_label = sorted(maps.iterdir())[-1]
+    Image.fromarray(np.zeros((60, 128), np.uint8)).save(last_label)
+    r = infer(registered, out, labels=maps)
+    assert r.returncode == 2 and f"{last_label} is 128x60; this generator needs multiples of 8" in r.stderr
+    Image.fromarray(np.full((64, 128), 200, np.uint8)).save(last_label)
+    r = infer(registered, out, labels=maps)
+    assert r.returncode == 2 and f"{last_label} holds label id 200; this generator knows ids 0..34" in r.stderr
+    assert not list(out.glob("*.png"))
+
+
+def test_an_output_path_that_cannot_be_written_is_named_before_the_model_loads(registered, tmp_path):
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    missing = f"models:/{MODEL}-missing@champion"  # the model error would come first if the output were checked later
+    r = infer(registered, a_file, model=missing)
+    assert r.returncode == 2 and f"--out {a_file} is a file" in r.stderr
+    r = infer(registered, a_file / "below", model=missing)
+    assert r.returncode == 2 and f"--out {a_file / 'below'}: cannot write there" in r.stderr
