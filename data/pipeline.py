@@ -135,6 +135,7 @@ def build_dataset(uri: str, split: str, cfg: PipelineConfig):
     ctx = DataContext.get_current()  # captured by the dataset: keep per-epoch executions out of the job log
     ctx.print_on_execution_start = False
     ctx.enable_progress_bars = False
+    ctx.raise_original_map_exception = True  # a ShardContentError reaches the Train worker as itself
     manifest = shards.load_manifest(uri, split)
     if cfg.verify != "none":
         shards.verify(manifest, cfg.verify)

@@ -117,6 +117,24 @@ def find_or_create_run(
     return client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
 
 
+_outages: set[str] = set()  # tracking URIs this process knows to be unreachable: one warning per outage
+_outages_lock = threading.Lock()
+
+
+def _outage_starts(uri: str) -> bool:
+    with _outages_lock:
+        new = uri not in _outages
+        _outages.add(uri)
+        return new
+
+
+def _outage_ends(uri: str) -> bool:
+    with _outages_lock:
+        known = uri in _outages
+        _outages.discard(uri)
+        return known
+
+
 class Tracker:
     """Non-blocking MLflow logging into the run identified by `tags` (nested under the parent with `parent_tags`)."""
 
@@ -155,19 +173,26 @@ class Tracker:
 
     @property
     def unreachable(self) -> bool:
-        """The last attempt to reach the server failed."""
-        return self._down_since is not None
+        """The last attempt to reach the server failed (here, or in another tracker of this process)."""
+        return self._down_since is not None or self.uri in _outages
 
-    def _wait_time(self, timeout: float) -> float:
+    def _wait(self, done, timeout: float) -> bool:
+        """Wait until done() or `timeout`; once the server is known to be unreachable, at most UNREACHABLE_WAIT_S."""
         self._wake.set()  # retry now rather than at the end of the backoff
-        return min(timeout, UNREACHABLE_WAIT_S) if self.unreachable else timeout
+        start = time.monotonic()
+        while not done():
+            waited = time.monotonic() - start
+            if waited >= timeout or (self.unreachable and waited >= UNREACHABLE_WAIT_S):
+                return False
+            time.sleep(0.05)
+        return True
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until everything queued so far was sent; False if the server stayed unreachable (waiting at most
         UNREACHABLE_WAIT_S once it is known to be down)."""
-        done = threading.Event()
-        self._ops.put(("flush", done))
-        return done.wait(self._wait_time(timeout))
+        sent = threading.Event()
+        self._ops.put(("flush", sent))
+        return self._wait(sent.is_set, timeout)
 
     def close(self, status: str = "FINISHED", timeout: float = 60.0, end_children: bool = False) -> bool:
         """Flush and end the run (and, with end_children, every run nested under it that is still RUNNING: the
@@ -175,8 +200,7 @@ class Tracker:
         stayed unreachable."""
         self._ops.put(("end", status, end_children))
         self._closing.set()
-        self._thread.join(self._wait_time(timeout))
-        if self._thread.is_alive() or self._pending or not self._ops.empty():
+        if not self._wait(lambda: not self._thread.is_alive(), timeout):
             self.log(f"mlflow: {self.uri} unreachable; {len(self._pending) + self._ops.qsize()} tracking records "
                      f"for run '{self.run_name}' were not sent")  # fmt: skip
             return False
@@ -245,16 +269,18 @@ class Tracker:
                     if done[0] == "end":
                         return
                 if self._down_since is not None:
-                    self.log(f"mlflow: {self.uri} reachable again after {time.time() - self._down_since:.0f}s; "
-                             f"queued records sent")  # fmt: skip
+                    if _outage_ends(self.uri):
+                        self.log(f"mlflow: {self.uri} reachable again after {time.time() - self._down_since:.0f}s; "
+                                 f"queued records sent")  # fmt: skip
                     self._down_since = None
                 backoff = 1.0
             except Exception as e:  # noqa: BLE001 - any failure to reach the server is retried
                 if self._down_since is None:
                     self._down_since = time.time()
-                    self.log(f"mlflow: cannot log to {self.uri} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                             f"training continues, records are queued and retried (waiting at most "
-                             f"{UNREACHABLE_WAIT_S:.0f}s for the server when a stage ends)")  # fmt: skip
+                    if _outage_starts(self.uri):
+                        self.log(f"mlflow: cannot log to {self.uri} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}); training continues, records are queued and retried "
+                                 f"(waiting at most {UNREACHABLE_WAIT_S:.0f}s for the server when a stage ends)")  # fmt: skip
                 self._wake.wait(backoff)
                 self._wake.clear()
                 backoff = min(backoff * 2, 10.0)

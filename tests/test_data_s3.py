@@ -157,3 +157,14 @@ def test_synthetic_faces_with_19_classes_round_trip(ray_local, bucket, tmp_path,
     back = read_back(f"{bucket}/faces", cfg=cfg)
     assert_exact("celebamask", src, back)
     assert len(set(np.unique(np.stack([b["label"].numpy() for b in back.values()])).tolist())) == 19
+
+
+def test_a_failed_prepare_leaves_nothing_in_the_bucket(s3, bucket, tmp_path):
+    src = write_city(tmp_path / "city", count=2, height=32, width=64, workers=1)
+    next((src / "train_img").iterdir()).write_bytes(b"not a png")
+    from data.layouts import BadSample
+
+    with pytest.raises(BadSample, match="Nothing was written"):
+        prepare(PrepareOptions("flat", str(src), f"{bucket}/deep/prefix/city", workers=1), log=quiet)
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket.removeprefix("s3://"))
+    assert listed.get("Contents", []) == []  # no probe, no empty "folder/" marker object

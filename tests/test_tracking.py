@@ -2,10 +2,11 @@
 
 import time
 
+import pytest
 import torch
 from mlflow import MlflowClient
 
-from orchestration.tracking import RUN_TAG, STAGE_TAG, Tracker
+from orchestration.tracking import RUN_TAG, STAGE_TAG, UNREACHABLE_WAIT_S, Tracker, filter_value
 
 
 def test_a_resumed_stage_logs_into_the_same_mlflow_run(tmp_path):
@@ -40,9 +41,36 @@ def test_an_unreachable_server_never_raises_or_blocks(tmp_path):
     for step in range(100):
         t.metrics({"G_GAN": 1.0}, step)  # the training loop is never held up
     assert time.monotonic() - start < 0.5
-    assert t.close(timeout=3) is False
+    start = time.monotonic()
+    assert t.close(timeout=60) is False  # bounded by UNREACHABLE_WAIT_S once the server is known to be down
+    assert time.monotonic() - start < UNREACHABLE_WAIT_S + 2
     assert any("cannot log to" in m and "training continues" in m for m in messages)
     assert any("were not sent" in m for m in messages)
+    # a tracker started after the outage was seen in this process waits as little, and warns no more
+    messages.clear()
+    start = time.monotonic()
+    late = Tracker(t.uri, "exp", {RUN_TAG: "y"}, "y", log=messages.append)
+    late.tags_({"a": "b"})
+    assert late.close("FINISHED", timeout=30) is False
+    assert time.monotonic() - start < UNREACHABLE_WAIT_S + 2
+    assert not any("cannot log to" in m for m in messages)
+
+
+def test_filter_values_are_quoted_so_a_quote_cannot_break_the_search(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tags = {RUN_TAG: "bob's run"}
+    first = Tracker(uri, "exp", tags, "bob's run")
+    first.metrics({"x": 1.0}, 0)
+    assert first.close()
+    second = Tracker(uri, "exp", tags, "bob's run")  # found again by its tag, not created twice
+    second.metrics({"x": 2.0}, 1)
+    assert second.close()
+    c = MlflowClient(tracking_uri=uri)
+    runs = c.search_runs([c.get_experiment_by_name("exp").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags[RUN_TAG] == "bob's run"
+    assert filter_value('say "hi"') == "'say \"hi\"'" and filter_value("it's") == '"it\'s"'
+    with pytest.raises(ValueError, match="both quote characters"):
+        filter_value('it\'s "x"')
 
 
 def test_instance_feature_bundle_carries_encoder_and_per_class_clusters(tmp_path):
