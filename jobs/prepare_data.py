@@ -4,7 +4,9 @@
         [--split train] [--val-fraction 0.1] [--name NAME] [--shard-mb 256] [--skip-bad] [--encoding png|zstd]
 
 URI: a local path, file://..., or s3://bucket/prefix (AWS environment; AWS_ENDPOINT_URL_S3 for MinIO etc.).
-Re-running resumes: shards already written and verified are skipped. The manifest is written last.
+Re-running resumes: shards written from the same source bytes (sha256 of every source file) are kept, the others
+rewritten; a val split carved by an earlier --val-fraction is removed when this run has none. The manifest is
+written last; nothing is left in --dest when validation fails.
 --encoding zstd stores raw arrays (≈1.65x the bytes of png, ≈11x faster to decode: for GPU nodes, see
 data/encoding.py).
 """

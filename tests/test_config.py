@@ -62,3 +62,23 @@ def test_cross_field_rules():
         load_config("configs/tiny.yaml", ["stage3.num_D=3"])
     with pytest.raises(ConfigError, match=r"stage1.niter_fix_global: only stage 2"):
         load_config("configs/tiny.yaml", ["stage1.niter_fix_global=1"])
+
+
+def test_a_config_in_object_storage_loads_like_a_file(bucket):
+    import boto3
+
+    name = bucket.removeprefix("s3://")
+    boto3.client("s3").put_object(Bucket=name, Key="sweeps/best.yaml", Body=Path("configs/tiny.yaml").read_bytes())
+    cfg = load_config(f"{bucket}/sweeps/best.yaml", ["stage2.niter=5"])
+    assert cfg == load_config("configs/tiny.yaml", ["stage2.niter=5"])
+    with pytest.raises(ConfigError, match=rf"config file {bucket}/sweeps/missing.yaml does not exist"):
+        load_config(f"{bucket}/sweeps/missing.yaml")
+
+
+def test_empty_and_non_mapping_files_are_refused(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ConfigError, match="empty.yaml is empty"):
+        load_config(tmp_path / "empty.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: expected a mapping of sections"):
+        load_config(tmp_path / "list.yaml")
