@@ -136,6 +136,11 @@ def build_dataset(uri: str, split: str, cfg: PipelineConfig):
     ctx.print_on_execution_start = False
     ctx.enable_progress_bars = False
     ctx.raise_original_map_exception = True  # a ShardContentError reaches the Train worker as itself
+    # Ray 2.60's datasource V2 lists files in tasks of 1 CPU (ListFiles sets no num_cpus) inside the Train run's
+    # Ray Data budget, which excludes the workers' CPUs: on 1-CPU nodes that task never runs and the stage hangs
+    # ("Cluster resources are not enough to run any task from ReadFilesParquetV2"). V1 lists the (known) shard
+    # paths in the driver and reads them with `read_cpus` per task.
+    ctx.use_datasource_v2 = False
     manifest = shards.load_manifest(uri, split)
     if cfg.verify != "none":
         shards.verify(manifest, cfg.verify)

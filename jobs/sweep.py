@@ -1,10 +1,13 @@
 """Sweep the loss weights of one curriculum stage with Ray Tune (ASHA on the validation metric).
 
-    python -m jobs.sweep --config configs/X.yaml --num-samples N [--stage 1] [--from-run RUN_ID] [--resume]
-        [--name NAME] [--data URI] [--storage URI] [--tracking-uri URI] [--out best.yaml] [--set k=v ...]
+    python -m jobs.sweep --config configs/X.yaml|s3://.../X.yaml --num-samples N [--stage 1] [--from-run RUN_ID]
+        [--resume] [--name NAME] [--data URI] [--storage URI] [--tracking-uri URI] [--out best.yaml] [--set k=v ...]
 
 Ranges come from the config's `sweep` section (log-uniform lambda_feat, lambda_vgg; lr and gan_mode optional).
-The best trial's configuration is written as YAML that `python -m jobs.train --config` accepts.
+On a cluster, submit it like jobs.train (`ray job submit ... -- python -m jobs.sweep ...`) with storage and
+tracking that the cluster reaches. The best trial's configuration is written as YAML into
+{storage}/sweeps/{name}/best.yaml, which `python -m jobs.train --config` accepts as a storage URI.
+Exit status: 0 done, 2 bad input, 130 stopped.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import sys
 
 from data.shards import ManifestError
 from data.storage import StorageError
-from orchestration.config import ConfigError, load_config
-from orchestration.curriculum import RunState
+from orchestration.checkpoint import CheckpointError
+from orchestration.config import ConfigError, check_name, load_config
+from orchestration.run_state import RunState, run_root
+from orchestration.stopping import STOPPED_EXIT, stop_on_sigterm
 from orchestration.sweep import SweepPlan, run_sweep
 from orchestration.tracking import resolve_tracking_uri
 
@@ -32,35 +37,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage")
     p.add_argument("--tracking-uri")
     p.add_argument("--no-tracking", action="store_true")
-    p.add_argument("--out", help="where to write the best config YAML")
+    p.add_argument("--out", help="also write the best config YAML to this local path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
+    stop_on_sigterm()
     try:
         overrides = list(a.set)
-        if a.num_samples:
+        if a.num_samples is not None:
             overrides.append(f"sweep.num_samples={a.num_samples}")
-        if a.stage:
+        if a.stage is not None:
             overrides.append(f"sweep.stage={a.stage}")
         cfg = load_config(a.config, overrides)
+        name = check_name(a.name or f"{cfg.name}-sweep", "--name")
         data = a.data or cfg.data.uri
         if not data:
             raise ConfigError("no dataset: set data.uri or pass --data")
         storage_uri = a.storage or cfg.train.storage or "outputs/runs"
         init = None
         if cfg.sweep.stage > 1 and a.from_run:
-            from data import storage
-
-            prev = RunState(storage.resolve(storage_uri).join(a.from_run)).done(cfg.sweep.stage - 1)
+            prev = RunState(run_root(storage_uri, a.from_run, "--from-run")).done(cfg.sweep.stage - 1)
             if prev is None:
                 raise ConfigError(f"run '{a.from_run}' in {storage_uri} has no finished stage {cfg.sweep.stage - 1}")
             init = prev["checkpoint"]
-        plan = SweepPlan(cfg=cfg, name=a.name or f"{cfg.name}-sweep", data_uri=data, storage_uri=storage_uri,
+        plan = SweepPlan(cfg=cfg, name=name, data_uri=data, storage_uri=storage_uri,
                          tracking_uri=None if a.no_tracking else resolve_tracking_uri(a.tracking_uri),
                          init_checkpoint=init, resume=a.resume, out=a.out)  # fmt: skip
         run_sweep(plan)
-    except (ConfigError, ManifestError, StorageError) as e:
+    except (ConfigError, ManifestError, StorageError, CheckpointError) as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"sweep: stopped ({e or 'interrupted'}); --resume --name NAME continues it", file=sys.stderr)
+        return STOPPED_EXIT
     return 0
 
 

@@ -56,15 +56,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(directory: str | Path, step: TrainStep, *, stage: int, epoch: int, global_step: int, lr: float,
-         config: dict) -> Path:  # fmt: skip
-    """Write a checkpoint into `directory` (created): state.pt first, meta.json (with its sha256) last."""
+         config: dict, epoch_step: int = 0, world_size: int = 1) -> Path:  # fmt: skip
+    """Write a checkpoint into `directory` (created): state.pt first, meta.json (with its sha256) last.
+
+    `epoch` counts completed epochs; `epoch_step` the steps already done in the next one (a checkpoint taken
+    mid-epoch: every N steps, or on a preemption notice); `world_size` the workers that trained it."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = step.state_dict()
-    state.update(stage=stage, epoch=epoch, global_step=global_step, lr=lr, rng=rng_state(),
-                 config=json.dumps(config, sort_keys=True))  # fmt: skip
+    state.update(stage=stage, epoch=epoch, epoch_step=epoch_step, global_step=global_step, lr=lr, rng=rng_state(),
+                 world_size=world_size, config=json.dumps(config, sort_keys=True))  # fmt: skip
     torch.save(state, d / STATE)
-    meta = {"sha256": _sha256(d / STATE), "stage": stage, "epoch": epoch, "global_step": global_step}
+    meta = {"sha256": _sha256(d / STATE), "stage": stage, "epoch": epoch, "epoch_step": epoch_step,
+            "global_step": global_step, "world_size": world_size}  # fmt: skip
     tmp = d / (META + ".tmp")
     tmp.write_text(json.dumps(meta))
     tmp.replace(d / META)

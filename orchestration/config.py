@@ -42,9 +42,10 @@ class Range:
     low: float
     strict: bool = False  # True: value > low; False: value >= low
 
-    def check(self, value: float, key: str) -> None:
-        if value < self.low or (self.strict and value == self.low):
-            raise ConfigError(f"{key}={value} must be {'>' if self.strict else '>='} {self.low}")
+    def check(self, value: float | list[float], key: str) -> None:
+        for v in value if isinstance(value, list) else [value]:
+            if v < self.low or (self.strict and v == self.low):
+                raise ConfigError(f"{key}={value} must be {'>' if self.strict else '>='} {self.low}")
 
 
 def at_least(low: float, default: Any) -> Any:
@@ -92,12 +93,24 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    num_workers: int = at_least(1, 1)
+    # workers, or [min, max] for an elastic stage: it goes on with fewer workers when nodes leave (>= min) and
+    # grows back when they return, each time from the latest checkpoint
+    num_workers: int | list[int] = at_least(1, 1)
     use_gpu: bool = False
     cpus_per_worker: float = positive(1.0)
     gpus_per_worker: float = positive(1.0)
+    placement: Literal["pack", "spread", "strict_spread"] = "pack"  # workers on as few nodes as possible, or apart
+    # samples per worker per step at the maximum worker count; the global batch (batch_size x max workers) stays
+    # the same at any worker count (fewer workers take larger batches), so steps, lr and results do not change
     batch_size: int = at_least(1, 1)
     save_epoch_freq: int = at_least(1, 10)  # epochs between checkpoints (and always at stage end)
+    checkpoint_every_steps: int = at_least(0, 0)  # also checkpoint every N steps (0: at epoch ends only)
+    # steps between asking Ray whether a node of the stage is being drained (a spot notice, `ray drain-node`; a
+    # checkpoint follows at once); the question is a broadcast across workers (~4 ms on CPU), hence not every step
+    preemption_check_steps: int = at_least(0, 10)
+    resize_check_s: float = positive(60.0)  # elastic: how often a healthy stage looks for returned nodes
+    check_resources: bool = True  # refuse requests the cluster's nodes can never hold (off: autoscaling clusters)
+    ray_logs: Literal["quiet", "info"] = "quiet"  # quiet: Ray's routine INFO lines stay out of the job log
     max_failures: int = at_least(
         -1, 3
     )  # worker-group restarts per stage (-1: unlimited), each from the latest checkpoint
@@ -199,7 +212,21 @@ class Config:
         )
 
     def stage_batch_size(self, k: int) -> int:
+        """Samples per worker per step at the maximum worker count."""
         return self.stage(k).batch_size or self.train.batch_size
+
+    @property
+    def workers(self) -> tuple[int, int]:
+        """(min, max) Train workers; equal unless the stage is elastic."""
+        n = self.train.num_workers
+        return (n, n) if isinstance(n, int) else (n[0], n[1])
+
+    def global_batch(self, k: int) -> int:
+        return self.stage_batch_size(k) * self.workers[1]
+
+    def worker_batch(self, k: int, world_size: int) -> int:
+        """Samples per worker per step with `world_size` workers: the global batch split evenly."""
+        return self.global_batch(k) // world_size
 
     def stage_save_freq(self, k: int) -> int:
         return self.stage(k).save_epoch_freq or self.train.save_epoch_freq
@@ -236,6 +263,32 @@ class Config:
             if r is not None and (len(r) != 2 or not 0 < r[0] <= r[1]):
                 raise ConfigError(f"sweep.{name}={r}: give a range [low, high] with 0 < low <= high")
         _check_compile(self.train.compile)
+        self._check_workers()
+
+    def _check_workers(self) -> None:
+        n = self.train.num_workers
+        if isinstance(n, list) and (len(n) != 2 or n[0] > n[1]):
+            raise ConfigError(
+                f"train.num_workers={n}: give a worker count or [min, max] with 1 <= min <= max, e.g. [2, 8]"
+            )
+        low, high = self.workers
+        for k in (1, 2, 3):
+            g = self.global_batch(k)
+            uneven = [w for w in range(low, high + 1) if g % w]
+            if uneven:
+                where = f"stage{k}.batch_size" if self.stage(k).batch_size else "train.batch_size"
+                raise ConfigError(
+                    f"{where}={self.stage_batch_size(k)} with train.num_workers={n}: the global batch of {g} cannot "
+                    f"be split evenly over {uneven[0]} workers (an elastic stage keeps the global batch at any worker "
+                    f"count); use {where}={_even_batch(low, high)}, a narrower [min, max], or a fixed worker count"
+                )
+
+
+def _even_batch(low: int, high: int) -> int:
+    """The smallest per-worker batch whose global batch splits evenly over every worker count in [low, high]."""
+    import math
+
+    return math.lcm(*range(low, high + 1)) // math.gcd(math.lcm(*range(low, high + 1)), high)
 
 
 def _check_compile(value: str) -> None:

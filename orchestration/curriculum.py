@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from data import shards, storage
 from data.layouts import label_set
 from data.pipeline import build_dataset, execution_options
-from orchestration import checkpoint
+from orchestration import checkpoint, resources
 from orchestration.config import Config, ConfigError
 from orchestration.failures import Trainer, fit
 from orchestration.run_state import RunState, run_root
@@ -140,6 +140,7 @@ def run(plan: RunPlan, log=print) -> RunResult:
     from orchestration.registry import RegistrationError, register_run
 
     checked = preflight(plan, log)  # bad input fails here, before Ray or MLflow hear of the run
+    connect_ray(plan.cfg)  # and a request the cluster can never hold fails here
     parent = None
     if plan.tracking_uri:
         parent = Tracker(plan.tracking_uri, experiment_name(plan.cfg), {RUN_TAG: plan.run_id}, plan.run_id, log=log)
@@ -176,31 +177,43 @@ def available_val_split(cfg: Config, data_uri: str, log=print) -> str | None:
     return None
 
 
-def stage_trainer(cfg: Config, k: int, data_uri: str, val_split: str | None, context: StageContext,
-                  storage_root: storage.Location, name: str, callbacks: list | None = None):  # fmt: skip
-    """The TorchTrainer of stage k: datasets, workers, checkpoints and restarts as configured."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-
+def stage_datasets(cfg: Config, k: int, data_uri: str, val_split: str | None) -> dict:
+    """The Ray Datasets of stage k (shards verified as data.verify says); build them where CPUs are free (the
+    driver, before the stage's workers start): Ray Data's metadata tasks take 1 CPU each."""
     pcfg = pipeline_config(cfg, k)
-    datasets = {
+    return {
         "train": build_dataset(data_uri, cfg.data.train_split, pcfg),
         "val": build_dataset(data_uri, val_split or cfg.data.train_split, pcfg),
     }
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = cfg.train.gpus_per_worker
+
+
+def stage_trainer(cfg: Config, k: int, datasets: dict, context: StageContext, storage_root: storage.Location,
+                  name: str, callbacks: list | None = None):  # fmt: skip
+    """The TorchTrainer of stage k: workers (elastic for [min, max]), placement, checkpoints and restarts."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+
+    t = cfg.train
+    low, high = cfg.workers
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
     return Trainer(
         train_stage,
         train_loop_config=vars(context),
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
-        ),  # fmt: skip
+            num_workers=high if low == high else (low, high),
+            use_gpu=t.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=t.placement.upper(),
+            elastic_resize_monitor_interval_s=t.resize_check_s,
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_root.path,
             storage_filesystem=storage_root.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING" if t.ray_logs == "quiet" else "INFO"),
             callbacks=callbacks,
         ),
         datasets=datasets,
@@ -208,15 +221,22 @@ def stage_trainer(cfg: Config, k: int, data_uri: str, val_split: str | None, con
     )
 
 
-def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, log) -> dict[int, dict]:
+def connect_ray(cfg: Config, trial_cpus: float = 0.0, what: str = "the stage") -> None:
+    """Join the cluster (RAY_ADDRESS, as under `ray job submit`) or start a local Ray; Ray's routine INFO lines
+    stay out of the job log unless train.ray_logs is info. Then check the request fits the cluster's nodes."""
     import ray
 
+    if not ray.is_initialized():
+        level = "WARNING" if cfg.train.ray_logs == "quiet" else "INFO"
+        ray.init(logging_config=ray.LoggingConfig(log_level=level))
+    resources.check(cfg, resources.cluster_nodes(), trial_cpus, what)
+
+
+def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, log) -> dict[int, dict]:
     cfg = plan.cfg
     root, state, inits = checked
     state.update(run_id=plan.run_id, data_uri=plan.data_uri, config=cfg.to_dict())
     val_split = available_val_split(cfg, plan.data_uri, log)
-    if not ray.is_initialized():
-        ray.init()
     log(f"run {plan.run_id}: stages {plan.stages}, data {plan.data_uri}, storage {root}")
     if parent:
         log(f"tracking: MLflow at {plan.tracking_uri}, experiment {experiment_name(cfg)}")
@@ -232,15 +252,18 @@ def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, log) -> d
             inits[k + 1] = done["checkpoint"]
             continue
         model, geo = cfg.stage_model(k), cfg.stage_geometry(k)
+        low, high = cfg.workers
+        workers = f"{high}" if low == high else f"{low}-{high} (elastic)"
         log(
             f"[stage {k}] {STAGES[k - 1].what}: netG={model.netG} ngf={model.ngf} num_D={model.num_D} "
-            f"{geo.resize_or_crop}/{geo.load_size} batch {cfg.stage_batch_size(k)} x {cfg.train.num_workers} workers, "
+            f"{geo.resize_or_crop}/{geo.load_size}, global batch {cfg.global_batch(k)} on {workers} workers, "
             f"{cfg.stage(k).epochs} epochs"
         )
         context = StageContext(cfg.to_dict(), k, root.uri, inits.get(k), labels, plan.run_id, plan.tracking_uri,
                                experiment_name(cfg))  # fmt: skip
         t0 = time.perf_counter()
-        result = fit(stage_trainer(cfg, k, plan.data_uri, val_split, context, root, f"stage{k}"), f"stage {k}")
+        datasets = stage_datasets(cfg, k, plan.data_uri, val_split)
+        result = fit(stage_trainer(cfg, k, datasets, context, root, f"stage{k}"), f"stage {k}")
         ckpt_uri = checkpoint_uri(result, root, f"stage {k}")
         metrics = result.metrics or {}
         entry = dict(checkpoint=ckpt_uri, epochs=metrics.get("epoch"), global_step=metrics.get("global_step"),

@@ -1,26 +1,46 @@
-"""Ray Tune sweeps of the loss weights over one curriculum stage.
+"""Ray Tune sweeps of the loss weights over one curriculum stage, on a laptop or submitted to a cluster.
 
 Ray Train V2 pattern: each trial is a function that builds and fits the stage's TorchTrainer, reporting every
-epoch to Tune through `TuneReportCallback`; ASHA stops weak trials early on the validation metric. Each trial is
-an MLflow run nested under a sweep parent run (`MLflowLoggerCallback`). The best trial's configuration is
-written as a YAML file that `jobs.train` accepts.
+epoch to Tune through `TuneReportCallback`; ASHA stops weak trials early on the validation metric. The stage's
+datasets are built (and their shards verified) once, in the sweep's driver while the cluster is idle, and
+shared by every trial. Before anything starts, the cluster is checked to hold a trial's driver, its workers and
+Ray Data's tasks at once. Each trial is an MLflow run nested under the sweep's parent run, found again by its
+trial id (a resumed trial logs into its run); every run ends FINISHED, FAILED or KILLED. Swept parameters that
+the config turns off (lambda_vgg without VGG weights, lambda_feat without the feature-matching loss) are named
+and not swept. The best trial's configuration is written as YAML into the sweep's storage (and locally when the
+sweep runs on this machine): `python -m jobs.train --config` accepts both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray.tune import Callback
+
 from data import shards, storage
 from data.layouts import label_set
+from model.step import LOSS_NAMES
 from orchestration.config import Config, ConfigError, from_dict
-from orchestration.curriculum import available_val_split, checkpoint_uri, experiment_name, stage_trainer
-from orchestration.tracking import SWEEP_TAG, ensure_experiment, find_or_create_run, quiet_client
+from orchestration.curriculum import (
+    available_val_split,
+    checkpoint_uri,
+    connect_ray,
+    experiment_name,
+    stage_datasets,
+    stage_trainer,
+    verified_init,
+)
+from orchestration.failures import fit
+from orchestration.tracking import STAGE_TAG, SWEEP_TAG, Tracker
 from orchestration.worker import StageContext
 
 SAMPLED = ("lambda_feat", "lambda_vgg", "lr", "gan_mode")
+TRIAL_TAG = "p2p.trial"
+TRACKED = (*LOSS_NAMES, "val_L1", "val_VGG", "lr", "img_per_s", "data_wait")
 
 
 @dataclass
@@ -32,7 +52,7 @@ class SweepPlan:
     tracking_uri: str | None
     init_checkpoint: str | None = None  # stages 2 and 3 start from an earlier stage's checkpoint
     resume: bool = False
-    out: str | None = None  # best config YAML; default {storage}/sweeps/{name}/best.yaml and outputs/
+    out: str | None = None  # a local copy of best.yaml (default: outputs/sweeps/NAME/best.yaml off a cluster)
 
 
 def trial_config(base: dict, sampled: dict) -> Config:
@@ -44,31 +64,42 @@ def trial_config(base: dict, sampled: dict) -> Config:
 
 def _trial(config: dict, fixed: dict) -> None:
     """One Tune trial: fit the stage's TorchTrainer with the sampled weights (`config`), reporting each epoch to
-    Tune. `fixed` is the same for every trial (passed with tune.with_parameters, so MLflow params are only the
-    sampled values)."""
+    Tune. `fixed` is the same for every trial (passed with tune.with_parameters: the datasets travel once)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = trial_config(fixed["base"], config)
     k = fixed["stage"]
-    ctx = tune.get_context()
+    trial = tune.get_context().get_trial_id()
     root = storage.resolve(fixed["storage"])
     context = StageContext(cfg.to_dict(), k, root.uri, fixed["init_checkpoint"], fixed["labels"],
-                           run_id=f"{fixed['sweep']}/{ctx.get_trial_id()}")  # fmt: skip
-    trainer = stage_trainer(cfg, k, fixed["data_uri"], fixed["val_split"], context, root, ctx.get_trial_id(),
-                            callbacks=[TuneReportCallback()])  # fmt: skip
-    checkpoint_uri(trainer.fit(), root, f"trial {ctx.get_trial_id()}")
+                           run_id=f"{fixed['sweep']}/{trial}", mid_epoch_checkpoints=False)  # fmt: skip
+    trainer = stage_trainer(cfg, k, fixed["datasets"], context, root, trial, callbacks=[TuneReportCallback()])
+    checkpoint_uri(fit(trainer, f"trial {trial}"), root, f"trial {trial}")
 
 
-def search_space(cfg: Config) -> dict:
+def search_space(cfg: Config, log=print) -> dict:
+    """Log-uniform ranges (and the gan_mode choice) of the parameters that take effect in this config."""
     from ray import tune
 
-    w = cfg.sweep
-    space = {"lambda_feat": tune.loguniform(*w.lambda_feat), "lambda_vgg": tune.loguniform(*w.lambda_vgg)}
-    if w.lr:
-        space["lr"] = tune.loguniform(*w.lr)
+    w, m = cfg.sweep, cfg.model
+    inactive = {
+        "lambda_vgg": None if m.vgg_enabled else "the VGG loss is off (no model.vgg_weights)",
+        "lambda_feat": "model.no_ganFeat_loss is true" if m.no_ganFeat_loss else None,
+    }
+    space = {}
+    for name in ("lambda_feat", "lambda_vgg", "lr"):
+        r = getattr(w, name)
+        if r is None:
+            continue
+        if inactive.get(name):
+            log(f"sweep: warning: sweep.{name}={r} is not swept: {inactive[name]}; remove it or turn that loss on")
+            continue
+        space[name] = tune.loguniform(*r)
     if w.gan_mode:
         space["gan_mode"] = tune.choice(w.gan_mode)
+    if not space:
+        raise ConfigError("sweep: nothing left to sweep (every swept parameter is inactive in this config)")
     return space
 
 
@@ -79,45 +110,102 @@ def max_concurrent(cfg: Config) -> int:
         return cfg.sweep.max_concurrent_trials
     if not cfg.train.use_gpu:
         return 1
-    per_trial = cfg.train.num_workers * cfg.train.gpus_per_worker
+    per_trial = cfg.workers[1] * cfg.train.gpus_per_worker
     return max(1, int(ray.cluster_resources().get("GPU", 0) // per_trial))
 
 
+class TrialTracking(Callback):
+    """Each trial an MLflow run under the sweep's parent, found again by its trial id (a resumed trial logs into
+    its own run) and ended with the trial; one line per trial event in the job log."""
+
+    def __init__(self, uri: str, experiment: str, sweep: str, max_epochs: int):
+        self.uri, self.experiment, self.sweep, self.max_epochs = uri, experiment, sweep, max_epochs
+        self.runs: dict[str, Tracker] = {}
+
+    def __getstate__(self) -> dict:  # Tune saves its callbacks with the experiment; open runs stay behind
+        return {**self.__dict__, "runs": {}}
+
+    def _run(self, trial) -> Tracker:
+        if trial.trial_id not in self.runs:
+            self.runs[trial.trial_id] = Tracker(self.uri, self.experiment, {SWEEP_TAG: self.sweep, TRIAL_TAG: trial.trial_id},
+                                                f"{self.sweep}/{trial.trial_id}",
+                                                parent_tags={SWEEP_TAG: self.sweep, STAGE_TAG: "parent"})  # fmt: skip
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        sampled = {k: v for k, v in trial.config.items() if k in SAMPLED}
+        self._run(trial).params(sampled)
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sampled.items())
+        print(f"sweep {self.sweep}: trial {trial.trial_id} started: {shown}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._run(trial).metrics({k: result[k] for k in TRACKED if k in result}, int(result.get("epoch", 0)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        early = int(last.get("epoch", 0)) < self.max_epochs
+        print(f"sweep {self.sweep}: trial {trial.trial_id} {'stopped early by ASHA' if early else 'finished'} after "
+              f"{last.get('epoch', 0)} epochs, val_L1={last.get('val_L1', float('nan')):.4f}", flush=True)  # fmt: skip
+        self._end(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(
+            f"sweep {self.sweep}: trial {trial.trial_id} failed: {trial.error_file or 'see the trial log'}", flush=True
+        )
+        self._end(trial, "FAILED")
+
+    def _end(self, trial, status: str) -> None:
+        self._run(trial).close(status, timeout=30)
+        self.runs.pop(trial.trial_id, None)
+
+
 def run_sweep(plan: SweepPlan, log=print) -> dict:
-    import ray
-    from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
 
     cfg, w = plan.cfg, plan.cfg.sweep
     k = w.stage
     manifest = shards.load_manifest(plan.data_uri, cfg.data.train_split)
     if k > 1 and not plan.init_checkpoint:
         raise ConfigError(f"sweeping stage {k} needs the checkpoint it starts from: pass --from-run RUN_ID")
+    init = verified_init(plan.init_checkpoint, k, log) if k > 1 else None
     root = storage.resolve(plan.storage_uri).join("sweeps", plan.name)
     storage.check_writable(root)
+    space = search_space(cfg, log)
     val_split = available_val_split(cfg, plan.data_uri, log)
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray(cfg, trial_cpus=w.trial_cpus, what="each sweep trial")
+    datasets = stage_datasets(cfg, k, plan.data_uri, val_split)
 
-    callbacks = []
+    parent, callbacks = None, []
     if plan.tracking_uri:
-        client = quiet_client(plan.tracking_uri)
-        exp = ensure_experiment(client, experiment_name(cfg), plan.tracking_uri)
-        parent = find_or_create_run(client, exp, {SWEEP_TAG: plan.name}, f"sweep {plan.name}")
-        if not client.get_run(parent).data.params:
-            for key, value in dataclasses.asdict(w).items():
-                client.log_param(parent, f"sweep.{key}", str(value))
-        callbacks.append(MLflowLoggerCallback(tracking_uri=plan.tracking_uri, experiment_name=experiment_name(cfg),
-                                              tags={"mlflow.parentRunId": parent, SWEEP_TAG: plan.name},
-                                              save_artifact=False))  # fmt: skip
-        log(f"sweep {plan.name}: trials are MLflow runs under run {parent} at {plan.tracking_uri}")
+        parent = Tracker(plan.tracking_uri, experiment_name(cfg), {SWEEP_TAG: plan.name}, f"sweep {plan.name}", log=log)
+        parent.params({f"sweep.{key}": value for key, value in dataclasses.asdict(w).items()})
+        callbacks.append(TrialTracking(plan.tracking_uri, experiment_name(cfg), plan.name, cfg.stage(k).epochs))
+        log(f"sweep {plan.name}: trials are MLflow runs under the sweep's run at {plan.tracking_uri}")
+    try:
+        result = _tune(plan, space, datasets, init, root, label_set(manifest["layout"]).name, callbacks, log)
+    except BaseException as e:
+        if parent:
+            parent.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", end_children=True)
+        raise
+    if parent:
+        parent.metrics({f"best_{w.metric}": result["metric"]}, 0)
+        parent.tags_({"best_config": result["config_uri"]})
+        parent.close("FINISHED", end_children=True)
+    return result
 
-    fixed = {"base": cfg.to_dict(), "stage": k, "storage": root.join("trials").uri, "data_uri": plan.data_uri,
-             "val_split": val_split, "init_checkpoint": plan.init_checkpoint, "sweep": plan.name,
-             "labels": label_set(manifest["layout"]).name}  # fmt: skip
+
+def _tune(plan: SweepPlan, space: dict, datasets: dict, init: str | None, root: storage.Location, labels: str,
+          callbacks: list, log) -> dict:  # fmt: skip
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    cfg, w = plan.cfg, plan.cfg.sweep
+    k = w.stage
+    fixed = {"base": cfg.to_dict(), "stage": k, "storage": root.join("trials").uri, "datasets": datasets,
+             "init_checkpoint": init, "sweep": plan.name, "labels": labels}  # fmt: skip
     trainable = tune.with_resources(tune.with_parameters(_trial, fixed=fixed), {"CPU": w.trial_cpus})
     tune_path = root.join("tune")
+    run_config = tune.RunConfig(name="tune", storage_path=root.path, storage_filesystem=root.fs, callbacks=callbacks,
+                                verbose=0)  # fmt: skip
     if plan.resume and tune.Tuner.can_restore(tune_path.path, storage_filesystem=tune_path.fs):
         log(f"sweep {plan.name}: resuming from {tune_path}")
         tuner = tune.Tuner.restore(tune_path.path, trainable, resume_unfinished=True, resume_errored=True,
@@ -125,7 +213,7 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=search_space(cfg),
+            param_space=space,
             tune_config=tune.TuneConfig(
                 metric=w.metric,
                 mode=w.mode,
@@ -134,27 +222,31 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
                 scheduler=ASHAScheduler(
                     max_t=cfg.stage(k).epochs, grace_period=w.grace_period, reduction_factor=w.reduction_factor
                 ),
-            ),  # fmt: skip
-            run_config=tune.RunConfig(
-                name="tune", storage_path=root.path, storage_filesystem=root.fs, callbacks=callbacks
-            ),  # fmt: skip
+            ),
+            run_config=run_config,
         )
     t0 = time.perf_counter()
+    log(f"sweep {plan.name}: {w.num_samples} trials of stage {k}, {max_concurrent(cfg)} at a time, over "
+        f"{', '.join(space)}")  # fmt: skip
     results = tuner.fit()
     best = results.get_best_result(metric=w.metric, mode=w.mode)
-    if best is None or best.metrics is None:
+    if best is None or best.metrics is None or w.metric not in best.metrics:
         raise RuntimeError(f"sweep {plan.name}: no trial reported {w.metric}; see the trial errors above")
     chosen = {key: best.config[key] for key in SAMPLED if key in best.config}
     best_cfg = trial_config(cfg.to_dict(), chosen)
     yaml_text = (
         f"# best trial of sweep {plan.name}: {w.metric}={best.metrics[w.metric]:.4f}, {chosen}\n" + best_cfg.to_yaml()
     )
-    storage.write_bytes_atomic(root.join("best.yaml"), yaml_text.encode())
-    out = Path(plan.out or f"outputs/sweeps/{plan.name}/best.yaml")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml_text)
+    config_loc = root.join("best.yaml")
+    storage.write_bytes_atomic(config_loc, yaml_text.encode())
+    out = plan.out or (None if os.environ.get("RAY_ADDRESS") else f"outputs/sweeps/{plan.name}/best.yaml")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(yaml_text)
     errors = sum(1 for r in results if r.error is not None)
     log(f"sweep {plan.name}: {len(results)} trials ({errors} errored) in {time.perf_counter() - t0:.0f}s")
     log(f"best trial: {w.metric}={best.metrics[w.metric]:.4f} with {chosen}")
-    log(f"best config: {out} (and {root.join('best.yaml')}); train it with python -m jobs.train --config {out}")
-    return {"best": chosen, "metric": best.metrics[w.metric], "config_path": str(out), "trials": len(results)}
+    log(f"best config: {config_loc}" + (f" (and {out})" if out else "")
+        + f"; train it with python -m jobs.train --config {config_loc}")  # fmt: skip
+    return {"best": chosen, "metric": best.metrics[w.metric], "config_path": out, "config_uri": config_loc.uri,
+            "trials": len(results)}  # fmt: skip

@@ -211,7 +211,7 @@ class Tracker:
         exp = ensure_experiment(client, self.experiment, self.uri)
         parent = None
         if self.parent_tags is not None:
-            parent = find_or_create_run(client, exp, self.parent_tags, self.parent_tags[RUN_TAG])
+            parent = find_or_create_run(client, exp, self.parent_tags, " ".join(self.parent_tags.values()))
         self.run_id = find_or_create_run(client, exp, self.tags, self.run_name, parent)
 
     def _send(self, client, op) -> None:

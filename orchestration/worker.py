@@ -1,7 +1,17 @@
 """The per-worker training loop of one curriculum stage (runs inside Ray Train workers).
 
 Every rank runs the same loop; rank 0 alone prints progress, writes image grids and checkpoints.
-`ray.train.report` is called once per epoch on every rank (it is a barrier).
+`ray.train.report` is called once per epoch on every rank (it is a barrier), and mid-epoch when a checkpoint
+is due: every `train.checkpoint_every_steps` steps, or when Ray announces that a node of this stage is being
+drained (a spot/preemptible node's notice, `ray drain-node`), within `train.preemption_check_steps` steps.
+
+Elastic stages (`train.num_workers: [min, max]`): Ray Train restarts the worker group at a new size when nodes
+leave or return, and the loop resumes from the latest checkpoint. The global batch stays the same at every
+size (each worker takes global / workers samples), so the lr, the number of steps per epoch and the result do
+not depend on the size; a checkpoint taken mid-epoch resumes that epoch after the steps it already did (each
+worker skips its share of them: the same number of samples, though not the same samples, since the split
+across workers depends on their count). Each resize is logged (time, old -> new, epoch, step) in the progress
+line and in MLflow (`workers` metric, `resize.N` tags).
 """
 
 from __future__ import annotations
@@ -40,14 +50,16 @@ class StageContext:
     run_id: str = ""
     tracking_uri: str | None = None  # None: no MLflow tracking
     experiment: str = "pix2pixhd"
+    mid_epoch_checkpoints: bool = True  # False in sweep trials: Tune counts every report as an iteration
 
 
-def pipeline_config(cfg: Config, k: int) -> PipelineConfig:
+def pipeline_config(cfg: Config, k: int, world_size: int | None = None) -> PipelineConfig:
+    """Stage k's data pipeline; with `world_size`, the batch is one worker's share of the global batch."""
     d = cfg.data
     return PipelineConfig(
         geometry=cfg.stage_geometry(k),
         instance_output=cfg.instance_output(),
-        batch_size=cfg.stage_batch_size(k),
+        batch_size=cfg.worker_batch(k, world_size) if world_size else cfg.stage_batch_size(k),
         seed=cfg.train.seed,
         shuffle_buffer=d.shuffle_buffer,
         read_cpus=d.read_cpus,
@@ -92,8 +104,9 @@ def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def _quiet_ray_train_reports() -> None:
-    """Ray Train logs every `report` at INFO on every rank, with the whole metrics dict; the progress line below
-    says the same once. Its logger is named after the module's file path."""
+    """Ray Train logs every `report` at INFO on every rank, with the whole metrics dict, and DDP wrapping of each
+    network; the progress line below says what matters once. The first logger is named after its module's file."""
+    logging.getLogger("ray.train.torch.train_loop_utils").setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context as train_context
     except ImportError:  # another Ray version: keep its logging as it is
@@ -107,7 +120,8 @@ def train_stage(context: dict) -> None:
     cfg = from_dict(ctx.config)
     k = ctx.stage
     stage_cfg = cfg.stage(k)
-    rank = ray.train.get_context().get_world_rank()
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     opt = cfg.stage_model(k)
@@ -116,18 +130,24 @@ def train_stage(context: dict) -> None:
                      activation_checkpointing=t.activation_checkpointing, seed=t.seed)  # fmt: skip
     say = _emit if rank == 0 else (lambda *a, **kw: None)
 
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, skip, resized = 0, 0, 0, None
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
             state = checkpoint.load(d)
         checkpoint.restore(step, state)
-        start_epoch, global_step = state["epoch"], state["global_step"]
-        say(f"[stage {k}] resuming from its checkpoint: epoch {start_epoch}, step {global_step}")
+        start_epoch, global_step, skip = state["epoch"], state["global_step"], state.get("epoch_step", 0)
+        where = f"epoch {start_epoch}" + (f" + {skip} steps" if skip else "") + f", step {global_step}"
+        say(f"[stage {k}] resuming from its checkpoint: {where}")
+        if state.get("world_size", world) != world:
+            resized = (state["world_size"], world)
+            say(f"[stage {k}] resized {resized[0]} -> {world} workers at {time.strftime('%H:%M:%S')} ({where}); "
+                f"per-worker batch {cfg.worker_batch(k, resized[0])} -> {cfg.worker_batch(k, world)}, global batch "
+                f"{cfg.global_batch(k)} as before")  # fmt: skip
     elif ctx.init_checkpoint:
         say(f"[stage {k}] {checkpoint.init_from_previous_stage(step, _load_checkpoint_uri(ctx.init_checkpoint), k)}")  # fmt: skip
 
-    pcfg = pipeline_config(cfg, k)
+    pcfg = pipeline_config(cfg, k, world)
     shard = ray.train.get_dataset_shard("train")
     heldout = _heldout(ray.train.get_dataset_shard("val"), pcfg, cfg.train.val_samples, device) if rank == 0 else None
     labels = LABEL_SETS[ctx.label_set]
@@ -136,12 +156,27 @@ def train_stage(context: dict) -> None:
         tracker = Tracker(ctx.tracking_uri, ctx.experiment, {RUN_TAG: ctx.run_id, STAGE_TAG: str(k)},
                           f"{ctx.run_id}/stage{k}", parent_tags={RUN_TAG: ctx.run_id}, log=say)  # fmt: skip
         tracker.params({"stage": k, "model": vars(opt), "geometry": vars(pcfg.geometry),
-                        "batch_size": pcfg.batch_size, "num_workers": cfg.train.num_workers})  # fmt: skip
+                        "global_batch": cfg.global_batch(k), "num_workers": str(cfg.train.num_workers)})  # fmt: skip
         tracker.tags_({"checkpoint_dir": storage.resolve(ctx.run_root).join(f"stage{k}").uri})
+        tracker.metrics({"workers": world}, global_step)
+        if resized:
+            tracker.tags_({f"resize.{int(time.time())}": f"{resized[0]} -> {world} workers at epoch {start_epoch} "
+                                                          f"(+{skip} steps), step {global_step}"})  # fmt: skip
     images_root = storage.resolve(ctx.run_root).join(f"stage{k}", "images")
     epochs = stage_cfg.epochs
     stage_start = time.perf_counter()
     upcoming = started(iter_epoch(shard, pcfg, start_epoch)) if start_epoch < epochs else None
+    every = cfg.train.checkpoint_every_steps if ctx.mid_epoch_checkpoints else 0
+    preempted = False  # a just-in-time checkpoint was taken for the current drain notice
+
+    def save_and_report(metrics: dict, epoch: int, epoch_step: int, lr: float) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                checkpoint.save(tmp, step, stage=k, epoch=epoch, epoch_step=epoch_step, global_step=global_step,
+                                lr=lr, config=ctx.config, world_size=world)  # fmt: skip
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
 
     for epoch in range(start_epoch, epochs):
         trainable = "local" if k == 2 and epoch < stage_cfg.niter_fix_global else "all"
@@ -150,9 +185,15 @@ def train_stage(context: dict) -> None:
         lr = step.set_epoch(epoch)
         sums = torch.zeros(len(LOSS_NAMES), device=device)
         batches, samples, wait = 0, 0, 0.0
+        done_before = skip if epoch == start_epoch else 0  # steps a mid-epoch checkpoint already did
+        epoch_step = 0
         t_epoch = time.perf_counter()
         t_ready = t_epoch
         for batch in upcoming:
+            epoch_step += 1
+            if epoch_step <= done_before:
+                t_ready = time.perf_counter()
+                continue
             wait += time.perf_counter() - t_ready
             losses = step.step(batch)
             sums += torch.stack([losses[n] for n in LOSS_NAMES])
@@ -165,6 +206,18 @@ def train_stage(context: dict) -> None:
                     + " ".join(f"{n}={v:.3f}" for n, v in values.items()))  # fmt: skip
                 if tracker:
                     tracker.metrics({f"step/{n}": v for n, v in values.items()}, global_step)
+            if ctx.mid_epoch_checkpoints:
+                ask = cfg.train.preemption_check_steps and global_step % cfg.train.preemption_check_steps == 0
+                notice = ray.train.get_preemption_info() if ask else None  # a broadcast: one answer on every rank
+                due = bool(every) and global_step % every == 0
+                if notice is not None and not preempted:
+                    say(f"[stage {k}] node(s) {', '.join(notice.preempted_node_to_ranks)} draining: checkpoint at "
+                        f"step {global_step} (epoch {epoch + 1}, step {epoch_step} of it)")  # fmt: skip
+                if due or (notice is not None and not preempted):
+                    save_and_report({"stage": k, "epoch": epoch, "epoch_step": epoch_step, "global_step": global_step,
+                                     "lr": lr, "partial_epoch": True}, epoch, epoch_step, lr)  # fmt: skip
+                if ask:
+                    preempted = notice is not None
             t_ready = time.perf_counter()
         took = time.perf_counter() - t_epoch
         last = epoch + 1 == epochs
@@ -173,7 +226,7 @@ def train_stage(context: dict) -> None:
         totals = _reduce_sum(torch.cat([sums, torch.tensor([batches, samples], device=device, dtype=sums.dtype)]))
         n_batches, n_samples = totals[-2].item(), totals[-1].item()
         metrics = {name: (totals[i] / max(n_batches, 1)).item() for i, name in enumerate(LOSS_NAMES)}
-        metrics.update(stage=k, epoch=epoch + 1, global_step=global_step, lr=lr, trainable=trainable,
+        metrics.update(stage=k, epoch=epoch + 1, global_step=global_step, lr=lr, trainable=trainable, workers=world,
                        img_per_s=n_samples / took, data_wait=wait / took, samples=n_samples)  # fmt: skip
 
         if heldout is not None:
@@ -193,20 +246,17 @@ def train_stage(context: dict) -> None:
             tracker.metrics({n: v for n, v in metrics.items() if n not in ("stage", "epoch", "global_step")}
                             | {"epoch": epoch + 1}, global_step)  # fmt: skip
 
-        ckpt = None
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0 and (last or (epoch + 1) % cfg.stage_save_freq(k) == 0):
-                checkpoint.save(tmp, step, stage=k, epoch=epoch + 1, global_step=global_step, lr=lr,
-                                config=ctx.config)  # fmt: skip
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        if last or (epoch + 1) % cfg.stage_save_freq(k) == 0:
+            save_and_report(metrics, epoch + 1, 0, lr)
+        else:
+            ray.train.report(metrics)
 
         elapsed = time.perf_counter() - stage_start
         eta = elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
         shown = " ".join(f"{n}={metrics[n]:.3f}" for n in LOSS_NAMES)
         val = f" val_L1={metrics['val_L1']:.3f}" if "val_L1" in metrics else ""
         say(f"[stage {k}] epoch {epoch + 1}/{epochs} step {global_step} {shown}{val} lr={lr:.2e} "
-            f"{metrics['img_per_s']:.1f} img/s data-wait {100 * metrics['data_wait']:.0f}% "
+            f"{metrics['img_per_s']:.1f} img/s data-wait {100 * metrics['data_wait']:.0f}% {world} workers "
             f"eta {eta:.0f}s{' (G1 frozen)' if trainable == 'local' else ''}")  # fmt: skip
     if start_epoch >= epochs:
         say(f"[stage {k}] already complete ({epochs} epochs)")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 S3_ENV = {
@@ -41,25 +41,39 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-@contextmanager
-def serving(cmd: list[str], env: dict[str, str], log_path: Path, ready_url: str, timeout: float):
-    """Run a server process (its own process group, output to log_path) until the block ends; wait for
-    ready_url first. Stops it with SIGTERM, then SIGKILL."""
-    import signal
+def stop_tree(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Stop a server we started and everything it started, by PID: SIGTERM to the process and its descendants
+    (collected first: Ray's workers leave the process group), then SIGKILL what is left. Never by name: other
+    Ray instances on the host are not ours."""
+    import psutil
 
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        with suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        with suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    proc.wait(10)
+
+
+@contextmanager
+def serving(cmd: list[str], env: dict[str, str], log_path: Path, ready_url: str | None, timeout: float):
+    """Run a server process (its own process group, output to log_path) until the block ends; wait for
+    ready_url first (when given). Stops it and its descendants by PID."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_http(ready_url, timeout=timeout, proc=proc)
+            if ready_url:
+                wait_http(ready_url, timeout=timeout, proc=proc)
             yield proc
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            stop_tree(proc)
 
 
 @contextmanager
@@ -97,26 +111,92 @@ def restore_env(old: dict[str, str | None]) -> None:
             os.environ[k] = v
 
 
+def _ray_env(tmp_dir: Path, env: dict[str, str]) -> dict[str, str]:
+    venv_bin = str(Path(sys.executable).parent)  # as with an activated venv: jobs' `python` is this one
+    return {**os.environ, **env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_TMPDIR": str(tmp_dir),
+            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}  # fmt: skip
+
+
+def _start_node(tmp_dir: Path, env: dict[str, str], gcs: str, args: list[str], log_name: str) -> subprocess.Popen:
+    """`ray start --block` in a session of its own; its output in tmp_dir/log_name. The node's processes get
+    RAY_ADDRESS and RAY_TMPDIR: Ray's own State API calls inside them (Train's placement-group cleaner) otherwise
+    look the cluster up by scanning the host, and fail when another Ray instance runs on it."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+           f"--temp-dir={tmp_dir}", *args]  # fmt: skip
+    log = open(tmp_dir / log_name, "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, env={**_ray_env(tmp_dir, env), "RAY_ADDRESS": gcs}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+class RayCluster:
+    """A Ray cluster on 127.0.0.1 as users run one: `ray start --head` and `ray start --address` workers, each
+    with its own ports and temp dir. Workers can be stopped and started again (nodes coming and going)."""
+
+    def __init__(self, tmp_dir: Path, env: dict[str, str], head_cpus: float, worker_cpus: list[float]):
+        self.tmp_dir, self.env = tmp_dir, env
+        self.gcs_port, dash = free_port(), free_port()
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        self.head = _start_node(tmp_dir / "head", env, self.gcs_address, ["--head", f"--num-cpus={head_cpus}", f"--port={self.gcs_port}",
+                                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"],
+                                "ray-head.log")  # fmt: skip
+        wait_http(f"{self.dashboard}/api/version", timeout=90, proc=self.head)
+        self.workers: dict[int, subprocess.Popen] = {}
+        self.worker_cpus = worker_cpus
+        for i in range(len(worker_cpus)):
+            self.start_worker(i)
+        self.wait_nodes(1 + len(worker_cpus))
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def start_worker(self, i: int) -> None:
+        self.workers[i] = _start_node(self.tmp_dir / f"worker{i}", self.env, self.gcs_address,
+                                      [f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus[i]}",
+                                       f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
+                                      f"ray-worker{i}.log")  # fmt: skip
+
+    def stop_worker(self, i: int) -> None:
+        """The node goes away as a preempted machine does: its processes are killed."""
+        stop_tree(self.workers.pop(i), grace=0)
+
+    def alive_nodes(self) -> int:
+        import json
+
+        with urllib.request.urlopen(f"{self.dashboard}/nodes?view=summary", timeout=10) as r:
+            nodes = json.load(r)["data"]["summary"]
+        return sum(1 for n in nodes if n.get("raylet", {}).get("state") == "ALIVE")
+
+    def wait_nodes(self, n: int, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alive_nodes() != n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the cluster did not reach {n} alive nodes in {timeout}s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        for i in list(self.workers):
+            stop_tree(self.workers.pop(i), grace=10)
+        stop_tree(self.head, grace=10)
+
+
+@contextmanager
+def ray_cluster(tmp_dir: Path, env: dict[str, str], head_cpus: float = 2, worker_cpus: list[float] | None = None):
+    cluster = RayCluster(tmp_dir, env, head_cpus, worker_cpus or [])
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @contextmanager
 def ray_head(tmp_dir: Path, env: dict[str, str], num_cpus: int = 2):
-    """`ray start --head --block` on 127.0.0.1 with its own temp dir and ports. Yields the dashboard URL.
-
-    The cluster's processes inherit `env` (S3 endpoint and credentials for the moto server)."""
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    gcs, dash = free_port(), free_port()
-    venv_bin = str(Path(sys.executable).parent)  # as with an activated venv: jobs' `python` is this one
-    full_env = {**os.environ, **env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                "MLFLOW_DISABLE_TELEMETRY": "true",
-                "RAY_TMPDIR": str(tmp_dir), "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}  # fmt: skip
-    cmd = [ray_bin, "start", "--head", "--block", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
-           f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-           "--disable-usage-stats", f"--temp-dir={tmp_dir}"]  # fmt: skip
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        with serving(cmd, full_env, tmp_dir / "ray-head.log", f"{url}/api/version", timeout=90):
-            yield url
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=full_env, capture_output=True, timeout=60)
+    """A one-node cluster (`ray start --head`) on 127.0.0.1. Yields the dashboard URL."""
+    with ray_cluster(tmp_dir, env, head_cpus=num_cpus) as cluster:
+        yield cluster.dashboard
 
 
 def job_env(dashboard: str) -> dict[str, str]:
