@@ -189,9 +189,9 @@ class TrainStep:
             raise ValueError("load_stage1_generator needs netG='local'")
         return load_global_into_local(self.G, state)
 
-    def set_epoch(self, epoch: int) -> float:
-        """Set both optimizers' lr for 0-based `epoch`; returns it."""
-        lr = lr_at(epoch, self.opt.lr, self.opt.niter, self.opt.niter_decay)
+    def set_epoch(self, epoch: int, lr_scale: float = 1.0) -> float:
+        """Set both optimizers' lr for 0-based `epoch` (times `lr_scale`); returns it."""
+        lr = lr_at(epoch, self.opt.lr, self.opt.niter, self.opt.niter_decay) * lr_scale
         for optim in (self.opt_G, self.opt_D):
             for group in optim.param_groups:
                 group["lr"] = lr

@@ -109,6 +109,9 @@ class TrainConfig:
     # checkpoint follows at once); the question is a broadcast across workers (~4 ms on CPU), hence not every step
     preemption_check_steps: int = at_least(0, 10)
     resize_check_s: float = positive(60.0)  # elastic: how often a healthy stage looks for returned nodes
+    # how long a worker group may take to start before Ray Train gives up and decides again (after a node is lost,
+    # Ray may first try the old size until it has marked the node dead)
+    worker_start_timeout_s: float = positive(60.0)
     check_resources: bool = True  # refuse requests the cluster's nodes can never hold (off: autoscaling clusters)
     ray_logs: Literal["quiet", "info"] = "quiet"  # quiet: Ray's routine INFO lines stay out of the job log
     max_failures: int = at_least(
@@ -225,8 +228,14 @@ class Config:
         return self.stage_batch_size(k) * self.workers[1]
 
     def worker_batch(self, k: int, world_size: int) -> int:
-        """Samples per worker per step with `world_size` workers: the global batch split evenly."""
-        return self.global_batch(k) // world_size
+        """Samples per worker per step with `world_size` workers. The elastic rule: the global batch is kept
+        (split evenly) at every worker count that divides it, so lr, steps per epoch and the result do not depend
+        on the count; at a count that does not divide it, each worker takes the nearest share and the lr follows
+        the global batch it makes (lr_scale, the linear scaling rule)."""
+        return max(1, round(self.global_batch(k) / world_size))
+
+    def lr_scale(self, k: int, world_size: int) -> float:
+        return world_size * self.worker_batch(k, world_size) / self.global_batch(k)
 
     def stage_save_freq(self, k: int) -> int:
         return self.stage(k).save_epoch_freq or self.train.save_epoch_freq
@@ -271,24 +280,19 @@ class Config:
             raise ConfigError(
                 f"train.num_workers={n}: give a worker count or [min, max] with 1 <= min <= max, e.g. [2, 8]"
             )
+        if isinstance(n, list) and self.train.placement == "strict_spread":
+            # Ray 2.60's elastic policy counts workers per node by resources alone: after losing a node it keeps
+            # asking for a group strict_spread cannot place (a worker-group start timeout, again and again)
+            raise ConfigError(
+                f"train.placement=strict_spread with an elastic train.num_workers={n}: Ray's elastic scaling does not "
+                f"follow strict_spread; use spread (with cpus_per_worker / gpus_per_worker that fill a node, one "
+                f"worker per node is what fits)"
+            )
+
+    def uneven_worker_counts(self, k: int) -> list[int]:
+        """Elastic worker counts that do not divide stage k's global batch (see worker_batch)."""
         low, high = self.workers
-        for k in (1, 2, 3):
-            g = self.global_batch(k)
-            uneven = [w for w in range(low, high + 1) if g % w]
-            if uneven:
-                where = f"stage{k}.batch_size" if self.stage(k).batch_size else "train.batch_size"
-                raise ConfigError(
-                    f"{where}={self.stage_batch_size(k)} with train.num_workers={n}: the global batch of {g} cannot "
-                    f"be split evenly over {uneven[0]} workers (an elastic stage keeps the global batch at any worker "
-                    f"count); use {where}={_even_batch(low, high)}, a narrower [min, max], or a fixed worker count"
-                )
-
-
-def _even_batch(low: int, high: int) -> int:
-    """The smallest per-worker batch whose global batch splits evenly over every worker count in [low, high]."""
-    import math
-
-    return math.lcm(*range(low, high + 1)) // math.gcd(math.lcm(*range(low, high + 1)), high)
+        return [w for w in range(low, high + 1) if self.global_batch(k) % w]
 
 
 def _check_compile(value: str) -> None:

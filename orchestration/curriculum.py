@@ -16,6 +16,9 @@ runs of a curriculum always end: FINISHED, FAILED (an error, or a registration t
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -26,7 +29,8 @@ from orchestration import checkpoint, resources
 from orchestration.config import Config, ConfigError
 from orchestration.failures import Trainer, fit
 from orchestration.run_state import RunState, run_root
-from orchestration.tracking import RUN_TAG, STAGE_TAG, Tracker
+from orchestration.stopping import run_status
+from orchestration.tracking import MLFLOW_CLIENT_ENV, RUN_TAG, STAGE_TAG, Tracker
 from orchestration.worker import StageContext, pipeline_config, train_stage
 
 
@@ -159,7 +163,7 @@ def run(plan: RunPlan, log=print) -> RunResult:
                 result.registry = register_run(run_root(plan.storage_uri, plan.run_id), plan.tracking_uri, log)
     except BaseException as e:
         if parent:
-            parent.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", end_children=True)
+            parent.close(run_status(e), end_children=True)
         raise
     if parent:
         parent.close("FINISHED")
@@ -223,12 +227,26 @@ def stage_trainer(cfg: Config, k: int, datasets: dict, context: StageContext, st
 
 def connect_ray(cfg: Config, trial_cpus: float = 0.0, what: str = "the stage") -> None:
     """Join the cluster (RAY_ADDRESS, as under `ray job submit`) or start a local Ray; Ray's routine INFO lines
-    stay out of the job log unless train.ray_logs is info. Then check the request fits the cluster's nodes."""
+    (Train's worker-group and checkpoint lines, Ray Data's execution and progress lines) stay out of the job log
+    unless train.ray_logs is info. Then check the request fits the cluster's nodes.
+
+    Environment variables that Ray reads go to this process now (before any thread starts: writing the environment
+    while another thread's C code reads it crashes the process) and to the job's processes in its runtime env
+    (none secret, none the submitter already set there)."""
     import ray
 
     if not ray.is_initialized():
-        level = "WARNING" if cfg.train.ray_logs == "quiet" else "INFO"
-        ray.init(logging_config=ray.LoggingConfig(log_level=level))
+        quiet = cfg.train.ray_logs == "quiet"
+        env = {k: os.environ.get(k, v) for k, v in MLFLOW_CLIENT_ENV.items()}  # a user's own values stay
+        env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.worker_start_timeout_s)  # read by fit()
+        if quiet:
+            env["RAY_DATA_LOG_LEVEL"] = "WARNING"  # Ray Data configures its loggers from it in each process
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # this process configured them on import
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+        env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}  # a conflict is an error
+        os.environ.update(env)
+        ray.init(logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
+                 runtime_env={"env_vars": env} if env else None)  # fmt: skip
     resources.check(cfg, resources.cluster_nodes(), trial_cpus, what)
 
 
@@ -254,6 +272,11 @@ def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, log) -> d
         model, geo = cfg.stage_model(k), cfg.stage_geometry(k)
         low, high = cfg.workers
         workers = f"{high}" if low == high else f"{low}-{high} (elastic)"
+        uneven = cfg.uneven_worker_counts(k)
+        if uneven:
+            log(f"[stage {k}] note: at {', '.join(map(str, uneven))} workers the global batch of {cfg.global_batch(k)} "
+                f"does not split evenly: those sizes train with {', '.join(str(w * cfg.worker_batch(k, w)) for w in uneven)} "
+                f"samples per step and the lr scaled to match")  # fmt: skip
         log(
             f"[stage {k}] {STAGES[k - 1].what}: netG={model.netG} ngf={model.ngf} num_D={model.num_D} "
             f"{geo.resize_or_crop}/{geo.load_size}, global batch {cfg.global_batch(k)} on {workers} workers, "

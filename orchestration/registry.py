@@ -30,7 +30,7 @@ from model.networks import build_encoder, build_generator
 from orchestration import checkpoint
 from orchestration.config import Config, ConfigError, from_dict
 from orchestration.run_state import RunState
-from orchestration.tracking import RUN_TAG, STAGE_TAG, ensure_experiment, fail_fast_http, filter_value
+from orchestration.tracking import RUN_TAG, STAGE_TAG, configure_mlflow_client, ensure_experiment, filter_value
 
 ALIAS = "champion"
 METRIC = "val_L1"  # lower is better
@@ -119,7 +119,7 @@ def register(run_id: str, cfg: Config | None, final_checkpoint: str, data_uri: s
              tracking_uri: str, log=print) -> dict:  # fmt: skip
     """Log the generator of `final_checkpoint` to the curriculum's parent run, create a tagged version (unless
     one exists for this checkpoint), maybe move the alias. `cfg`: the run's config (None: the checkpoint's)."""
-    fail_fast_http()
+    configure_mlflow_client()
     import mlflow
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
@@ -226,7 +226,7 @@ class ModelNotFound(LookupError):
 
 
 def load_generator(model_uri: str, tracking_uri: str | None = None) -> Pix2PixHDGenerator:
-    fail_fast_http()
+    configure_mlflow_client()
     import mlflow
     from mlflow.exceptions import MlflowException
 

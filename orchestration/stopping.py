@@ -1,7 +1,8 @@
 """Stopped jobs end cleanly: `ray job stop` sends SIGTERM to the job's driver, waits 3 s, then SIGKILLs it.
 
-`stop_on_sigterm()` turns SIGTERM into KeyboardInterrupt (what Ctrl-C raises), so the driver's `except`/`finally`
-blocks run inside those 3 s: MLflow runs end KILLED instead of staying RUNNING.
+`stop_on_sigterm()` turns SIGTERM into KeyboardInterrupt (what Ctrl-C raises) until Ray connects, after which
+Ray's own handler turns it into SystemExit; either way the driver's `except`/`finally` blocks run inside those
+3 s, and `run_status` says the MLflow runs end KILLED instead of staying RUNNING.
 """
 
 from __future__ import annotations
@@ -20,3 +21,8 @@ def stop_on_sigterm() -> None:
         raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def run_status(error: BaseException) -> str:
+    """The MLflow status of a run that ended with `error`: KILLED when the job was stopped, else FAILED."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED"

@@ -35,6 +35,7 @@ from orchestration.curriculum import (
     verified_init,
 )
 from orchestration.failures import fit
+from orchestration.stopping import run_status
 from orchestration.tracking import STAGE_TAG, SWEEP_TAG, Tracker
 from orchestration.worker import StageContext
 
@@ -184,7 +185,7 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
         result = _tune(plan, space, datasets, init, root, label_set(manifest["layout"]).name, callbacks, log)
     except BaseException as e:
         if parent:
-            parent.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", end_children=True)
+            parent.close(run_status(e), end_children=True)
         raise
     if parent:
         parent.metrics({f"best_{w.metric}": result["metric"]}, 0)
@@ -193,10 +194,25 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
     return result
 
 
+CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Ray Tune 2.60 copies the driver's AWS credentials into every trial actor's runtime env, which each node's
+    runtime_env_agent.log then prints in plain text. Trials run on nodes that hold their own credentials (the
+    nodes' environment, an instance role), as every Train worker does: Tune's list (a module global that it reads
+    when it registers a trainable) drops them."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - CREDENTIALS
+
+
 def _tune(plan: SweepPlan, space: dict, datasets: dict, init: str | None, root: storage.Location, labels: str,
           callbacks: list, log) -> dict:  # fmt: skip
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+
+    keep_credentials_out_of_runtime_envs()
 
     cfg, w = plan.cfg, plan.cfg.sweep
     k = w.stage

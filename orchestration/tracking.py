@@ -64,16 +64,25 @@ def local_artifact_location(uri: str) -> str | None:
     return None
 
 
-def fail_fast_http() -> None:
-    """MLflow requests in this process give up after one 10 s try instead of MLflow's minutes-long backoff: our
-    callers retry where it helps (the tracking queue, registration) and say so. Call before MLflow's first request."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+MLFLOW_CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+
+
+def configure_mlflow_client() -> None:
+    """MLflow requests in this process give up after one 10 s try instead of MLflow's minutes-long backoff (our
+    callers retry where it helps: the tracking queue, registration, and say so), and MLflow does not print a
+    "View run" link each time a run ends (the job log says where tracking goes once). Call on the main thread
+    before MLflow's first request: it writes the environment."""
+    for key, value in MLFLOW_CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def quiet_client(uri: str):
     """An MlflowClient that fails fast: our queue does the retrying, not MLflow's minutes-long backoff."""
-    fail_fast_http()
+    configure_mlflow_client()
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -117,6 +126,17 @@ def find_or_create_run(
     return client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
 
 
+REFUSALS_BEFORE_DROP = 3
+
+
+def _refused(error: BaseException) -> bool:
+    """The server answered the request and refused it (an HTTP error status), as opposed to not answering."""
+    from mlflow.exceptions import RestException
+    from requests import HTTPError
+
+    return isinstance(error, RestException) or (isinstance(error, HTTPError) and error.response is not None)
+
+
 _outages: set[str] = set()  # tracking URIs this process knows to be unreachable: one warning per outage
 _outages_lock = threading.Lock()
 
@@ -148,6 +168,9 @@ class Tracker:
             parent_tags,
         )
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        # here, not in the sending thread: writing the environment while another thread's C code reads it (pyarrow's
+        # S3 client does) crashes the process
+        configure_mlflow_client()
         self.run_id: str | None = None
         self._ops: queue.Queue = queue.Queue()
         self._pending: list = []
@@ -249,6 +272,7 @@ class Tracker:
     def _loop(self) -> None:
         client = None
         backoff = 1.0
+        refused = 0
         while True:
             while True:
                 try:
@@ -266,6 +290,7 @@ class Tracker:
                 while self._pending:
                     self._send(client, self._pending[0])
                     done = self._pending.pop(0)
+                    refused = 0
                     if done[0] == "end":
                         return
                 if self._down_since is not None:
@@ -274,7 +299,17 @@ class Tracker:
                                  f"queued records sent")  # fmt: skip
                     self._down_since = None
                 backoff = 1.0
-            except Exception as e:  # noqa: BLE001 - any failure to reach the server is retried
+            except Exception as e:  # noqa: BLE001 - a server that cannot be reached is retried
+                if _refused(e) and self.run_id is not None and self._pending:
+                    # the server answered and refused this record: retried a few times, then dropped, so that one
+                    # bad record (an artifact store that refuses uploads, say) does not hold back everything after it
+                    refused += 1
+                    if refused >= REFUSALS_BEFORE_DROP:
+                        dropped = self._pending.pop(0)
+                        self.log(f"mlflow: {self.uri} refused a {dropped[0]} record for run '{self.run_name}' "
+                                 f"{refused} times ({type(e).__name__}: {str(e).splitlines()[0][:200]}); dropped it")  # fmt: skip
+                        refused = 0
+                    continue
                 if self._down_since is None:
                     self._down_since = time.time()
                     if _outage_starts(self.uri):

@@ -7,8 +7,8 @@ drained (a spot/preemptible node's notice, `ray drain-node`), within `train.pree
 
 Elastic stages (`train.num_workers: [min, max]`): Ray Train restarts the worker group at a new size when nodes
 leave or return, and the loop resumes from the latest checkpoint. The global batch stays the same at every
-size (each worker takes global / workers samples), so the lr, the number of steps per epoch and the result do
-not depend on the size; a checkpoint taken mid-epoch resumes that epoch after the steps it already did (each
+size that divides it (each worker takes global / workers samples), so the lr, the number of steps per epoch and
+the result do not depend on the size (other sizes: `Config.worker_batch`); a checkpoint taken mid-epoch resumes that epoch after the steps it already did (each
 worker skips its share of them: the same number of samples, though not the same samples, since the split
 across workers depends on their count). Each resize is logged (time, old -> new, epoch, step) in the progress
 line and in MLflow (`workers` metric, `resize.N` tags).
@@ -141,9 +141,10 @@ def train_stage(context: dict) -> None:
         say(f"[stage {k}] resuming from its checkpoint: {where}")
         if state.get("world_size", world) != world:
             resized = (state["world_size"], world)
+            before, now = (w * cfg.worker_batch(k, w) for w in resized)
+            batch = f"global batch {now} as before" if before == now else f"global batch {before} -> {now}, lr scaled"
             say(f"[stage {k}] resized {resized[0]} -> {world} workers at {time.strftime('%H:%M:%S')} ({where}); "
-                f"per-worker batch {cfg.worker_batch(k, resized[0])} -> {cfg.worker_batch(k, world)}, global batch "
-                f"{cfg.global_batch(k)} as before")  # fmt: skip
+                f"per-worker batch {cfg.worker_batch(k, resized[0])} -> {cfg.worker_batch(k, world)}, {batch}")  # fmt: skip
     elif ctx.init_checkpoint:
         say(f"[stage {k}] {checkpoint.init_from_previous_stage(step, _load_checkpoint_uri(ctx.init_checkpoint), k)}")  # fmt: skip
 
@@ -182,7 +183,7 @@ def train_stage(context: dict) -> None:
         trainable = "local" if k == 2 and epoch < stage_cfg.niter_fix_global else "all"
         step.set_trainable(trainable)
         step.train(True)
-        lr = step.set_epoch(epoch)
+        lr = step.set_epoch(epoch, cfg.lr_scale(k, world))
         sums = torch.zeros(len(LOSS_NAMES), device=device)
         batches, samples, wait = 0, 0, 0.0
         done_before = skip if epoch == start_epoch else 0  # steps a mid-epoch checkpoint already did

@@ -159,6 +159,23 @@ class RayCluster:
                                        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
                                       f"ray-worker{i}.log")  # fmt: skip
 
+    def worker_node_id(self) -> str:
+        """The node id of the (one) alive worker node."""
+        import json
+
+        out = subprocess.run([str(Path(sys.executable).with_name("ray")), "list", "nodes", "--address", self.gcs_address,
+                              "--format", "json", "--filter", "state=ALIVE"], capture_output=True, text=True,
+                             env=_ray_env(self.tmp_dir, self.env), timeout=60, check=True).stdout  # fmt: skip
+        (node,) = [n for n in json.loads(out) if not n["is_head_node"]]
+        return node["node_id"]
+
+    def drain_worker(self, deadline_s: int = 60) -> None:
+        """A preemption notice for the worker node, as a cloud's spot reclaim gives through Ray's autoscaler."""
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", "--address", self.gcs_address,
+                        "--node-id", self.worker_node_id(), "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                        "--reason-message", "spot reclaim (test)", f"--deadline-remaining-seconds={deadline_s}"],
+                       capture_output=True, text=True, env=_ray_env(self.tmp_dir, self.env), timeout=60, check=True)  # fmt: skip
+
     def stop_worker(self, i: int) -> None:
         """The node goes away as a preempted machine does: its processes are killed."""
         stop_tree(self.workers.pop(i), grace=0)

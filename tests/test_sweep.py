@@ -57,3 +57,21 @@ def test_two_trial_sweep_logs_both_and_writes_a_best_config_that_trains(tmp_path
     )  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "[stage 1] finished: 3 epochs" in r.stdout
+
+
+def test_tune_does_not_copy_credentials_into_trial_runtime_envs(monkeypatch):
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    from orchestration.sweep import keep_credentials_out_of_runtime_envs
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "shh")
+
+    class Trainable:
+        pass
+
+    def runtime_env():
+        return _ActorClassCache().get(Trainable)._default_options["runtime_env"]["env_vars"]
+
+    assert runtime_env()["AWS_SECRET_ACCESS_KEY"] == "shh"  # what Ray Tune does on its own: into every node's log
+    keep_credentials_out_of_runtime_envs()
+    assert "AWS_SECRET_ACCESS_KEY" not in runtime_env()

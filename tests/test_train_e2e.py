@@ -1,7 +1,12 @@
-"""The curriculum as users run it: `ray start --head` on 127.0.0.1, `ray job submit` of jobs.train with 2 CPU
-workers, data and checkpoints in moto's S3 server."""
+"""The service as users run it on a real cluster: two `ray start` nodes of 1 CPU each on 127.0.0.1 (own ports and
+temp dirs), data, checkpoints and MLflow artifacts in moto's S3 server, `mlflow server`, and `ray job submit` of
+jobs.train and jobs.sweep. The nodes hold an S3 secret in their environment that must appear in no file Ray
+writes and nowhere in MLflow."""
 
+import json
 import re
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -15,16 +20,19 @@ import torch
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
 from orchestration import checkpoint
-from tests.services import make_bucket, mlflow_server, ray_head, s3_environment, submit_job
+from tests.services import make_bucket, mlflow_server, ray_cluster, s3_environment, submit_job
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+SECRET = f"p2p-secret-{uuid.uuid4().hex}"
+MODEL = "pix2pixhd-synthetic-city"
 
 
 @pytest.fixture(scope="module")
 def cluster(s3):
-    with ray_head(Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")), s3_environment(s3)) as url:
-        yield url
+    env = {**s3_environment(s3), "AWS_SECRET_ACCESS_KEY": SECRET}  # moto takes any key; the nodes hold this one
+    with ray_cluster(Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")), env, head_cpus=1, worker_cpus=[1]) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +59,12 @@ def train_cmd(data, run_id, *extra):
 
 @pytest.fixture(scope="module")
 def full_run(cluster, data, tracking):
-    r = submit_job(cluster, REPO, train_cmd(data, "full", "--tracking-uri", tracking))
+    r = submit_job(cluster.dashboard, REPO, train_cmd(data, "full", "--tracking-uri", tracking))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return r.stdout
 
 
 def run_state(run_id):
-    import json
-
     body = boto3.client("s3").get_object(Bucket="e2e", Key=f"runs/{run_id}/run.json")["Body"].read()
     return {int(k): v for k, v in json.loads(body)["stages"].items()}
 
@@ -73,8 +79,18 @@ def test_the_three_stages_ran_in_order(full_run):
     frozen = re.findall(r"\[stage (\d)\] epoch \d+/\d+ .*\(G1 frozen\)", full_run)
     assert frozen and set(frozen) == {"2"}
     assert "stage 1 -> 2: loaded" in full_run and "stage 2 -> 3: loaded" in full_run
-    assert "testing-secret-key" not in full_run
-    assert "Reporting training result" not in full_run  # Ray Train's per-report INFO lines are quieted
+    assert SECRET not in full_run
+
+
+def test_the_job_log_holds_the_projects_lines_not_rays_routine_chatter(full_run):
+    for chatter in ("Reporting training result", "Wrapping provided model", "Started training worker group",
+                    "Attempting to start training worker group", "Checkpoint successfully created", "View run",
+                    "execution finished in", "Requesting resources"):  # fmt: skip
+        assert chatter not in full_run, chatter
+    lines = [line for line in full_run.splitlines() if line.strip()]
+    ours = [line for line in lines if re.search(r"\[stage \d\]|^run |^registered |^registry|^tracking:", line)]
+    assert len(ours) >= 12  # stage headers, epochs, hand-overs, registration
+    print(f"job log: {len(lines)} lines, {len(ours)} of them the project's")
 
 
 def test_stage2_trained_only_the_enhancer_and_stage3_trained_g1(full_run, tmp_path):
@@ -104,10 +120,17 @@ def test_final_checkpoints_and_images_are_in_the_bucket(full_run):
 
 
 def test_resubmitting_a_finished_run_does_no_training(full_run, cluster, data):
-    r = submit_job(cluster, REPO, train_cmd(data, "full", "--no-tracking"))
+    r = submit_job(cluster.dashboard, REPO, train_cmd(data, "full", "--no-tracking"))
     assert r.returncode == 0, r.stdout[-3000:]
     assert r.stdout.count("already finished in run full") == 3
     assert not re.search(r"\[stage \d\] epoch \d", r.stdout)
+
+
+def test_a_cluster_job_without_a_tracking_uri_is_refused(cluster, data):
+    r = submit_job(cluster.dashboard, REPO, train_cmd(data, "untracked"))
+    assert r.returncode != 0
+    assert "train: error: no MLflow tracking URI, and this job runs on a Ray cluster" in r.stdout
+    assert '{"env_vars": {"MLFLOW_TRACKING_URI"' in r.stdout
 
 
 ENDED = ("FAILED", "SUCCEEDED", "STOPPED")
@@ -117,7 +140,7 @@ def job_in_stage1_epoch2(cluster, cmd, name):
     """Submit `cmd` without waiting; return (client, job id) once stage 1 has finished epoch 2 (checkpointed)."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(cluster)
+    client = JobSubmissionClient(cluster.dashboard)
     job = client.submit_job(entrypoint=" ".join(cmd), runtime_env={"working_dir": str(REPO)},
                             submission_id=f"{name}-{uuid.uuid4().hex[:6]}")  # fmt: skip
     deadline = time.monotonic() + 300
@@ -154,14 +177,16 @@ def test_killed_worker_resumes_without_losing_or_repeating_epochs(full_run, clus
     assert done["global_step"] == epochs * steps_per_epoch
 
 
-def test_a_stopped_job_resubmitted_resumes_its_unfinished_stage(full_run, cluster, data):
+def test_a_stopped_job_ends_its_mlflow_runs_killed_and_resubmitted_resumes(full_run, cluster, data, tracking):
     state = run_state("full")
     steps_per_epoch = state[1]["global_step"] // state[1]["epochs"]
-    cmd = train_cmd(data, "resume", "--stages", "1", "--set", "stage1.niter=5", "--no-tracking")
+    cmd = train_cmd(data, "resume", "--stages", "1", "--set", "stage1.niter=5", "--tracking-uri", tracking)
     client, job = job_in_stage1_epoch2(cluster, cmd, "resume")
     client.stop_job(job)
     wait_job_end(client, job)
-    r = submit_job(cluster, REPO, cmd)
+    runs = mlflow_client(tracking).search_runs([experiment_id(tracking)], "tags.`p2p.run_id` = 'resume'")
+    assert {r.data.tags["p2p.stage"]: r.info.status for r in runs} == {"parent": "KILLED", "1": "KILLED"}
+    r = submit_job(cluster.dashboard, REPO, [*cmd[:-2], "--no-tracking"])
     assert r.returncode == 0, r.stdout[-4000:]
     # it resumes from the latest checkpoint Ray had registered (epoch 1 or 2: registration is asynchronous)
     resumed = re.search(r"resuming from its checkpoint: epoch (\d+), step (\d+)", r.stdout)
@@ -183,20 +208,23 @@ def mlflow_client(tracking):
     return MlflowClient(tracking_uri=tracking, registry_uri=tracking)
 
 
+def experiment_id(tracking):
+    return mlflow_client(tracking).get_experiment_by_name("pix2pixhd-synthetic-city").experiment_id
+
+
 def test_mlflow_has_the_parent_and_three_nested_stage_runs(full_run, tracking):
     c = mlflow_client(tracking)
-    exp = c.get_experiment_by_name("pix2pixhd-synthetic-city")
-    runs = c.search_runs([exp.experiment_id], "tags.`p2p.run_id` = 'full'")
+    runs = c.search_runs([experiment_id(tracking)], "tags.`p2p.run_id` = 'full'")
     parent = [r for r in runs if r.data.tags["p2p.stage"] == "parent"]
     stages = sorted((r for r in runs if r.data.tags["p2p.stage"] != "parent"), key=lambda r: r.data.tags["p2p.stage"])
     assert len(parent) == 1 and [r.data.tags["p2p.stage"] for r in stages] == ["1", "2", "3"]
+    assert parent[0].info.status == "FINISHED"
     assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in stages)
     assert parent[0].data.params["model.label_nc"] == "35" and parent[0].data.params["stage2.niter_fix_global"] == "2"
     for r in stages:
         assert r.info.status == "FINISHED"
-        assert {"G_GAN", "G_GAN_Feat", "G_VGG", "D_real", "D_fake", "lr", "img_per_s", "data_wait", "val_L1"} <= set(
-            r.data.metrics
-        )
+        assert {"G_GAN", "G_GAN_Feat", "G_VGG", "D_real", "D_fake", "lr", "img_per_s", "data_wait", "val_L1",
+                "workers"} <= set(r.data.metrics)  # fmt: skip
         assert r.data.tags["checkpoint"].startswith(f"s3://e2e/runs/full/stage{r.data.tags['p2p.stage']}/checkpoint_")
         images = [a.path for a in c.list_artifacts(r.info.run_id, "images")]
         assert images and all(p.endswith(".png") for p in images)
@@ -204,22 +232,23 @@ def test_mlflow_has_the_parent_and_three_nested_stage_runs(full_run, tracking):
     assert len(history) == 3  # one per epoch of stage 1
 
 
-def test_the_generator_is_registered_with_tags_and_the_champion_alias(full_run, tracking):
-    v = mlflow_client(tracking).get_model_version_by_alias("pix2pixhd-synthetic-city", "champion")
+def test_the_generator_is_registered_once_with_tags_and_the_champion_alias(full_run, tracking):
+    c = mlflow_client(tracking)
+    versions = [v for v in c.search_model_versions(f"name = '{MODEL}'") if v.tags.get("run_id") == "full"]
+    assert len(versions) == 1
+    v = c.get_model_version_by_alias(MODEL, "champion")
+    assert v.version == versions[0].version and v.tags["checkpoint"] == run_state("full")[3]["checkpoint"]
     assert v.tags["run_id"] == "full" and len(v.tags["config_hash"]) == 16
     assert len(v.tags["data_manifest_sha256"]) == 64 and float(v.tags["val_L1"]) > 0
 
 
 def test_infer_pulls_the_champion_in_a_fresh_process(full_run, tracking, tmp_path):
-    import subprocess
-    import sys
-
     import numpy as np
     from PIL import Image
 
     src = write_city(tmp_path / "src", count=2, height=64, width=128, workers=1)
     r = subprocess.run(
-        [sys.executable, "-m", "jobs.infer", "--model", "models:/pix2pixhd-synthetic-city@champion", "--labels",
+        [sys.executable, "-m", "jobs.infer", "--model", f"models:/{MODEL}@champion", "--labels",
          str(src / "train_label"), "--instances", str(src / "train_inst"), "--out", str(tmp_path / "out"),
          "--tracking-uri", tracking],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
@@ -232,13 +261,84 @@ def test_infer_pulls_the_champion_in_a_fresh_process(full_run, tracking, tmp_pat
 
 def test_a_worse_run_does_not_take_the_alias(full_run, cluster, data, tracking):
     c = mlflow_client(tracking)
-    champion = c.get_model_version_by_alias("pix2pixhd-synthetic-city", "champion")
+    champion = c.get_model_version_by_alias(MODEL, "champion")
     # stage 3 again from the full run's stage 2, with a learning rate that wrecks the generator
-    r = submit_job(cluster, REPO, train_cmd(data, "worse", "--stages", "3", "--from-run", "full", "--set",
-                                            "stage3.lr=0.05", "--tracking-uri", tracking))  # fmt: skip
+    r = submit_job(cluster.dashboard, REPO, train_cmd(data, "worse", "--stages", "3", "--from-run", "full", "--set",
+                                                      "stage3.lr=0.05", "--tracking-uri", tracking))  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:]
-    versions = c.search_model_versions("name = 'pix2pixhd-synthetic-city'")
-    worse = [v for v in versions if v.tags.get("run_id") == "worse"]
+    worse = [v for v in c.search_model_versions(f"name = '{MODEL}'") if v.tags.get("run_id") == "worse"]
     assert len(worse) == 1 and float(worse[0].tags["val_L1"]) > float(champion.tags["val_L1"])
-    assert c.get_model_version_by_alias("pix2pixhd-synthetic-city", "champion").version == champion.version
-    assert "alias 'champion' kept" in r.stdout
+    assert c.get_model_version_by_alias(MODEL, "champion").version == champion.version
+    assert f"alias 'champion' kept on version {champion.version}" in r.stdout
+
+
+def test_a_failed_registration_fails_the_job_and_jobs_register_retries_it(full_run, cluster, data, s3, tmp_path):
+    # a second MLflow server whose artifact store (a bucket) does not exist yet: every model upload fails
+    with mlflow_server(tmp_path, s3, "late-artifacts") as broken:
+        r = submit_job(cluster.dashboard, REPO, train_cmd(data, "unregistered", "--stages", "3", "--from-run", "full",
+                                                          "--tracking-uri", broken))  # fmt: skip
+        assert r.returncode != 0 and "Job entrypoint command failed with exit code 3" in r.stdout, r.stdout[-4000:]
+        assert "train: error: training finished but registering run 'unregistered' failed 2 times" in r.stdout
+        assert "Traceback (most recent call last)" in r.stdout  # the full cause, not its first line
+        assert "python -m jobs.register --run unregistered --storage s3://e2e/runs" in r.stdout
+        c = mlflow_client(broken)
+        assert not c.search_registered_models() or not c.search_model_versions(f"name = '{MODEL}'")
+        make_bucket(s3, "late-artifacts")
+        for _ in range(2):  # the second run finds the version by its checkpoint and registers nothing new
+            again = submit_job(cluster.dashboard, REPO, ["python", "-m", "jobs.register", "--run", "unregistered",
+                                                         "--storage", "s3://e2e/runs", "--tracking-uri", broken])  # fmt: skip
+            assert again.returncode == 0, again.stdout[-4000:]
+        assert "already holds" in again.stdout
+        versions = c.search_model_versions(f"name = '{MODEL}'")
+        assert len(versions) == 1 and versions[0].tags["run_id"] == "unregistered"
+        runs = c.search_runs([c.get_experiment_by_name("pix2pixhd-synthetic-city").experiment_id])
+        assert runs and all(run.info.status != "RUNNING" for run in runs)
+
+
+def test_a_three_trial_sweep_on_one_cpu_nodes_completes_and_leaks_nothing(full_run, cluster, data, tracking):
+    r = submit_job(cluster.dashboard, REPO, ["python", "-m", "jobs.sweep", "--config", "configs/tiny.yaml",
+                                             "--num-samples", "3", "--data", data, "--storage", "s3://e2e/runs",
+                                             "--tracking-uri", tracking, "--name", "s3sweep"])  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "sweep s3sweep: 3 trials (0 errored)" in r.stdout
+    assert "sweep.lambda_vgg=[1.0, 30.0] is not swept: the VGG loss is off" in r.stdout
+    assert "train it with python -m jobs.train --config s3://e2e/runs/sweeps/s3sweep/best.yaml" in r.stdout
+    c = mlflow_client(tracking)
+    runs = c.search_runs([experiment_id(tracking)], "tags.`p2p.sweep` = 's3sweep'")
+    parent = [x for x in runs if x.data.tags.get("p2p.stage") == "parent"]
+    trials = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and len(trials) == 3
+    assert {x.info.status for x in runs} == {"FINISHED"}
+    import ray
+
+    with ray.init(address=cluster.gcs_address, log_to_driver=False):
+        leaked = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert not leaked, leaked
+    # the best config, read from the storage it was written to, is what jobs.train --config takes
+    from orchestration.config import load_config
+
+    best = load_config("s3://e2e/runs/sweeps/s3sweep/best.yaml")
+    chosen = min(trials, key=lambda t: t.data.metrics["val_L1"])
+    assert best.model.lambda_feat == pytest.approx(float(chosen.data.params["lambda_feat"]))
+
+
+def test_every_mlflow_run_ended_and_no_secret_reached_a_ray_log_or_mlflow(full_run, cluster, tracking, s3):
+    c = mlflow_client(tracking)
+    runs = c.search_runs([experiment_id(tracking)], max_results=1000)
+    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    leaked = []
+    for f in Path(cluster.tmp_dir).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            try:
+                if SECRET.encode() in f.read_bytes():
+                    leaked.append(str(f))
+            except OSError:
+                pass
+    assert not leaked, leaked
+    for bucket in ("tracking", "e2e"):
+        s3c = boto3.client("s3")
+        for page in s3c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                assert SECRET.encode() not in s3c.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read(), obj["Key"]
+    for run in runs:
+        assert SECRET not in json.dumps({**run.data.params, **run.data.tags})

@@ -1,0 +1,90 @@
+"""A node leaving and coming back in the middle of an elastic stage, as on spot GPUs: used by
+tests/test_elastic.py (correctness) and benchmarks/elastic.py (how long each resize takes)."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.services import RayCluster
+
+REPO = Path(__file__).resolve().parents[1]
+ENDED = ("FAILED", "SUCCEEDED", "STOPPED")
+STEP = re.compile(r"\[stage 1\] epoch \d+/\d+ step (\d+) ")
+
+
+@dataclass
+class Resizes:
+    status: str
+    logs: str
+    down_s: float  # node stopped -> first step at 1 worker
+    up_s: float  # node started again -> first step at 2 workers
+    redone_down: int  # steps trained again after shrinking (since the last checkpoint)
+    redone_up: int
+
+
+def _wait(client, job, until, what: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = client.get_job_logs(job)
+        if until(logs):
+            return logs
+        if str(client.get_job_status(job)) in ENDED:
+            raise AssertionError(f"the job ended before {what}:\n{logs[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout}s:\n{logs[-4000:]}")
+        time.sleep(0.25)
+
+
+def _stepped_after(marker: str):
+    """until(): a step line appears after the last `marker` line; returns that step."""
+
+    def until(logs: str) -> bool:
+        at = logs.rfind(marker)
+        return at >= 0 and STEP.search(logs, at) is not None
+
+    return until
+
+
+def _redone(logs: str, marker: str) -> int:
+    """Steps trained again after `marker`: the last step before it minus the first step after it, plus one."""
+    at = logs.rfind(marker)
+    before = [int(s) for s in STEP.findall(logs[:at])]
+    after = STEP.search(logs, at)
+    return max(0, before[-1] - int(after.group(1)) + 1) if before and after else 0
+
+
+def node_loss_and_return(cluster: RayCluster, cmd: list[str], notice: bool = False, log=print) -> Resizes:
+    """With `notice`, the node is first drained (a preemption notice) and stopped once the stage has checkpointed
+    for it."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard)
+    job = client.submit_job(entrypoint=" ".join(cmd), runtime_env={"working_dir": str(REPO)},
+                            submission_id=f"elastic-{uuid.uuid4().hex[:6]}")  # fmt: skip
+    _wait(client, job, lambda logs: "[stage 1] epoch 2/" in logs, "a second epoch")
+    if notice:
+        cluster.drain_worker()
+        log("worker node drained (preemption notice)")
+        _wait(client, job, lambda logs: "draining: checkpoint at step" in logs, "a checkpoint for the notice", 120)
+    stop = time.monotonic()
+    cluster.stop_worker(0)
+    log("worker node stopped")
+    logs = _wait(client, job, _stepped_after("resized 2 -> 1"), "a step at 1 worker")
+    down = time.monotonic() - stop
+    log(f"training again at 1 worker after {down:.1f}s")
+    start = time.monotonic()
+    cluster.start_worker(0)
+    logs = _wait(client, job, _stepped_after("resized 1 -> 2"), "a step at 2 workers")
+    up = time.monotonic() - start
+    log(f"training again at 2 workers {up:.1f}s after the node started")
+    deadline = time.monotonic() + 600
+    while str(client.get_job_status(job)) not in ENDED:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    logs = client.get_job_logs(job)
+    return Resizes(str(client.get_job_status(job)), logs, down, up, _redone(logs, "resized 2 -> 1"),
+                   _redone(logs, "resized 1 -> 2"))  # fmt: skip

@@ -1,0 +1,59 @@
+"""An elastic stage on a two-node cluster (127.0.0.1): the second node gets a preemption notice (`ray drain-node`)
+and the stage checkpoints for it, then the node stops mid-stage and the stage goes on at 1 worker; the node
+starts again and the stage grows back to 2; the final epoch and step counts equal an uninterrupted run's (the
+global batch is the same at both sizes)."""
+
+import json
+import tempfile
+from pathlib import Path
+
+import boto3
+import pytest
+
+from data.shards import PrepareOptions, prepare
+from data.synthetic.write import write_city
+from tests.elastic_scenario import node_loss_and_return
+from tests.services import make_bucket, ray_cluster, s3_environment
+
+pytestmark = pytest.mark.slow
+EPOCHS = 7
+
+
+def elastic_cmd(run_id: str, every: int, check_every: int = 1) -> list[str]:
+    return ["python", "-m", "jobs.train", "--config", "configs/tiny.yaml", "--data", "s3://elastic/data", "--storage",
+            "s3://elastic/runs", "--run-id", run_id, "--stages", "1", "--no-tracking",
+            "--set", "train.num_workers=[1,2]", "--set", "train.placement=spread", "--set", "train.cpus_per_worker=0.6",
+            "--set", "data.read_cpus=0.2", "--set", "data.decode_cpus=0.3", "--set", "train.worker_start_timeout_s=20",
+            "--set", f"train.checkpoint_every_steps={every}", "--set", "train.resize_check_s=3",
+            "--set", f"train.preemption_check_steps={check_every}",
+            "--set", "train.log_every=1", "--set", f"stage1.niter={EPOCHS}", "--set", "stage1.niter_decay=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def elastic_data(s3, tmp_path_factory):
+    make_bucket(s3, "elastic")
+    src = write_city(tmp_path_factory.mktemp("city") / "src", count=24, height=64, width=128)
+    prepare(PrepareOptions("flat", str(src), "s3://elastic/data", val_fraction=0.1, name="synthetic-city"),
+            log=lambda m: None)  # fmt: skip
+    return "s3://elastic/data"
+
+
+def test_a_node_leaving_and_returning_resizes_the_stage_without_changing_its_counts(s3, elastic_data):
+    env = s3_environment(s3)
+    with ray_cluster(Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")), env, head_cpus=1, worker_cpus=[1]) as cluster:
+        r = node_loss_and_return(cluster, elastic_cmd("elastic", every=3), notice=True)
+    assert r.status == "SUCCEEDED", r.logs[-4000:]
+    assert "draining: checkpoint at step" in r.logs
+    assert "resized 2 -> 1 workers" in r.logs and "resized 1 -> 2 workers" in r.logs
+    assert "per-worker batch 4 -> 8, global batch 8 as before" in r.logs
+    assert "1 workers eta" in r.logs and "2 workers eta" in r.logs  # epochs trained at each size
+    body = boto3.client("s3").get_object(Bucket="elastic", Key="runs/elastic/run.json")["Body"].read()
+    done = json.loads(body)["stages"]["1"]
+    # 21 training samples, global batch 8 at either size: 2 steps an epoch, as an uninterrupted run has
+    assert (done["epochs"], done["global_step"]) == (EPOCHS, EPOCHS * 2)
+    assert r.redone_down <= 2  # the steps between the notice's checkpoint and the node's end
+    assert r.redone_up <= 3  # at most the steps since the last checkpoint (every 3)
+    print(
+        f"resize 2 -> 1: {r.down_s:.1f}s from the node stopping to the next step ({r.redone_down} steps redone); "
+        f"1 -> 2: {r.up_s:.1f}s from the node starting ({r.redone_up} redone)"
+    )
