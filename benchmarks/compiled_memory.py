@@ -31,8 +31,13 @@ from model.networks import build_generator, set_activation_checkpointing
 from model.options import ModelOptions
 
 # (compile, checkpointing, inductor's layout optimisation): TrainStep turns the latter off with checkpointing
-VARIANTS = (("eager", False, True), ("eager", True, True), ("inductor", False, True), ("inductor", True, True),
-            ("inductor", True, False))  # fmt: skip
+VARIANTS = (
+    ("eager", False, True),
+    ("eager", True, True),
+    ("inductor", False, True),
+    ("inductor", True, True),
+    ("inductor", True, False),
+)
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
@@ -102,14 +107,27 @@ def main(argv: list[str] | None = None) -> None:
         gib, took = measure_one(a.config, a.part, a.one[0], a.one[1] == "ckpt", a.one[2] == "layout", h, w)
         print(f"{gib:.3f} {took:.2f}")
         return
-    print(f"{a.config} {'G forward+backward (bf16)' if a.part == 'g' else 'training step (bf16)'} at {h}x{w}, "
-          f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")  # fmt: skip
+    print(
+        f"{a.config} {'G forward+backward (bf16)' if a.part == 'g' else 'training step (bf16)'} at {h}x{w}, "
+        f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
     print(f"  {'variant':<56} {'peak GiB':>9} {'s/run':>7}")
     for compile, ckpt, layout_opt in VARIANTS:
         if a.part == "step" and compile == "inductor" and not layout_opt:
             continue  # the step's own choice (model.step.compile_kwargs) is the row above
-        args = ["--config", a.config, "--part", a.part, "--size", str(h), str(w), "--one", compile,
-                "ckpt" if ckpt else "-", "layout" if layout_opt else "-"]  # fmt: skip
+        args = [
+            "--config",
+            a.config,
+            "--part",
+            a.part,
+            "--size",
+            str(h),
+            str(w),
+            "--one",
+            compile,
+            "ckpt" if ckpt else "-",
+            "layout" if layout_opt else "-",
+        ]
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.compiled_memory", *args],
             env={**os.environ, **MALLOC},

@@ -110,15 +110,20 @@ def main(argv: list[str] | None = None) -> None:
         make_bucket(endpoint, "bench")
         source = make_source(a.source, a.samples, tmp / "src")
         kind = "real Cityscapes samples" if a.source.is_dir() else "procedural scenes"
-        uris = {(where, enc): f"{root}-{enc}" for where, root in (("local", str(tmp / "shards")),
-                ("s3", "s3://bench/shards")) for enc in ("png", "zstd")}  # fmt: skip
+        uris = {
+            (where, enc): f"{root}-{enc}"
+            for where, root in (("local", str(tmp / "shards")), ("s3", "s3://bench/shards"))
+            for enc in ("png", "zstd")
+        }
         for (_, enc), uri in uris.items():
             prepare(PrepareOptions("flat", str(source), uri, shard_mb=64, encoding=enc), log=lambda m: None)
         ray.init(num_cpus=cores, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         print(f"{a.samples} {kind} at 2048x1024, {cores} cores")
-        print(f"{'storage':<7} {'encoding':<8} {'output':<10} {'1 process':>10} {'Ray Data':>10} {'Ray/core':>9}"
-              "   (samples/s)")  # fmt: skip
+        print(
+            f"{'storage':<7} {'encoding':<8} {'output':<10} {'1 process':>10} {'Ray Data':>10} {'Ray/core':>9}"
+            "   (samples/s)"
+        )
         for res, geometry in RESOLUTIONS.items():
             cfg = PipelineConfig(geometry=geometry, batch_size=2, verify="size")
             for (name, enc), uri in uris.items():
@@ -130,8 +135,11 @@ def main(argv: list[str] | None = None) -> None:
         print("first batch of each epoch waited for (s), 2 s of end-of-epoch work between epochs (local, zstd):")
         for overlap in (False, True):
             waits = epoch_start_waits(uris[("local", "zstd")], cfg, overlap)
-            print(f"  {'started while the last epoch ends' if overlap else 'started when asked':<34} "
-                  + " ".join(f"{w:.2f}" for w in waits), flush=True)  # fmt: skip
+            print(
+                f"  {'started while the last epoch ends' if overlap else 'started when asked':<34} "
+                + " ".join(f"{w:.2f}" for w in waits),
+                flush=True,
+            )
         ray.shutdown()
 
 

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, nargs="+", default=[0, 2], help="checkpoint_every_steps values to compare")
     a = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    tmp = Path(tempfile.mkdtemp(prefix="elastic-bench"))
+    tmp = Path(tempfile.mkdtemp(prefix="eb", dir="/tmp"))  # short: Ray's socket paths live below it
     rows = []
     with moto_s3_server(tmp) as s3:
         apply_env(s3_environment(s3))
@@ -40,14 +40,16 @@ def main(argv: list[str] | None = None) -> None:
         prepare(PrepareOptions("flat", str(src), "s3://elastic/data", val_fraction=0.1), log=lambda m: None)
         for every, notice in [*((e, False) for e in a.every), (0, True)]:
             name = f"bench-{every}-{'notice' if notice else 'kill'}"
-            with ray_cluster(tmp / name, s3_environment(s3), head_cpus=1, worker_cpus=[1]) as cluster:
+            with ray_cluster(tmp / f"r{len(rows)}", s3_environment(s3), head_cpus=1, worker_cpus=[1]) as cluster:
                 r = node_loss_and_return(cluster, elastic_cmd(name, every), notice, log=lambda m: print(f"  {m}"))
             rows.append((every, notice, r))
             print(f"{name}: {r.status}")
     print(f"\n{'checkpoint_every_steps':>22} {'notice':>6} {'2->1 s':>7} {'redone':>6} {'1->2 s':>7} {'redone':>6}")
     for every, notice, r in rows:
-        print(f"{every:>22} {'yes' if notice else 'no':>6} {r.down_s:>7.1f} {r.redone_down:>6} {r.up_s:>7.1f} "
-              f"{r.redone_up:>6}")  # fmt: skip
+        print(
+            f"{every:>22} {'yes' if notice else 'no':>6} {r.down_s:>7.1f} {r.redone_down:>6} {r.up_s:>7.1f} "
+            f"{r.redone_up:>6}"
+        )
 
 
 if __name__ == "__main__":

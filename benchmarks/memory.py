@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'config':<12} {'batch':>5} {'mode':<24} {'peak GiB':>9} {'held between steps GiB':>23}")
     for row in rows_from_args(a):
         e = estimate(row, vgg=not a.no_vgg)
-        print(f"{row.config:<12} {row.batch:>5} {row.label:<24} {e.peak_gib:>9.2f} {e.static_bytes / 2**30:>23.2f}",
-              flush=True)  # fmt: skip
+        print(
+            f"{row.config:<12} {row.batch:>5} {row.label:<24} {e.peak_gib:>9.2f} {e.static_bytes / 2**30:>23.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"floor": curves(reference, a.steps, device, vgg, nudge=True)}
     for mode in a.mode:
         runs[mode] = curves(Row.parse(f"{a.config}:{a.batch}:{mode}"), a.steps, device, vgg)
-    print(f"{a.config} batch {a.batch}, {a.steps} steps on {device}: deviation from fp32 eager of the same with "
-          f"weights one ulp larger (floor) and of {', '.join(a.mode)}")  # fmt: skip
+    print(
+        f"{a.config} batch {a.batch}, {a.steps} steps on {device}: deviation from fp32 eager of the same with "
+        f"weights one ulp larger (floor) and of {', '.join(a.mode)}"
+    )
     print(f"  {'loss':<11} {'fp32 final':>10} " + " ".join(f"{k:>16}" for k in runs))
     worst = dict.fromkeys(runs, 0.0)
     for n in LOSS_NAMES:

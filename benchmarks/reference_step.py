@@ -27,8 +27,14 @@ class ReferenceStep(TrainStep):
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         opt = self.opt
-        x = prepare_inputs(opt, batch["label"], image=batch["image"], inst=batch.get("inst"),
-                           edges=batch.get("edges"), device=self.device)  # fmt: skip
+        x = prepare_inputs(
+            opt,
+            batch["label"],
+            image=batch["image"],
+            inst=batch.get("inst"),
+            edges=batch.get("edges"),
+            device=self.device,
+        )
         with self._autocast():
             fake = self.G(self.generator_input(x))
             pred_fake_pool = self.D(torch.cat([x.label, fake.detach()], 1))

@@ -127,9 +127,15 @@ def build_step(row: Row, device: torch.device, vgg: bool, seed: int = 0) -> Trai
     overrides, _, _ = CONFIGS[row.config]
     opt = ModelOptions(**overrides, vgg_weights=random_weights_file() if vgg else None)
     cls = ReferenceStep if row.ref else TrainStep
-    return cls(opt, device, precision=row.precision, channels_last=row.channels_last, seed=seed,
-               compile=_compile_option(row),
-               activation_checkpointing=row.ckpt)  # fmt: skip
+    return cls(
+        opt,
+        device,
+        precision=row.precision,
+        channels_last=row.channels_last,
+        seed=seed,
+        compile=_compile_option(row),
+        activation_checkpointing=row.ckpt,
+    )
 
 
 def flops_per_image(row: Row, vgg: bool) -> float:
@@ -184,16 +190,21 @@ def measure(row: Row, device: torch.device, steps: int, warmup: int, vgg: bool) 
         losses = step.step(data)
     _sync(device)
     took = time.perf_counter() - t0
-    graphs = _graphs(step.compiled is not None, graphs_warm, counters["stats"]["unique_graphs"],
-                     sum(counters["graph_break"].values()))  # fmt: skip
+    graphs = _graphs(
+        step.compiled is not None,
+        graphs_warm,
+        counters["stats"]["unique_graphs"],
+        sum(counters["graph_break"].values()),
+    )
     assert all(torch.isfinite(v) for v in losses.values()), losses
     if device.type == "cuda":
         peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
     else:  # process-wide peak RSS (KiB on Linux)
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     del step, data
-    return dict(img_s=steps * row.batch / took, step_ms=1000 * took / steps, warmup_s=warm, peak_gib=peak_gib,
-                graphs=graphs)  # fmt: skip
+    return dict(
+        img_s=steps * row.batch / took, step_ms=1000 * took / steps, warmup_s=warm, peak_gib=peak_gib, graphs=graphs
+    )
 
 
 def rows_from_args(a: argparse.Namespace) -> list[Row]:
@@ -241,17 +252,21 @@ def main(argv: list[str] | None = None) -> None:
                 flops[flops_key(row)] = f = flops_per_image(row, vgg)
                 kind = "reference step" if row.ref else "step" + (" with checkpointing" if row.ckpt else "")
                 print(f"work per image, {row.config} {kind}: {f / 1e12:.3g} TFLOP" + ("" if vgg else " (no VGG)"))
-    print(f"{'config':<12} {'batch':>5} {'mode':<24} {'img/s':>8} {'TFLOP/s':>8} {'ms/step':>8} {'warmup s':>8} "
-          f"{'peak GiB':>8} {'graphs':>6} {'ratio':>6}")  # fmt: skip
+    print(
+        f"{'config':<12} {'batch':>5} {'mode':<24} {'img/s':>8} {'TFLOP/s':>8} {'ms/step':>8} {'warmup s':>8} "
+        f"{'peak GiB':>8} {'graphs':>6} {'ratio':>6}"
+    )
     base = None
     for row in rows:
         r = measure(row, device, a.steps, a.warmup, vgg)
         base = base or r["img_s"]
         f = flops.get(flops_key(row))
         tflops = f"{r['img_s'] * f / 1e12:8.3g}" if f else f"{'':>8}"
-        print(f"{row.config:<12} {row.batch:>5} {row.label:<24} {r['img_s']:>8.2f} {tflops} {r['step_ms']:>8.1f} "
-              f"{r['warmup_s']:>8.1f} {r['peak_gib']:>8.2f} {r['graphs']:>6} {r['img_s'] / base:>6.2f}",
-              flush=True)  # fmt: skip
+        print(
+            f"{row.config:<12} {row.batch:>5} {row.label:<24} {r['img_s']:>8.2f} {tflops} {r['step_ms']:>8.1f} "
+            f"{r['warmup_s']:>8.1f} {r['peak_gib']:>8.2f} {r['graphs']:>6} {r['img_s'] / base:>6.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

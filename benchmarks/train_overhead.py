@@ -51,8 +51,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[])
     a = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    overrides = ["train.num_workers=1", "train.cpus_per_worker=1", "data.val_split=null", f"stage1.niter={a.epochs}",
-                 "stage1.niter_decay=0", *a.set]  # fmt: skip
+    overrides = [
+        "train.num_workers=1",
+        "train.cpus_per_worker=1",
+        "data.val_split=null",
+        f"stage1.niter={a.epochs}",
+        "stage1.niter_decay=0",
+        *a.set,
+    ]
     cfg = load_config(a.config, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         src = write_city(Path(tmp) / "src", a.samples, 64, 128)
@@ -65,11 +71,22 @@ def main(argv: list[str] | None = None) -> None:
     m = results.stages[1]["metrics"]
     ray_step = bs / m["img_per_s"]
     compute = ray_step * (1 - m["data_wait"])
-    print(json.dumps({"batch": bs, "steps_per_epoch": steps_per_epoch, "direct_ms": round(1000 * direct, 2),
-                      "ray_ms": round(1000 * ray_step, 2), "data_wait_share": round(m["data_wait"], 3)}))  # fmt: skip
-    print(f"direct step {1000 * direct:.1f} ms; Ray Train step {1000 * ray_step:.1f} ms "
-          f"(data wait {100 * m['data_wait']:.0f}%): overhead {100 * (ray_step / direct - 1):+.1f}% with the data "
-          f"wait, {100 * (compute / direct - 1):+.1f}% without")  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "batch": bs,
+                "steps_per_epoch": steps_per_epoch,
+                "direct_ms": round(1000 * direct, 2),
+                "ray_ms": round(1000 * ray_step, 2),
+                "data_wait_share": round(m["data_wait"], 3),
+            }
+        )
+    )
+    print(
+        f"direct step {1000 * direct:.1f} ms; Ray Train step {1000 * ray_step:.1f} ms "
+        f"(data wait {100 * m['data_wait']:.0f}%): overhead {100 * (ray_step / direct - 1):+.1f}% with the data "
+        f"wait, {100 * (compute / direct - 1):+.1f}% without"
+    )
 
 
 if __name__ == "__main__":

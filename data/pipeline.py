@@ -66,8 +66,10 @@ class Decode:
         self.instance_output = instance_output
         self.encoding = encodings.check(manifest.encoding)
         self.check_crc = manifest.has_crc32
-        self.shards = [(e["first_index"], e["count"], loc.uri) for e, loc in
-                       zip(manifest.data["shards"], manifest.shard_locations, strict=True)]  # fmt: skip
+        self.shards = [
+            (e["first_index"], e["count"], loc.uri)
+            for e, loc in zip(manifest.data["shards"], manifest.shard_locations, strict=True)
+        ]
 
     def _shard(self, index: int) -> str:
         return next((uri for first, n, uri in self.shards if first <= index < first + n), "a shard of this split")

@@ -124,8 +124,14 @@ def _inspect(layout: str, files: SampleFiles, label_nc: int, scheme: str, encodi
 def _row(layout: str, files: SampleFiles, index: int, encoding: str) -> dict:
     s = load(layout, files)
     stored = encodings.encode_sample(s, encoding)
-    return {"index": index, "stem": s.stem, **stored, "height": s.image_size[0], "width": s.image_size[1],
-            "crc32": sample_crc32(stored["label"], stored["inst"], stored["image"])}  # fmt: skip
+    return {
+        "index": index,
+        "stem": s.stem,
+        **stored,
+        "height": s.image_size[0],
+        "width": s.image_size[1],
+        "crc32": sample_crc32(stored["label"], stored["inst"], stored["image"]),
+    }
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -202,9 +208,14 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict[st
     t0 = time.perf_counter()
     log(f"validating {len(samples)} samples from {opts.source} ({opts.layout} layout, {opts.workers} processes)")
     results = _map(
-        opts.workers, _inspect, [opts.layout] * len(samples), samples, [label_nc] * len(samples),
-        [opts.instance_scheme] * len(samples), [opts.encoding] * len(samples),
-    )  # fmt: skip
+        opts.workers,
+        _inspect,
+        [opts.layout] * len(samples),
+        samples,
+        [label_nc] * len(samples),
+        [opts.instance_scheme] * len(samples),
+        [opts.encoding] * len(samples),
+    )
     bad = [(s, r) for s, r in zip(samples, results, strict=True) if r[0] == "bad"]
     if bad and not opts.skip_bad:
         path, problem = bad[0][1][1], bad[0][1][2]
@@ -230,8 +241,10 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict[st
         manifests[split] = _write_split(opts, dest.join(split), split, name, label_nc, items, carved_from, log)
     if opts.val_fraction == 0 and carved is not None and carved.get("carved_from") == opts.split:
         _remove_split(dest.join(CARVED_SPLIT))
-        log(f"[{CARVED_SPLIT}] removed: it was carved out of '{opts.split}' by an earlier --val-fraction, and this "
-            f"run has none (its samples are in '{opts.split}' now)")  # fmt: skip
+        log(
+            f"[{CARVED_SPLIT}] removed: it was carved out of '{opts.split}' by an earlier --val-fraction, and this "
+            f"run has none (its samples are in '{opts.split}' now)"
+        )
     report = dest.join(f"skipped-{opts.split}.json")
     if bad:
         rows = [{"file": r[1], "problem": r[2]} for _, r in bad]
@@ -255,15 +268,20 @@ def _remove_split(out: Location) -> None:
     storage.delete_tree(out)
 
 
-def _write_split(opts, out: Location, split: str, name: str, label_nc: int, items: list, carved_from: str | None,
-                 log) -> dict:  # fmt: skip
+def _write_split(
+    opts, out: Location, split: str, name: str, label_nc: int, items: list, carved_from: str | None, log
+) -> dict:
     files = [s for s, _ in items]
     stats = [r for _, r in items]
     plan = _plan([r[5] for r in stats], int(opts.shard_mb * 2**20))
     wanted = []  # (shard name, members, the record a finished shard must have)
     for k, members in enumerate(plan):
-        record = {"stems": [files[i].stem for i in members], "sources": [stats[i][6] for i in members],
-                  "encoding": opts.encoding, "first_index": members[0]}  # fmt: skip
+        record = {
+            "stems": [files[i].stem for i in members],
+            "sources": [stats[i][6] for i in members],
+            "encoding": opts.encoding,
+            "first_index": members[0],
+        }
         wanted.append((f"shard-{k:05d}.parquet", members, record))
     finished = {n: _finished_shard(out.join(n), _record_of(out, n), r) for n, _, r in wanted}
     stale = [n for n, entry in finished.items() if entry is None]
@@ -277,11 +295,22 @@ def _write_split(opts, out: Location, split: str, name: str, label_nc: int, item
             log(f"[{split}] {shard_name}: already written from the same source bytes and verified, skipped")
         else:
             t0 = time.perf_counter()
-            rows = _map(opts.workers, _row, [opts.layout] * len(members), [files[i] for i in members], members,
-                        [opts.encoding] * len(members))  # fmt: skip
+            rows = _map(
+                opts.workers,
+                _row,
+                [opts.layout] * len(members),
+                [files[i] for i in members],
+                members,
+                [opts.encoding] * len(members),
+            )
             data = _parquet_bytes(rows)
-            entry = {"name": shard_name, "count": len(members), "bytes": len(data),
-                     "sha256": hashlib.sha256(data).hexdigest(), "first_index": members[0]}  # fmt: skip
+            entry = {
+                "name": shard_name,
+                "count": len(members),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "first_index": members[0],
+            }
             storage.write_bytes_atomic(out.join(shard_name), data)
             storage.write_bytes_atomic(_record_of(out, shard_name), json.dumps({**entry, **record}).encode())
             took = time.perf_counter() - t0
@@ -365,13 +394,6 @@ class Manifest:
     @property
     def has_crc32(self) -> bool:
         return self.data["format"] != "pix2pixhd-shards/1"
-
-    def shard_of(self, index: int) -> Location:
-        """The shard that holds sample `index` (shards hold consecutive indices)."""
-        for entry, loc in zip(self.data["shards"], self.shard_locations, strict=True):
-            if entry["first_index"] <= index < entry["first_index"] + entry["count"]:
-                return loc
-        raise KeyError(index)
 
     def __getitem__(self, key: str):
         return self.data[key]

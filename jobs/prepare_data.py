@@ -33,17 +33,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-nc", type=int, help="number of label classes (default: 35 Cityscapes, 19 faces)")
     p.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB")
     p.add_argument("--skip-bad", action="store_true", help="skip bad samples and write a report instead of stopping")
-    p.add_argument("--instance-scheme", choices=["cityscapes", "any"], default="cityscapes",
-                   help="cityscapes: instance ids must be class or class*1000+k; any: no check")  # fmt: skip
-    p.add_argument("--encoding", choices=ENCODINGS, default="png",
-                   help="png: compact (original image bytes); zstd: raw arrays, much faster to decode")  # fmt: skip
+    p.add_argument(
+        "--instance-scheme",
+        choices=["cityscapes", "any"],
+        default="cityscapes",
+        help="cityscapes: instance ids must be class or class*1000+k; any: no check",
+    )
+    p.add_argument(
+        "--encoding",
+        choices=ENCODINGS,
+        default="png",
+        help="png: compact (original image bytes); zstd: raw arrays, much faster to decode",
+    )
     p.add_argument("--workers", type=int, default=None, help="processes for decoding (default: all cores)")
     a = p.parse_args(argv)
     opts = PrepareOptions(
-        layout=a.layout, source=a.source, dest=a.dest, split=a.split, val_fraction=a.val_fraction, name=a.name,
-        label_nc=a.label_nc, shard_mb=a.shard_mb, skip_bad=a.skip_bad, instance_scheme=a.instance_scheme,
+        layout=a.layout,
+        source=a.source,
+        dest=a.dest,
+        split=a.split,
+        val_fraction=a.val_fraction,
+        name=a.name,
+        label_nc=a.label_nc,
+        shard_mb=a.shard_mb,
+        skip_bad=a.skip_bad,
+        instance_scheme=a.instance_scheme,
         encoding=a.encoding,
-    )  # fmt: skip
+    )
     if a.workers:
         opts.workers = a.workers
     try:

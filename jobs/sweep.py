@@ -59,9 +59,16 @@ def main(argv: list[str] | None = None) -> int:
             if prev is None:
                 raise ConfigError(f"run '{a.from_run}' in {storage_uri} has no finished stage {cfg.sweep.stage - 1}")
             init = prev["checkpoint"]
-        plan = SweepPlan(cfg=cfg, name=name, data_uri=data, storage_uri=storage_uri,
-                         tracking_uri=None if a.no_tracking else resolve_tracking_uri(a.tracking_uri),
-                         init_checkpoint=init, resume=a.resume, out=a.out)  # fmt: skip
+        plan = SweepPlan(
+            cfg=cfg,
+            name=name,
+            data_uri=data,
+            storage_uri=storage_uri,
+            tracking_uri=None if a.no_tracking else resolve_tracking_uri(a.tracking_uri),
+            init_checkpoint=init,
+            resume=a.resume,
+            out=a.out,
+        )
         run_sweep(plan)
     except (ConfigError, ManifestError, StorageError, CheckpointError) as e:
         print(f"sweep: error: {e}", file=sys.stderr)

@@ -38,22 +38,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-id", help="resubmitting an id skips finished stages and resumes an unfinished one")
     p.add_argument("--stages", default="1,2,3", help="which stages to run, e.g. 2,3")
     p.add_argument("--from-run", help="take the checkpoint the first stage starts from out of this run")
-    p.add_argument("--init-checkpoint", metavar="URI",
-                   help="the checkpoint the first stage (2 or 3) starts from, e.g. an older one of the previous stage")  # fmt: skip
+    p.add_argument(
+        "--init-checkpoint",
+        metavar="URI",
+        help="the checkpoint the first stage (2 or 3) starts from, e.g. an older one of the previous stage",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else a local sqlite store)")
     p.add_argument("--no-tracking", action="store_true", help="no MLflow tracking and no registration")
     p.add_argument("--no-register", action="store_true", help="track, but do not register the final generator")
-    p.add_argument("--estimate-memory", type=float, metavar="GPU_GIB",
-                   help="estimate each stage's peak GPU memory per worker on the CPU, say whether it fits a card of "
-                        "GPU_GIB, and exit (1 when a stage does not fit); trains nothing")  # fmt: skip
+    p.add_argument(
+        "--estimate-memory",
+        type=float,
+        metavar="GPU_GIB",
+        help="estimate each stage's peak GPU memory per worker on the CPU, say whether it fits a card of "
+        "GPU_GIB, and exit (1 when a stage does not fit); trains nothing",
+    )
     return p.parse_args(argv)
 
 
 def plan_from_args(a: argparse.Namespace) -> RunPlan:
     overrides = list(a.set)
-    for flag, key in (("num_workers", "train.num_workers"), ("use_gpu", "train.use_gpu"),
-                      ("cpus_per_worker", "train.cpus_per_worker")):  # fmt: skip
+    for flag, key in (
+        ("num_workers", "train.num_workers"),
+        ("use_gpu", "train.use_gpu"),
+        ("cpus_per_worker", "train.cpus_per_worker"),
+    ):
         if getattr(a, flag) is not None:
             overrides.append(f"{key}={getattr(a, flag)}".replace("=True", "=true"))
     cfg = load_config(a.config, overrides)
@@ -67,11 +77,17 @@ def plan_from_args(a: argparse.Namespace) -> RunPlan:
         stages = [int(s) for s in a.stages.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--stages {a.stages!r}: expected comma-separated stage numbers, e.g. 2,3") from None
-    return RunPlan(cfg=cfg, run_id=a.run_id or default_run_id(cfg), stages=stages, data_uri=data,
-                   storage_uri=a.storage or cfg.train.storage or DEFAULT_STORAGE, from_run=a.from_run,
-                   init_checkpoint=a.init_checkpoint,
-                   tracking_uri=None if a.no_tracking else resolve_tracking_uri(a.tracking_uri),
-                   register=not a.no_register)  # fmt: skip
+    return RunPlan(
+        cfg=cfg,
+        run_id=a.run_id or default_run_id(cfg),
+        stages=stages,
+        data_uri=data,
+        storage_uri=a.storage or cfg.train.storage or DEFAULT_STORAGE,
+        from_run=a.from_run,
+        init_checkpoint=a.init_checkpoint,
+        tracking_uri=None if a.no_tracking else resolve_tracking_uri(a.tracking_uri),
+        register=not a.no_register,
+    )
 
 
 def estimate_memory(plan: RunPlan, gpu_gib: float) -> int:

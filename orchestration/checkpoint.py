@@ -7,7 +7,6 @@ whose state.pt does not match it, is a partial checkpoint and is refused. Loadin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data import storage
 from model.step import TrainStep
 
 STATE, META = "state.pt", "meta.json"
@@ -25,22 +25,18 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached": float(cached)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": random.getstate(),
-    }  # fmt: skip
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -55,8 +51,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(directory: str | Path, step: TrainStep, *, stage: int, epoch: int, global_step: int, lr: float,
-         config: dict, epoch_step: int = 0, world_size: int = 1) -> Path:  # fmt: skip
+def save(
+    directory: str | Path,
+    step: TrainStep,
+    *,
+    stage: int,
+    epoch: int,
+    global_step: int,
+    lr: float,
+    config: dict,
+    epoch_step: int = 0,
+    world_size: int = 1,
+) -> Path:
     """Write a checkpoint into `directory` (created): state.pt first, meta.json (with its sha256) last.
 
     `epoch` counts completed epochs; `epoch_step` the steps already done in the next one (a checkpoint taken
@@ -64,11 +70,25 @@ def save(directory: str | Path, step: TrainStep, *, stage: int, epoch: int, glob
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = step.state_dict()
-    state.update(stage=stage, epoch=epoch, epoch_step=epoch_step, global_step=global_step, lr=lr, rng=rng_state(),
-                 world_size=world_size, config=json.dumps(config, sort_keys=True))  # fmt: skip
+    state.update(
+        stage=stage,
+        epoch=epoch,
+        epoch_step=epoch_step,
+        global_step=global_step,
+        lr=lr,
+        rng=rng_state(),
+        world_size=world_size,
+        config=json.dumps(config, sort_keys=True),
+    )
     torch.save(state, d / STATE)
-    meta = {"sha256": _sha256(d / STATE), "stage": stage, "epoch": epoch, "epoch_step": epoch_step,
-            "global_step": global_step, "world_size": world_size}  # fmt: skip
+    meta = {
+        "sha256": storage.sha256(storage.resolve(d / STATE)),
+        "stage": stage,
+        "epoch": epoch,
+        "epoch_step": epoch_step,
+        "global_step": global_step,
+        "world_size": world_size,
+    }
     tmp = d / (META + ".tmp")
     tmp.write_text(json.dumps(meta))
     tmp.replace(d / META)
@@ -76,13 +96,9 @@ def save(directory: str | Path, step: TrainStep, *, stage: int, epoch: int, glob
 
 
 def load(directory: str | Path) -> dict[str, Any]:
-    d = Path(directory)
-    if not (d / META).is_file():
-        raise CheckpointError(f"{d} has no {META}: a partly written checkpoint, refused")
-    meta = json.loads((d / META).read_text())
-    if not (d / STATE).is_file() or _sha256(d / STATE) != meta["sha256"]:
-        raise CheckpointError(f"{d}/{STATE} does not match the sha256 in {META}: a partial or damaged checkpoint")
-    return torch.load(d / STATE, map_location="cpu", weights_only=True)
+    """A local checkpoint directory's state, once `verify` accepts it."""
+    verify(str(directory))
+    return torch.load(Path(directory) / STATE, map_location="cpu", weights_only=True)
 
 
 def restore(step: TrainStep, state: dict[str, Any]) -> None:
@@ -104,13 +120,11 @@ def shift_discriminator_scales(d_state: dict[str, torch.Tensor], shift: int) -> 
 def verify(uri: str) -> dict[str, Any]:
     """Check a checkpoint directory in any storage without loading it: meta.json present, state.pt's sha256 as
     meta.json says. Returns meta.json; raises CheckpointError naming the directory and what is wrong."""
-    from data import storage
-
     loc = storage.resolve(uri)
     try:
         meta = json.loads(storage.read_bytes(loc.join(META)))
     except FileNotFoundError:
-        raise CheckpointError(f"{uri} has no {META}: not a checkpoint, or a partly written one") from None
+        raise CheckpointError(f"{uri} has no {META}: a partly written checkpoint (or none), refused") from None
     except ValueError:
         raise CheckpointError(f"{uri}/{META} is not valid JSON: a damaged checkpoint") from None
     if storage.size(loc.join(STATE)) is None:
@@ -123,8 +137,6 @@ def verify(uri: str) -> dict[str, Any]:
 def verified_alternative(uri: str) -> tuple[str, dict] | None:
     """Another checkpoint of the same stage folder that verifies (Ray Train keeps the latest two), newest first,
     with its meta.json; None if there is none."""
-    from data import storage
-
     loc = storage.resolve(uri)
     parent = storage.Location(loc.fs, str(Path(loc.path).parent), loc.uri.rstrip("/").rsplit("/", 1)[0])
     for name in sorted(storage.list_dirs(parent), reverse=True):
@@ -140,8 +152,6 @@ def verified_alternative(uri: str) -> tuple[str, dict] | None:
 
 def fetch(uri: str, into: str | Path) -> dict[str, Any]:
     """Load a checkpoint directory from any storage URI (S3 files are copied into the local folder `into`)."""
-    from data import storage
-
     loc = storage.resolve(uri)
     if not loc.is_s3:
         return load(loc.path)

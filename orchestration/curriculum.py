@@ -151,8 +151,15 @@ def run(plan: RunPlan, log=print) -> RunResult:
     try:
         result = RunResult(_run_stages(plan, checked, parent, log))
         if parent:
-            parent.metrics({f"stage{k}/{m}": v for k, r in result.stages.items()
-                            for m, v in (r.get("metrics") or {}).items() if m in ("val_L1", "val_VGG")}, step=0)  # fmt: skip
+            parent.metrics(
+                {
+                    f"stage{k}/{m}": v
+                    for k, r in result.stages.items()
+                    for m, v in (r.get("metrics") or {}).items()
+                    if m in ("val_L1", "val_VGG")
+                },
+                step=0,
+            )
             if plan.register and 3 in result.stages:
                 if not parent.flush():
                     raise RegistrationError(
@@ -191,8 +198,15 @@ def stage_datasets(cfg: Config, k: int, data_uri: str, val_split: str | None) ->
     }
 
 
-def stage_trainer(cfg: Config, k: int, datasets: dict, context: StageContext, storage_root: storage.Location,
-                  name: str, callbacks: list | None = None):  # fmt: skip
+def stage_trainer(
+    cfg: Config,
+    k: int,
+    datasets: dict,
+    context: StageContext,
+    storage_root: storage.Location,
+    name: str,
+    callbacks: list | None = None,
+):
     """The TorchTrainer of stage k: workers (elastic for [min, max]), placement, checkpoints and restarts."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
@@ -242,11 +256,14 @@ def connect_ray(cfg: Config, trial_cpus: float = 0.0, what: str = "the stage") -
         if quiet:
             env["RAY_DATA_LOG_LEVEL"] = "WARNING"  # Ray Data configures its loggers from it in each process
             logging.getLogger("ray.data").setLevel(logging.WARNING)  # this process configured them on import
+            logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)  # "tqdm is not installed"
         job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
         env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}  # a conflict is an error
         os.environ.update(env)
-        ray.init(logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
-                 runtime_env={"env_vars": env} if env else None)  # fmt: skip
+        ray.init(
+            logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
+            runtime_env={"env_vars": env} if env else None,
+        )
     resources.check(cfg, resources.cluster_nodes(), trial_cpus, what)
 
 
@@ -274,34 +291,50 @@ def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, log) -> d
         workers = f"{high}" if low == high else f"{low}-{high} (elastic)"
         uneven = cfg.uneven_worker_counts(k)
         if uneven:
-            log(f"[stage {k}] note: at {', '.join(map(str, uneven))} workers the global batch of {cfg.global_batch(k)} "
+            log(
+                f"[stage {k}] note: at {', '.join(map(str, uneven))} workers the global batch of {cfg.global_batch(k)} "
                 f"does not split evenly: those sizes train with {', '.join(str(w * cfg.worker_batch(k, w)) for w in uneven)} "
-                f"samples per step and the lr scaled to match")  # fmt: skip
+                f"samples per step and the lr scaled to match"
+            )
         log(
             f"[stage {k}] {STAGES[k - 1].what}: netG={model.netG} ngf={model.ngf} num_D={model.num_D} "
             f"{geo.resize_or_crop}/{geo.load_size}, global batch {cfg.global_batch(k)} on {workers} workers, "
             f"{cfg.stage(k).epochs} epochs"
         )
-        context = StageContext(cfg.to_dict(), k, root.uri, inits.get(k), labels, plan.run_id, plan.tracking_uri,
-                               experiment_name(cfg))  # fmt: skip
+        context = StageContext(
+            cfg.to_dict(), k, root.uri, inits.get(k), labels, plan.run_id, plan.tracking_uri, experiment_name(cfg)
+        )
         t0 = time.perf_counter()
         datasets = stage_datasets(cfg, k, plan.data_uri, val_split)
         result = fit(stage_trainer(cfg, k, datasets, context, root, f"stage{k}"), f"stage {k}")
         ckpt_uri = checkpoint_uri(result, root, f"stage {k}")
         metrics = result.metrics or {}
-        entry = dict(checkpoint=ckpt_uri, epochs=metrics.get("epoch"), global_step=metrics.get("global_step"),
-                     seconds=round(time.perf_counter() - t0, 1), metrics=metrics)  # fmt: skip
+        entry = dict(
+            checkpoint=ckpt_uri,
+            epochs=metrics.get("epoch"),
+            global_step=metrics.get("global_step"),
+            seconds=round(time.perf_counter() - t0, 1),
+            metrics=metrics,
+        )
         state.record(k, **entry)
         if parent:
             parent.tags_({f"stage{k}.checkpoint": ckpt_uri})
-            stage_run = Tracker(plan.tracking_uri, experiment_name(cfg), {RUN_TAG: plan.run_id, STAGE_TAG: str(k)},
-                                f"{plan.run_id}/stage{k}", parent_tags={RUN_TAG: plan.run_id}, log=log)  # fmt: skip
+            stage_run = Tracker(
+                plan.tracking_uri,
+                experiment_name(cfg),
+                {RUN_TAG: plan.run_id, STAGE_TAG: str(k)},
+                f"{plan.run_id}/stage{k}",
+                parent_tags={RUN_TAG: plan.run_id},
+                log=log,
+            )
             stage_run.tags_({"checkpoint": ckpt_uri})
             stage_run.close("FINISHED", timeout=30)
         results[k] = state.done(k)
         inits[k + 1] = ckpt_uri
-        log(f"[stage {k}] finished: {entry['epochs']} epochs, {entry['global_step']} steps in {entry['seconds']}s; "
-            f"checkpoint {ckpt_uri}")  # fmt: skip
+        log(
+            f"[stage {k}] finished: {entry['epochs']} epochs, {entry['global_step']} steps in {entry['seconds']}s; "
+            f"checkpoint {ckpt_uri}"
+        )
     return results
 
 

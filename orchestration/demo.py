@@ -41,8 +41,14 @@ class DemoSettings:
     width: int = 128
     # configs/tiny.yaml is sized for tests; the demo trains longer so the picture shows something (~4 min on
     # 2 cores). Many samples and few epochs: each epoch restarts the data pipeline, which costs seconds.
-    overrides: tuple[str, ...] = ("stage1.niter=5", "stage1.niter_decay=3", "stage2.niter=2",
-                                  "stage2.niter_fix_global=2", "stage3.niter=3", "stage3.niter_decay=3")  # fmt: skip
+    overrides: tuple[str, ...] = (
+        "stage1.niter=5",
+        "stage1.niter_decay=3",
+        "stage2.niter=2",
+        "stage2.niter_fix_global=2",
+        "stage3.niter=3",
+        "stage3.niter_decay=3",
+    )
 
 
 def generator_from(uri: str, cfg, k: int) -> torch.nn.Module:
@@ -61,8 +67,13 @@ def stage_comparison(cfg, data_uri: str, result: RunResult, tracking_uri: str, n
     pulled = load_generator(result.registry["uri"], tracking_uri)
     final = pulled(torch.stack([held["label"].long(), held["inst"]], 1))
     half = read_samples(data_uri, split, pipeline_config(cfg, 1), n)
-    coarse = generate(generator_from(result.stages[1]["checkpoint"], cfg, 1), cfg.stage_model(1), half["label"],
-                      inst=half.get("inst"), edges=half.get("edges"))  # fmt: skip
+    coarse = generate(
+        generator_from(result.stages[1]["checkpoint"], cfg, 1),
+        cfg.stage_model(1),
+        half["label"],
+        inst=half.get("inst"),
+        edges=half.get("edges"),
+    )
     coarse = torch.nn.functional.interpolate(coarse, size=final.shape[-2:], mode="nearest")
     rows = comparison_rows(CITYSCAPES, held["label"], coarse, final, held["image"])
     l1 = {"stage 1": (coarse - held["image"]).abs().mean().item(), "final": (final - held["image"]).abs().mean().item()}
@@ -79,8 +90,14 @@ def run_demo(s: DemoSettings) -> Path:
     cfg = load_config(s.config, list(s.overrides))
     tracking_uri = resolve_tracking_uri()
     run_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    plan = RunPlan(cfg=cfg, run_id=run_id, stages=[1, 2, 3], data_uri=data_uri, storage_uri=str(out / "runs"),
-                   tracking_uri=tracking_uri)  # fmt: skip
+    plan = RunPlan(
+        cfg=cfg,
+        run_id=run_id,
+        stages=[1, 2, 3],
+        data_uri=data_uri,
+        storage_uri=str(out / "runs"),
+        tracking_uri=tracking_uri,
+    )
     result = run(plan)
     if result.registry is None:
         raise RuntimeError(f"the generator was not registered in {tracking_uri}; see the messages above")
@@ -90,8 +107,10 @@ def run_demo(s: DemoSettings) -> Path:
     print(f"[demo] held-out L1 to the real image: stage 1 {l1['stage 1']:.3f}, final {l1['final']:.3f}")
     print(f"[demo] run {run_id} in {out / 'runs' / run_id}; per-epoch images under stage*/images/")
     if tracking_uri.startswith("sqlite:"):
-        print(f"[demo] MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000  "
-              f"then open http://127.0.0.1:5000 (experiment {experiment_name(cfg)})")  # fmt: skip
+        print(
+            f"[demo] MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000  "
+            f"then open http://127.0.0.1:5000 (experiment {experiment_name(cfg)})"
+        )
     else:
         print(f"[demo] MLflow: {tracking_uri} (experiment {experiment_name(cfg)})")
     print(f"[demo] done in {time.perf_counter() - t0:.0f}s")

@@ -72,18 +72,26 @@ def report(rows: list[StageMemory], gpu_gib: float) -> tuple[str, bool]:
     for r in rows:
         ok = r.peak_gib <= budget
         fits &= ok
-        lines.append(f"{r.stage:>5} {r.batch:>5} {f'{r.width}x{r.height}':>10} {r.precision:<9} "
-                     f"{'on' if r.checkpointing else 'off':<13} {r.peak_gib:>8.2f}  {'yes' if ok else 'NO'}")  # fmt: skip
-    lines.append(f"(tensors per worker, estimated on the CPU; a {gpu_gib:g} GiB card leaves {budget:g} GiB for them "
-                 f"after {CUDA_CONTEXT_GIB:g} GiB of CUDA context and allocator slack)")  # fmt: skip
+        lines.append(
+            f"{r.stage:>5} {r.batch:>5} {f'{r.width}x{r.height}':>10} {r.precision:<9} "
+            f"{'on' if r.checkpointing else 'off':<13} {r.peak_gib:>8.2f}  {'yes' if ok else 'NO'}"
+        )
+    lines.append(
+        f"(tensors per worker, estimated on the CPU; a {gpu_gib:g} GiB card leaves {budget:g} GiB for them "
+        f"after {CUDA_CONTEXT_GIB:g} GiB of CUDA context and allocator slack)"
+    )
     if any(r.compiled and r.checkpointing for r in rows):
-        lines.append("these are the eager step's figures; compiled (train.compile) with checkpointing, the local G "
-                     "peaked 8% below eager on a CPU, not yet measured on a GPU (BENCHMARKS.md)")  # fmt: skip
+        lines.append(
+            "these are the eager step's figures; compiled (train.compile) with checkpointing, the local G "
+            "peaked 8% below eager on a CPU, not yet measured on a GPU (BENCHMARKS.md)"
+        )
     if not fits:
         advice = []
         if not rows[0].checkpointing:
-            advice.append("--set train.activation_checkpointing=true (at 2048x1024 about a third less memory "
-                          "for about a quarter more compute)")  # fmt: skip
+            advice.append(
+                "--set train.activation_checkpointing=true (at 2048x1024 about a third less memory "
+                "for about a quarter more compute)"
+            )
         if rows[0].precision == "fp32":
             advice.append("--set train.precision=bf16")
         advice.append("a smaller per-stage batch_size with more workers")

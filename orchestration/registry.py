@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 import time
 import traceback
@@ -80,8 +81,9 @@ def _clusters(cfg: Config, k: int, E, data_uri: str, n: int = 64) -> torch.Tenso
     return feature_clusters(stacked, cfg.model.label_nc, cfg.model.feat_num)
 
 
-def register_run(root: storage.Location, tracking_uri: str, log=print, data_uri: str | None = None,
-                 attempts: int = 2) -> dict:  # fmt: skip
+def register_run(
+    root: storage.Location, tracking_uri: str, log=print, data_uri: str | None = None, attempts: int = 2
+) -> dict:
     """Register the final generator of the run stored at `root` ({storage}/{run_id}); idempotent. Raises
     ConfigError for a run with nothing to register, RegistrationError (with the full cause) when registering
     fails `attempts` times, 5 s apart."""
@@ -99,8 +101,9 @@ def register_run(root: storage.Location, tracking_uri: str, log=print, data_uri:
     )
     for attempt in range(1, attempts + 1):
         try:
-            result = register(run_id, cfg, final["checkpoint"], data_uri, (final.get("metrics") or {}).get(METRIC),
-                              tracking_uri, log)  # fmt: skip
+            result = register(
+                run_id, cfg, final["checkpoint"], data_uri, (final.get("metrics") or {}).get(METRIC), tracking_uri, log
+            )
             break
         except Exception as e:  # noqa: BLE001 - reported in full below; the model is safe in storage
             cause = "".join(traceback.format_exception(e)).rstrip()
@@ -115,8 +118,15 @@ def register_run(root: storage.Location, tracking_uri: str, log=print, data_uri:
     return result
 
 
-def register(run_id: str, cfg: Config | None, final_checkpoint: str, data_uri: str, val_metric: float | None,
-             tracking_uri: str, log=print) -> dict:  # fmt: skip
+def register(
+    run_id: str,
+    cfg: Config | None,
+    final_checkpoint: str,
+    data_uri: str,
+    val_metric: float | None,
+    tracking_uri: str,
+    log=print,
+) -> dict:
     """Log the generator of `final_checkpoint` to the curriculum's parent run, create a tagged version (unless
     one exists for this checkpoint), maybe move the alias. `cfg`: the run's config (None: the checkpoint's)."""
     configure_mlflow_client()
@@ -140,8 +150,10 @@ def register(run_id: str, cfg: Config | None, final_checkpoint: str, data_uri: s
             version = min(existing, key=lambda v: int(v.version))
             _wait_ready(client, name, version.version)
             moved, reason = _maybe_move_alias(client, name, version.version, val_metric)
-            log(f"registry: {name} version {version.version} already holds {final_checkpoint}: not registered "
-                f"again; {_alias_line(client, name, version.version, moved, reason)}")  # fmt: skip
+            log(
+                f"registry: {name} version {version.version} already holds {final_checkpoint}: not registered "
+                f"again; {_alias_line(client, name, version.version, moved, reason)}"
+            )
             return _result(name, version.version, moved, final_checkpoint)
         state = state or checkpoint.fetch(final_checkpoint, tmp)
 
@@ -158,10 +170,14 @@ def register(run_id: str, cfg: Config | None, final_checkpoint: str, data_uri: s
     parent_id = parent[0].info.run_id if parent else None
     with mlflow.start_run(run_id=parent_id, experiment_id=exp, run_name=run_id):
         info = mlflow.pytorch.log_model(
-            bundle, name="generator", serialization_format="pickle", code_paths=[str(MODEL_DIR)],
-            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"], signature=signature,
+            bundle,
+            name="generator",
+            serialization_format="pickle",
+            code_paths=[str(MODEL_DIR)],
+            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
+            signature=signature,
             input_example=example,
-        )  # fmt: skip
+        )
         mlflow_run_id = mlflow.active_run().info.run_id
     if not client.search_registered_models(f"name = {filter_value(name)}"):
         client.create_registered_model(name, description="pix2pixHD generator: label ids + instance ids -> image")
@@ -173,17 +189,25 @@ def register(run_id: str, cfg: Config | None, final_checkpoint: str, data_uri: s
     }
     if val_metric is not None:
         tags[METRIC] = f"{val_metric:.6f}"
+    logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to..."
     version = client.create_model_version(name, info.model_uri, run_id=mlflow_run_id, tags=tags, model_id=info.model_id)
     _wait_ready(client, name, version.version)
     moved, reason = _maybe_move_alias(client, name, version.version, val_metric)
-    log(f"registered {name} version {version.version} ({METRIC} {val_metric if val_metric is not None else 'n/a'}); "
-        f"{_alias_line(client, name, version.version, moved, reason)}")  # fmt: skip
+    log(
+        f"registered {name} version {version.version} ({METRIC} {val_metric if val_metric is not None else 'n/a'}); "
+        f"{_alias_line(client, name, version.version, moved, reason)}"
+    )
     return _result(name, version.version, moved, final_checkpoint)
 
 
 def _result(name: str, version: str, moved: bool, final_checkpoint: str) -> dict:
-    return {"name": name, "version": version, "alias_moved": moved, "checkpoint": final_checkpoint,
-            "uri": f"models:/{name}/{version}"}  # fmt: skip
+    return {
+        "name": name,
+        "version": version,
+        "alias_moved": moved,
+        "checkpoint": final_checkpoint,
+        "uri": f"models:/{name}/{version}",
+    }
 
 
 def _alias_line(client, name: str, version: str, moved: bool, reason: str) -> str:

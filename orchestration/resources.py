@@ -33,11 +33,14 @@ def cluster_nodes() -> list[Node]:
     import ray
 
     return [
-        Node(f"{n['NodeManagerAddress']}:{n.get('NodeManagerPort', '')}", n["Resources"].get("CPU", 0.0),
-             n["Resources"].get("GPU", 0.0))
+        Node(
+            f"{n['NodeManagerAddress']}:{n.get('NodeManagerPort', '')}",
+            n["Resources"].get("CPU", 0.0),
+            n["Resources"].get("GPU", 0.0),
+        )
         for n in ray.nodes()
         if n.get("Alive")
-    ]  # fmt: skip
+    ]
 
 
 def check(cfg: Config, nodes: list[Node], trial_cpus: float = 0.0, what: str = "the stage") -> None:

@@ -28,10 +28,6 @@ class RunState:
         except FileNotFoundError:
             self.data = {"stages": {}}
 
-    @property
-    def exists(self) -> bool:
-        return bool(self.data["stages"]) or "data_uri" in self.data
-
     def done(self, k: int) -> dict | None:
         entry = self.data["stages"].get(str(k))
         return entry if entry and entry.get("status") == "done" else None

@@ -73,8 +73,15 @@ def _trial(config: dict, fixed: dict) -> None:
     k = fixed["stage"]
     trial = tune.get_context().get_trial_id()
     root = storage.resolve(fixed["storage"])
-    context = StageContext(cfg.to_dict(), k, root.uri, fixed["init_checkpoint"], fixed["labels"],
-                           run_id=f"{fixed['sweep']}/{trial}", mid_epoch_checkpoints=False)  # fmt: skip
+    context = StageContext(
+        cfg.to_dict(),
+        k,
+        root.uri,
+        fixed["init_checkpoint"],
+        fixed["labels"],
+        run_id=f"{fixed['sweep']}/{trial}",
+        mid_epoch_checkpoints=False,
+    )
     trainer = stage_trainer(cfg, k, fixed["datasets"], context, root, trial, callbacks=[TuneReportCallback()])
     checkpoint_uri(fit(trainer, f"trial {trial}"), root, f"trial {trial}")
 
@@ -128,9 +135,13 @@ class TrialTracking(Callback):
 
     def _run(self, trial) -> Tracker:
         if trial.trial_id not in self.runs:
-            self.runs[trial.trial_id] = Tracker(self.uri, self.experiment, {SWEEP_TAG: self.sweep, TRIAL_TAG: trial.trial_id},
-                                                f"{self.sweep}/{trial.trial_id}",
-                                                parent_tags={SWEEP_TAG: self.sweep, STAGE_TAG: "parent"})  # fmt: skip
+            self.runs[trial.trial_id] = Tracker(
+                self.uri,
+                self.experiment,
+                {SWEEP_TAG: self.sweep, TRIAL_TAG: trial.trial_id},
+                f"{self.sweep}/{trial.trial_id}",
+                parent_tags={SWEEP_TAG: self.sweep, STAGE_TAG: "parent"},
+            )
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -145,8 +156,11 @@ class TrialTracking(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         early = int(last.get("epoch", 0)) < self.max_epochs
-        print(f"sweep {self.sweep}: trial {trial.trial_id} {'stopped early by ASHA' if early else 'finished'} after "
-              f"{last.get('epoch', 0)} epochs, val_L1={last.get('val_L1', float('nan')):.4f}", flush=True)  # fmt: skip
+        print(
+            f"sweep {self.sweep}: trial {trial.trial_id} {'stopped early by ASHA' if early else 'finished'} after "
+            f"{last.get('epoch', 0)} epochs, val_L1={last.get('val_L1', float('nan')):.4f}",
+            flush=True,
+        )
         self._end(trial, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -207,8 +221,16 @@ def keep_credentials_out_of_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - CREDENTIALS
 
 
-def _tune(plan: SweepPlan, space: dict, datasets: dict, init: str | None, root: storage.Location, labels: str,
-          callbacks: list, log) -> dict:  # fmt: skip
+def _tune(
+    plan: SweepPlan,
+    space: dict,
+    datasets: dict,
+    init: str | None,
+    root: storage.Location,
+    labels: str,
+    callbacks: list,
+    log,
+) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -216,16 +238,25 @@ def _tune(plan: SweepPlan, space: dict, datasets: dict, init: str | None, root: 
 
     cfg, w = plan.cfg, plan.cfg.sweep
     k = w.stage
-    fixed = {"base": cfg.to_dict(), "stage": k, "storage": root.join("trials").uri, "datasets": datasets,
-             "init_checkpoint": init, "sweep": plan.name, "labels": labels}  # fmt: skip
+    fixed = {
+        "base": cfg.to_dict(),
+        "stage": k,
+        "storage": root.join("trials").uri,
+        "datasets": datasets,
+        "init_checkpoint": init,
+        "sweep": plan.name,
+        "labels": labels,
+    }
     trainable = tune.with_resources(tune.with_parameters(_trial, fixed=fixed), {"CPU": w.trial_cpus})
     tune_path = root.join("tune")
-    run_config = tune.RunConfig(name="tune", storage_path=root.path, storage_filesystem=root.fs, callbacks=callbacks,
-                                verbose=0)  # fmt: skip
+    run_config = tune.RunConfig(
+        name="tune", storage_path=root.path, storage_filesystem=root.fs, callbacks=callbacks, verbose=0
+    )
     if plan.resume and tune.Tuner.can_restore(tune_path.path, storage_filesystem=tune_path.fs):
         log(f"sweep {plan.name}: resuming from {tune_path}")
-        tuner = tune.Tuner.restore(tune_path.path, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=tune_path.fs)  # fmt: skip
+        tuner = tune.Tuner.restore(
+            tune_path.path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=tune_path.fs
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -242,8 +273,10 @@ def _tune(plan: SweepPlan, space: dict, datasets: dict, init: str | None, root: 
             run_config=run_config,
         )
     t0 = time.perf_counter()
-    log(f"sweep {plan.name}: {w.num_samples} trials of stage {k}, {max_concurrent(cfg)} at a time, over "
-        f"{', '.join(space)}")  # fmt: skip
+    log(
+        f"sweep {plan.name}: {w.num_samples} trials of stage {k}, {max_concurrent(cfg)} at a time, over "
+        f"{', '.join(space)}"
+    )
     results = tuner.fit()
     best = results.get_best_result(metric=w.metric, mode=w.mode)
     if best is None or best.metrics is None or w.metric not in best.metrics:
@@ -262,7 +295,15 @@ def _tune(plan: SweepPlan, space: dict, datasets: dict, init: str | None, root: 
     errors = sum(1 for r in results if r.error is not None)
     log(f"sweep {plan.name}: {len(results)} trials ({errors} errored) in {time.perf_counter() - t0:.0f}s")
     log(f"best trial: {w.metric}={best.metrics[w.metric]:.4f} with {chosen}")
-    log(f"best config: {config_loc}" + (f" (and {out})" if out else "")
-        + f"; train it with python -m jobs.train --config {config_loc}")  # fmt: skip
-    return {"best": chosen, "metric": best.metrics[w.metric], "config_path": out, "config_uri": config_loc.uri,
-            "trials": len(results)}  # fmt: skip
+    log(
+        f"best config: {config_loc}"
+        + (f" (and {out})" if out else "")
+        + f"; train it with python -m jobs.train --config {config_loc}"
+    )
+    return {
+        "best": chosen,
+        "metric": best.metrics[w.metric],
+        "config_path": out,
+        "config_uri": config_loc.uri,
+        "trials": len(results),
+    }

@@ -158,8 +158,15 @@ def _outage_ends(uri: str) -> bool:
 class Tracker:
     """Non-blocking MLflow logging into the run identified by `tags` (nested under the parent with `parent_tags`)."""
 
-    def __init__(self, uri: str, experiment: str, tags: dict[str, str], run_name: str,
-                 parent_tags: dict[str, str] | None = None, log=None):  # fmt: skip
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        tags: dict[str, str],
+        run_name: str,
+        parent_tags: dict[str, str] | None = None,
+        log=None,
+    ):
         self.uri, self.experiment, self.tags, self.run_name, self.parent_tags = (
             uri,
             experiment,
@@ -224,8 +231,10 @@ class Tracker:
         self._ops.put(("end", status, end_children))
         self._closing.set()
         if not self._wait(lambda: not self._thread.is_alive(), timeout):
-            self.log(f"mlflow: {self.uri} unreachable; {len(self._pending) + self._ops.qsize()} tracking records "
-                     f"for run '{self.run_name}' were not sent")  # fmt: skip
+            self.log(
+                f"mlflow: {self.uri} unreachable; {len(self._pending) + self._ops.qsize()} tracking records "
+                f"for run '{self.run_name}' were not sent"
+            )
             return False
         return True
 
@@ -295,8 +304,10 @@ class Tracker:
                         return
                 if self._down_since is not None:
                     if _outage_ends(self.uri):
-                        self.log(f"mlflow: {self.uri} reachable again after {time.time() - self._down_since:.0f}s; "
-                                 f"queued records sent")  # fmt: skip
+                        self.log(
+                            f"mlflow: {self.uri} reachable again after {time.time() - self._down_since:.0f}s; "
+                            f"queued records sent"
+                        )
                     self._down_since = None
                 backoff = 1.0
             except Exception as e:  # noqa: BLE001 - a server that cannot be reached is retried
@@ -306,16 +317,20 @@ class Tracker:
                     refused += 1
                     if refused >= REFUSALS_BEFORE_DROP:
                         dropped = self._pending.pop(0)
-                        self.log(f"mlflow: {self.uri} refused a {dropped[0]} record for run '{self.run_name}' "
-                                 f"{refused} times ({type(e).__name__}: {str(e).splitlines()[0][:200]}); dropped it")  # fmt: skip
+                        self.log(
+                            f"mlflow: {self.uri} refused a {dropped[0]} record for run '{self.run_name}' "
+                            f"{refused} times ({type(e).__name__}: {str(e).splitlines()[0][:200]}); dropped it"
+                        )
                         refused = 0
                     continue
                 if self._down_since is None:
                     self._down_since = time.time()
                     if _outage_starts(self.uri):
-                        self.log(f"mlflow: cannot log to {self.uri} ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:200]}); training continues, records are queued and retried "
-                                 f"(waiting at most {UNREACHABLE_WAIT_S:.0f}s for the server when a stage ends)")  # fmt: skip
+                        self.log(
+                            f"mlflow: cannot log to {self.uri} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); training continues, records are queued and retried "
+                            f"(waiting at most {UNREACHABLE_WAIT_S:.0f}s for the server when a stage ends)"
+                        )
                 self._wake.wait(backoff)
                 self._wake.clear()
                 backoff = min(backoff * 2, 10.0)

@@ -126,8 +126,16 @@ def train_stage(context: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     opt = cfg.stage_model(k)
     t = cfg.train
-    step = TrainStep(opt, device, wrap=_wrap, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
-                     activation_checkpointing=t.activation_checkpointing, seed=t.seed)  # fmt: skip
+    step = TrainStep(
+        opt,
+        device,
+        wrap=_wrap,
+        precision=t.precision,
+        channels_last=t.channels_last,
+        compile=t.compile,
+        activation_checkpointing=t.activation_checkpointing,
+        seed=t.seed,
+    )
     say = _emit if rank == 0 else (lambda *a, **kw: None)
 
     start_epoch, global_step, skip, resized = 0, 0, 0, None
@@ -143,10 +151,12 @@ def train_stage(context: dict) -> None:
             resized = (state["world_size"], world)
             before, now = (w * cfg.worker_batch(k, w) for w in resized)
             batch = f"global batch {now} as before" if before == now else f"global batch {before} -> {now}, lr scaled"
-            say(f"[stage {k}] resized {resized[0]} -> {world} workers at {time.strftime('%H:%M:%S')} ({where}); "
-                f"per-worker batch {cfg.worker_batch(k, resized[0])} -> {cfg.worker_batch(k, world)}, {batch}")  # fmt: skip
+            say(
+                f"[stage {k}] resized {resized[0]} -> {world} workers at {time.strftime('%H:%M:%S')} ({where}); "
+                f"per-worker batch {cfg.worker_batch(k, resized[0])} -> {cfg.worker_batch(k, world)}, {batch}"
+            )
     elif ctx.init_checkpoint:
-        say(f"[stage {k}] {checkpoint.init_from_previous_stage(step, _load_checkpoint_uri(ctx.init_checkpoint), k)}")  # fmt: skip
+        say(f"[stage {k}] {checkpoint.init_from_previous_stage(step, _load_checkpoint_uri(ctx.init_checkpoint), k)}")
 
     pcfg = pipeline_config(cfg, k, world)
     shard = ray.train.get_dataset_shard("train")
@@ -154,15 +164,32 @@ def train_stage(context: dict) -> None:
     labels = LABEL_SETS[ctx.label_set]
     tracker = None
     if rank == 0 and ctx.tracking_uri:
-        tracker = Tracker(ctx.tracking_uri, ctx.experiment, {RUN_TAG: ctx.run_id, STAGE_TAG: str(k)},
-                          f"{ctx.run_id}/stage{k}", parent_tags={RUN_TAG: ctx.run_id}, log=say)  # fmt: skip
-        tracker.params({"stage": k, "model": vars(opt), "geometry": vars(pcfg.geometry),
-                        "global_batch": cfg.global_batch(k), "num_workers": str(cfg.train.num_workers)})  # fmt: skip
+        tracker = Tracker(
+            ctx.tracking_uri,
+            ctx.experiment,
+            {RUN_TAG: ctx.run_id, STAGE_TAG: str(k)},
+            f"{ctx.run_id}/stage{k}",
+            parent_tags={RUN_TAG: ctx.run_id},
+            log=say,
+        )
+        tracker.params(
+            {
+                "stage": k,
+                "model": vars(opt),
+                "geometry": vars(pcfg.geometry),
+                "global_batch": cfg.global_batch(k),
+                "num_workers": str(cfg.train.num_workers),
+            }
+        )
         tracker.tags_({"checkpoint_dir": storage.resolve(ctx.run_root).join(f"stage{k}").uri})
         tracker.metrics({"workers": world}, global_step)
         if resized:
-            tracker.tags_({f"resize.{int(time.time())}": f"{resized[0]} -> {world} workers at epoch {start_epoch} "
-                                                          f"(+{skip} steps), step {global_step}"})  # fmt: skip
+            tracker.tags_(
+                {
+                    f"resize.{int(time.time())}": f"{resized[0]} -> {world} workers at epoch {start_epoch} "
+                    f"(+{skip} steps), step {global_step}"
+                }
+            )
     images_root = storage.resolve(ctx.run_root).join(f"stage{k}", "images")
     epochs = stage_cfg.epochs
     stage_start = time.perf_counter()
@@ -174,8 +201,17 @@ def train_stage(context: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                checkpoint.save(tmp, step, stage=k, epoch=epoch, epoch_step=epoch_step, global_step=global_step,
-                                lr=lr, config=ctx.config, world_size=world)  # fmt: skip
+                checkpoint.save(
+                    tmp,
+                    step,
+                    stage=k,
+                    epoch=epoch,
+                    epoch_step=epoch_step,
+                    global_step=global_step,
+                    lr=lr,
+                    config=ctx.config,
+                    world_size=world,
+                )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -203,8 +239,10 @@ def train_stage(context: dict) -> None:
             global_step += 1
             if cfg.train.log_every and global_step % cfg.train.log_every == 0:
                 values = {n: v.item() for n, v in losses.items()}
-                say(f"[stage {k}] epoch {epoch + 1}/{epochs} step {global_step} "
-                    + " ".join(f"{n}={v:.3f}" for n, v in values.items()))  # fmt: skip
+                say(
+                    f"[stage {k}] epoch {epoch + 1}/{epochs} step {global_step} "
+                    + " ".join(f"{n}={v:.3f}" for n, v in values.items())
+                )
                 if tracker:
                     tracker.metrics({f"step/{n}": v for n, v in values.items()}, global_step)
             if ctx.mid_epoch_checkpoints:
@@ -212,11 +250,24 @@ def train_stage(context: dict) -> None:
                 notice = ray.train.get_preemption_info() if ask else None  # a broadcast: one answer on every rank
                 due = bool(every) and global_step % every == 0
                 if notice is not None and not preempted:
-                    say(f"[stage {k}] node(s) {', '.join(notice.preempted_node_to_ranks)} draining: checkpoint at "
-                        f"step {global_step} (epoch {epoch + 1}, step {epoch_step} of it)")  # fmt: skip
+                    say(
+                        f"[stage {k}] node(s) {', '.join(notice.preempted_node_to_ranks)} draining: checkpoint at "
+                        f"step {global_step} (epoch {epoch + 1}, step {epoch_step} of it)"
+                    )
                 if due or (notice is not None and not preempted):
-                    save_and_report({"stage": k, "epoch": epoch, "epoch_step": epoch_step, "global_step": global_step,
-                                     "lr": lr, "partial_epoch": True}, epoch, epoch_step, lr)  # fmt: skip
+                    save_and_report(
+                        {
+                            "stage": k,
+                            "epoch": epoch,
+                            "epoch_step": epoch_step,
+                            "global_step": global_step,
+                            "lr": lr,
+                            "partial_epoch": True,
+                        },
+                        epoch,
+                        epoch_step,
+                        lr,
+                    )
                 if ask:
                     preempted = notice is not None
             t_ready = time.perf_counter()
@@ -227,25 +278,47 @@ def train_stage(context: dict) -> None:
         totals = _reduce_sum(torch.cat([sums, torch.tensor([batches, samples], device=device, dtype=sums.dtype)]))
         n_batches, n_samples = totals[-2].item(), totals[-1].item()
         metrics = {name: (totals[i] / max(n_batches, 1)).item() for i, name in enumerate(LOSS_NAMES)}
-        metrics.update(stage=k, epoch=epoch + 1, global_step=global_step, lr=lr, trainable=trainable, workers=world,
-                       img_per_s=n_samples / took, data_wait=wait / took, samples=n_samples)  # fmt: skip
+        metrics.update(
+            stage=k,
+            epoch=epoch + 1,
+            global_step=global_step,
+            lr=lr,
+            trainable=trainable,
+            workers=world,
+            img_per_s=n_samples / took,
+            data_wait=wait / took,
+            samples=n_samples,
+        )
 
         if heldout is not None:
-            fake = generate(step.G, opt, heldout["label"], inst=heldout.get("inst"), edges=heldout.get("edges"),
-                            features=_features(step, heldout))  # fmt: skip
+            fake = generate(
+                step.G,
+                opt,
+                heldout["label"],
+                inst=heldout.get("inst"),
+                edges=heldout.get("edges"),
+                features=_features(step, heldout),
+            )
             metrics["val_L1"] = (fake.float() - heldout["image"]).abs().mean().item()
             if step.vgg_loss is not None:
                 metrics["val_VGG"] = (step.vgg_loss(fake.float(), heldout["image"]) / step.vgg_loss.lambda_vgg).item()
             if last or (epoch + 1) % cfg.train.image_every == 0:
                 shown_rows = slice(0, min(4, len(fake)))
-                png = to_png_bytes(grid(comparison_rows(labels, heldout["label"][shown_rows], fake[shown_rows],
-                                                        heldout["image"][shown_rows])))  # fmt: skip
+                png = to_png_bytes(
+                    grid(
+                        comparison_rows(
+                            labels, heldout["label"][shown_rows], fake[shown_rows], heldout["image"][shown_rows]
+                        )
+                    )
+                )
                 storage.write_bytes_atomic(images_root.join(f"epoch_{epoch + 1:04d}.png"), png)
                 if tracker:
                     tracker.artifact(png, f"images/epoch_{epoch + 1:04d}.png")
         if tracker:
-            tracker.metrics({n: v for n, v in metrics.items() if n not in ("stage", "epoch", "global_step")}
-                            | {"epoch": epoch + 1}, global_step)  # fmt: skip
+            tracker.metrics(
+                {n: v for n, v in metrics.items() if n not in ("stage", "epoch", "global_step")} | {"epoch": epoch + 1},
+                global_step,
+            )
 
         if last or (epoch + 1) % cfg.stage_save_freq(k) == 0:
             save_and_report(metrics, epoch + 1, 0, lr)
@@ -256,9 +329,11 @@ def train_stage(context: dict) -> None:
         eta = elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
         shown = " ".join(f"{n}={metrics[n]:.3f}" for n in LOSS_NAMES)
         val = f" val_L1={metrics['val_L1']:.3f}" if "val_L1" in metrics else ""
-        say(f"[stage {k}] epoch {epoch + 1}/{epochs} step {global_step} {shown}{val} lr={lr:.2e} "
+        say(
+            f"[stage {k}] epoch {epoch + 1}/{epochs} step {global_step} {shown}{val} lr={lr:.2e} "
             f"{metrics['img_per_s']:.1f} img/s data-wait {100 * metrics['data_wait']:.0f}% {world} workers "
-            f"eta {eta:.0f}s{' (G1 frozen)' if trainable == 'local' else ''}")  # fmt: skip
+            f"eta {eta:.0f}s{' (G1 frozen)' if trainable == 'local' else ''}"
+        )
     if start_epoch >= epochs:
         say(f"[stage {k}] already complete ({epochs} epochs)")
     if tracker:

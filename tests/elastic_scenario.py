@@ -63,8 +63,11 @@ def node_loss_and_return(cluster: RayCluster, cmd: list[str], notice: bool = Fal
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard)
-    job = client.submit_job(entrypoint=" ".join(cmd), runtime_env={"working_dir": str(REPO)},
-                            submission_id=f"elastic-{uuid.uuid4().hex[:6]}")  # fmt: skip
+    job = client.submit_job(
+        entrypoint=" ".join(cmd),
+        runtime_env={"working_dir": str(REPO)},
+        submission_id=f"elastic-{uuid.uuid4().hex[:6]}",
+    )
     _wait(client, job, lambda logs: "[stage 1] epoch 2/" in logs, "a second epoch")
     if notice:
         cluster.drain_worker()
@@ -86,5 +89,11 @@ def node_loss_and_return(cluster: RayCluster, cmd: list[str], notice: bool = Fal
         assert time.monotonic() < deadline
         time.sleep(0.5)
     logs = client.get_job_logs(job)
-    return Resizes(str(client.get_job_status(job)), logs, down, up, _redone(logs, "resized 2 -> 1"),
-                   _redone(logs, "resized 1 -> 2"))  # fmt: skip
+    return Resizes(
+        str(client.get_job_status(job)),
+        logs,
+        down,
+        up,
+        _redone(logs, "resized 2 -> 1"),
+        _redone(logs, "resized 1 -> 2"),
+    )

@@ -113,9 +113,15 @@ def restore_env(old: dict[str, str | None]) -> None:
 
 def _ray_env(tmp_dir: Path, env: dict[str, str]) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)  # as with an activated venv: jobs' `python` is this one
-    return {**os.environ, **env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-            "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_TMPDIR": str(tmp_dir),
-            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}  # fmt: skip
+    return {
+        **os.environ,
+        **env,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "RAY_TMPDIR": str(tmp_dir),
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+    }
 
 
 def _start_node(tmp_dir: Path, env: dict[str, str], gcs: str, args: list[str], log_name: str) -> subprocess.Popen:
@@ -124,11 +130,23 @@ def _start_node(tmp_dir: Path, env: dict[str, str], gcs: str, args: list[str], l
     look the cluster up by scanning the host, and fail when another Ray instance runs on it."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-           f"--temp-dir={tmp_dir}", *args]  # fmt: skip
+    cmd = [
+        ray_bin,
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+        f"--temp-dir={tmp_dir}",
+        *args,
+    ]
     log = open(tmp_dir / log_name, "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, env={**_ray_env(tmp_dir, env), "RAY_ADDRESS": gcs}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        env={**_ray_env(tmp_dir, env), "RAY_ADDRESS": gcs},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 class RayCluster:
@@ -139,9 +157,20 @@ class RayCluster:
         self.tmp_dir, self.env = tmp_dir, env
         self.gcs_port, dash = free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{dash}"
-        self.head = _start_node(tmp_dir / "head", env, self.gcs_address, ["--head", f"--num-cpus={head_cpus}", f"--port={self.gcs_port}",
-                                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"],
-                                "ray-head.log")  # fmt: skip
+        self.head = _start_node(
+            tmp_dir / "head",
+            env,
+            self.gcs_address,
+            [
+                "--head",
+                f"--num-cpus={head_cpus}",
+                f"--port={self.gcs_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                "--include-dashboard=true",
+            ],
+            "ray-head.log",
+        )
         wait_http(f"{self.dashboard}/api/version", timeout=90, proc=self.head)
         self.workers: dict[int, subprocess.Popen] = {}
         self.worker_cpus = worker_cpus
@@ -154,27 +183,66 @@ class RayCluster:
         return f"127.0.0.1:{self.gcs_port}"
 
     def start_worker(self, i: int) -> None:
-        self.workers[i] = _start_node(self.tmp_dir / f"worker{i}", self.env, self.gcs_address,
-                                      [f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus[i]}",
-                                       f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
-                                      f"ray-worker{i}.log")  # fmt: skip
+        self.workers[i] = _start_node(
+            self.tmp_dir / f"worker{i}",
+            self.env,
+            self.gcs_address,
+            [
+                f"--address={self.gcs_address}",
+                f"--num-cpus={self.worker_cpus[i]}",
+                f"--node-manager-port={free_port()}",
+                f"--object-manager-port={free_port()}",
+            ],
+            f"ray-worker{i}.log",
+        )
 
     def worker_node_id(self) -> str:
         """The node id of the (one) alive worker node."""
         import json
 
-        out = subprocess.run([str(Path(sys.executable).with_name("ray")), "list", "nodes", "--address", self.gcs_address,
-                              "--format", "json", "--filter", "state=ALIVE"], capture_output=True, text=True,
-                             env=_ray_env(self.tmp_dir, self.env), timeout=60, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("ray")),
+                "list",
+                "nodes",
+                "--address",
+                self.gcs_address,
+                "--format",
+                "json",
+                "--filter",
+                "state=ALIVE",
+            ],
+            capture_output=True,
+            text=True,
+            env=_ray_env(self.tmp_dir, self.env),
+            timeout=60,
+            check=True,
+        ).stdout
         (node,) = [n for n in json.loads(out) if not n["is_head_node"]]
         return node["node_id"]
 
     def drain_worker(self, deadline_s: int = 60) -> None:
         """A preemption notice for the worker node, as a cloud's spot reclaim gives through Ray's autoscaler."""
-        subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", "--address", self.gcs_address,
-                        "--node-id", self.worker_node_id(), "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                        "--reason-message", "spot reclaim (test)", f"--deadline-remaining-seconds={deadline_s}"],
-                       capture_output=True, text=True, env=_ray_env(self.tmp_dir, self.env), timeout=60, check=True)  # fmt: skip
+        subprocess.run(
+            [
+                str(Path(sys.executable).with_name("ray")),
+                "drain-node",
+                "--address",
+                self.gcs_address,
+                "--node-id",
+                self.worker_node_id(),
+                "--reason",
+                "DRAIN_NODE_REASON_PREEMPTION",
+                "--reason-message",
+                "spot reclaim (test)",
+                f"--deadline-remaining-seconds={deadline_s}",
+            ],
+            capture_output=True,
+            text=True,
+            env=_ray_env(self.tmp_dir, self.env),
+            timeout=60,
+            check=True,
+        )
 
     def stop_worker(self, i: int) -> None:
         """The node goes away as a preempted machine does: its processes are killed."""
@@ -226,19 +294,37 @@ def submit_job(dashboard: str, workdir: Path, entrypoint: list[str], wait: bool 
     cmd = [ray_bin, "job", "submit", "--address", dashboard, "--working-dir", str(workdir)]
     if not wait:
         cmd.append("--no-wait")
-    return subprocess.run([*cmd, "--", *entrypoint], env=job_env(dashboard), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [*cmd, "--", *entrypoint], env=job_env(dashboard), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @contextmanager
 def mlflow_server(tmp_dir: Path, s3_endpoint: str, bucket: str, port: int | None = None):
     """`mlflow server` with a sqlite backend and artifacts in the (moto) S3 bucket. Yields its URL."""
     port = port or free_port()
-    env = {**os.environ, **s3_environment(s3_endpoint), "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
+    env = {
+        **os.environ,
+        **s3_environment(s3_endpoint),
+        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    cmd = [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_dir}/mlflow.db", "--artifacts-destination",
-           f"s3://{bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    cmd = [
+        mlflow_bin,
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_dir}/mlflow.db",
+        "--artifacts-destination",
+        f"s3://{bucket}/mlflow",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     url = f"http://127.0.0.1:{port}"
     with serving(cmd, env, tmp_dir / f"mlflow-{port}.log", f"{url}/health", timeout=120):
         yield url

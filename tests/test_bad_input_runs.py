@@ -28,8 +28,12 @@ def data(tmp_path_factory):
 
 def train(*args, timeout=900):
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/tiny.yaml", *args],
-                       capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--config", "configs/tiny.yaml", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return r, time.monotonic() - t0
 
 
@@ -40,15 +44,27 @@ def test_a_shard_altered_after_prepare_stops_the_stage_at_once_naming_shard_and_
     raw[at + 8] ^= 0xFF  # one byte of a stored PNG: same size, so verify: size (tiny.yaml) does not see it
     shard.write_bytes(bytes(raw))
     try:
-        r, took = train("--data", data, "--storage", str(tmp_path / "runs"), "--stages", "1", "--no-tracking",
-                        "--set", "train.max_failures=3")  # fmt: skip
+        r, took = train(
+            "--data",
+            data,
+            "--storage",
+            str(tmp_path / "runs"),
+            "--stages",
+            "1",
+            "--no-tracking",
+            "--set",
+            "train.max_failures=3",
+        )
     finally:
         raw[at + 8] ^= 0xFF
         shard.write_bytes(bytes(raw))
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-4000:]
-    assert re.search(r"train: error: stage 1 stopped, not retried: \S+/train/shard-00000.parquet: sample \S+ "
-                     r"\(index \d+\) is not what prepare_data wrote", r.stderr), r.stderr[-3000:]  # fmt: skip
+    assert re.search(
+        r"train: error: stage 1 stopped, not retried: \S+/train/shard-00000.parquet: sample \S+ "
+        r"\(index \d+\) is not what prepare_data wrote",
+        r.stderr,
+    ), r.stderr[-3000:]
     assert "RETRY" not in out and "resuming from its checkpoint" not in out
     assert took < 180, took
 
@@ -61,12 +77,33 @@ def test_an_unreachable_tracking_server_costs_a_bounded_delay_and_the_exit_says_
 
     storage = tmp_path / "runs"
     cfg = load_config("configs/tiny.yaml")
-    stage2 = checkpoint.save(storage / "prev" / "stage2" / "checkpoint_0", TrainStep(cfg.stage_model(2)), stage=2,
-                             epoch=2, global_step=2, lr=4e-4, config=cfg.to_dict())  # fmt: skip
+    stage2 = checkpoint.save(
+        storage / "prev" / "stage2" / "checkpoint_0",
+        TrainStep(cfg.stage_model(2)),
+        stage=2,
+        epoch=2,
+        global_step=2,
+        lr=4e-4,
+        config=cfg.to_dict(),
+    )
     RunState(run_root(str(storage), "prev")).record(2, checkpoint=str(stage2), epochs=2, global_step=2)
     down = f"http://127.0.0.1:{free_port()}"
-    r, took = train("--data", data, "--storage", str(storage), "--run-id", "down", "--tracking-uri", down,
-                    "--stages", "3", "--from-run", "prev", "--set", "stage3.niter_decay=0")  # fmt: skip
+    r, took = train(
+        "--data",
+        data,
+        "--storage",
+        str(storage),
+        "--run-id",
+        "down",
+        "--tracking-uri",
+        down,
+        "--stages",
+        "3",
+        "--from-run",
+        "prev",
+        "--set",
+        "stage3.niter_decay=0",
+    )
     assert r.returncode == 3, (r.stdout + r.stderr)[-4000:]
     assert (
         f"train: error: training finished but MLflow at {down} is unreachable: the generator was not registered"

@@ -294,9 +294,23 @@ def test_killing_prepare_data_leaves_no_worker_processes(tmp_path):
     import psutil
 
     src = write_city(tmp_path / "big", count=64, height=256, width=512, workers=2)
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.prepare_data", "--layout", "flat", "--source", str(src),
-                             "--dest", str(tmp_path / "out"), "--workers", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobs.prepare_data",
+            "--layout",
+            "flat",
+            "--source",
+            str(src),
+            "--dest",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     parent = psutil.Process(proc.pid)
     deadline = time.monotonic() + 60
     while len(parent.children()) < 2:

@@ -51,10 +51,23 @@ def test_prepare_cli_to_s3_then_stream_back_bit_exact(ray_local, bucket, tmp_pat
     src = write_city(tmp_path / "city", count=8, height=32, width=64, workers=1)
     uri = f"{bucket}/datasets/city"
     r = subprocess.run(
-        [sys.executable, "-m", "jobs.prepare_data", "--layout", "flat", "--source", str(src), "--dest", uri,
-         "--name", "synthetic-city"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobs.prepare_data",
+            "--layout",
+            "flat",
+            "--source",
+            str(src),
+            "--dest",
+            uri,
+            "--name",
+            "synthetic-city",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert f"{uri}/train/manifest.json" in r.stdout
     assert "testing-secret-key" not in r.stdout + r.stderr
@@ -148,8 +161,9 @@ def test_real_cityscapes_samples_round_trip_through_s3(ray_local, bucket, citysc
 @pytest.mark.parametrize("encoding", ["png", "zstd"])
 def test_synthetic_faces_with_19_classes_round_trip(ray_local, bucket, tmp_path, encoding):
     src = write_faces(tmp_path / "faces", count=40, size=64, workers=2)
-    opts = PrepareOptions("celebamask", str(src), f"{bucket}/faces", name="synthetic-faces", workers=2,
-                          encoding=encoding)  # fmt: skip
+    opts = PrepareOptions(
+        "celebamask", str(src), f"{bucket}/faces", name="synthetic-faces", workers=2, encoding=encoding
+    )
     m = prepare(opts, log=quiet)
     assert m["train"]["label_nc"] == 19 and not m["train"]["has_instances"]
     assert sum(c > 0 for c in m["train"]["class_histogram"]) == 19

@@ -16,25 +16,60 @@ from tests.elastic_scenario import node_loss_and_return
 from tests.services import make_bucket, ray_cluster, s3_environment
 
 pytestmark = pytest.mark.slow
-EPOCHS = 7
+EPOCHS = 20
 
 
 def elastic_cmd(run_id: str, every: int, check_every: int = 1) -> list[str]:
-    return ["python", "-m", "jobs.train", "--config", "configs/tiny.yaml", "--data", "s3://elastic/data", "--storage",
-            "s3://elastic/runs", "--run-id", run_id, "--stages", "1", "--no-tracking",
-            "--set", "train.num_workers=[1,2]", "--set", "train.placement=spread", "--set", "train.cpus_per_worker=0.6",
-            "--set", "data.read_cpus=0.2", "--set", "data.decode_cpus=0.3", "--set", "train.worker_start_timeout_s=20",
-            "--set", f"train.checkpoint_every_steps={every}", "--set", "train.resize_check_s=3",
-            "--set", f"train.preemption_check_steps={check_every}",
-            "--set", "train.log_every=1", "--set", f"stage1.niter={EPOCHS}", "--set", "stage1.niter_decay=0"]  # fmt: skip
+    return [
+        "python",
+        "-m",
+        "jobs.train",
+        "--config",
+        "configs/tiny.yaml",
+        "--data",
+        "s3://elastic/data",
+        "--storage",
+        "s3://elastic/runs",
+        "--run-id",
+        run_id,
+        "--stages",
+        "1",
+        "--no-tracking",
+        "--set",
+        "train.num_workers=[1,2]",
+        "--set",
+        "train.placement=spread",
+        "--set",
+        "train.cpus_per_worker=0.6",
+        "--set",
+        "data.read_cpus=0.2",
+        "--set",
+        "data.decode_cpus=0.3",
+        "--set",
+        "train.worker_start_timeout_s=20",
+        "--set",
+        f"train.checkpoint_every_steps={every}",
+        "--set",
+        "train.resize_check_s=3",
+        "--set",
+        f"train.preemption_check_steps={check_every}",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        f"stage1.niter={EPOCHS}",
+        "--set",
+        "stage1.niter_decay=0",
+    ]
 
 
 @pytest.fixture(scope="module")
 def elastic_data(s3, tmp_path_factory):
     make_bucket(s3, "elastic")
     src = write_city(tmp_path_factory.mktemp("city") / "src", count=24, height=64, width=128)
-    prepare(PrepareOptions("flat", str(src), "s3://elastic/data", val_fraction=0.1, name="synthetic-city"),
-            log=lambda m: None)  # fmt: skip
+    prepare(
+        PrepareOptions("flat", str(src), "s3://elastic/data", val_fraction=0.1, name="synthetic-city"),
+        log=lambda m: None,
+    )
     return "s3://elastic/data"
 
 

@@ -37,15 +37,29 @@ def finished(tmp_path_factory):
         state = RunState(run_root(storage_uri, run_id))
         state.update(run_id=run_id, data_uri=str(tmp / "data"), config=cfg.to_dict())
         k = 3 if done else 1
-        ckpt = checkpoint.save(tmp / "runs" / run_id / f"stage{k}" / "checkpoint_0", TrainStep(cfg.stage_model(k)),
-                               stage=k, epoch=1, global_step=1, lr=1e-4, config=cfg.to_dict())  # fmt: skip
+        ckpt = checkpoint.save(
+            tmp / "runs" / run_id / f"stage{k}" / "checkpoint_0",
+            TrainStep(cfg.stage_model(k)),
+            stage=k,
+            epoch=1,
+            global_step=1,
+            lr=1e-4,
+            config=cfg.to_dict(),
+        )
         state.record(k, checkpoint=str(ckpt), epochs=1, global_step=1, metrics={"val_L1": 0.5})
     return {"storage": storage_uri, "tracking": f"sqlite:///{tmp}/mlflow.db", "src": src, "tmp": tmp}
 
 
 def register(finished, run_id="r1", tracking=None):
-    return cli("jobs.register", "--run", run_id, "--storage", finished["storage"], "--tracking-uri",
-               tracking or finished["tracking"])  # fmt: skip
+    return cli(
+        "jobs.register",
+        "--run",
+        run_id,
+        "--storage",
+        finished["storage"],
+        "--tracking-uri",
+        tracking or finished["tracking"],
+    )
 
 
 def test_register_creates_one_version_per_checkpoint(finished):
@@ -87,8 +101,18 @@ def registered(finished):
 
 def infer(registered, out, *extra, model=f"models:/{MODEL}@champion", tracking=None, labels=None):
     src = registered["src"]
-    return cli("jobs.infer", "--model", model, "--labels", str(labels or src / "train_label"), "--out", str(out),
-               "--tracking-uri", tracking or registered["tracking"], *extra)  # fmt: skip
+    return cli(
+        "jobs.infer",
+        "--model",
+        model,
+        "--labels",
+        str(labels or src / "train_label"),
+        "--out",
+        str(out),
+        "--tracking-uri",
+        tracking or registered["tracking"],
+        *extra,
+    )
 
 
 def test_infer_renders_every_label_map(registered, tmp_path):
@@ -97,10 +121,18 @@ def test_infer_renders_every_label_map(registered, tmp_path):
     assert len(list((tmp_path / "out").glob("*_synthesized.png"))) == 4
 
 
-@pytest.mark.parametrize("model, tracking, message", [
-    (f"models:/{MODEL}-missing@champion", None, f"models:/{MODEL}-missing@champion: not in the registry at"),
-    (f"models:/{MODEL}@champion", "down", f"models:/{MODEL}@champion: cannot reach the registry at http://127.0.0.1:"),
-], ids=["missing-model", "server-down"])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, tracking, message",
+    [
+        (f"models:/{MODEL}-missing@champion", None, f"models:/{MODEL}-missing@champion: not in the registry at"),
+        (
+            f"models:/{MODEL}@champion",
+            "down",
+            f"models:/{MODEL}@champion: cannot reach the registry at http://127.0.0.1:",
+        ),
+    ],
+    ids=["missing-model", "server-down"],
+)
 def test_a_model_that_cannot_be_loaded_is_one_line_in_seconds(registered, tmp_path, model, tracking, message):
     tracking = f"http://127.0.0.1:{free_port()}" if tracking == "down" else tracking
     t0 = time.monotonic()

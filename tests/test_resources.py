@@ -18,17 +18,40 @@ def test_the_tiny_recipe_and_a_sweep_trial_fit_two_one_cpu_nodes():
     check(cfg(), ONE_CPU_NODES, trial_cpus=0.1)
 
 
-@pytest.mark.parametrize("overrides, trial, message", [
-    (["train.cpus_per_worker=2"], 0, r"the stage needs 2 Train workers of \{CPU: 2\} at once .* but the cluster can hold no"),
-    (["train.num_workers=[3,4]", "train.cpus_per_worker=0.6"], 0, r"needs 3 Train workers of \{CPU: 0.6\} .* can hold only 2: "
-     r"10.0.0.1:1 \(CPU 1\), 10.0.0.2:1 \(CPU 1\)"),
-    (["train.num_workers=3", "train.placement=strict_spread", "train.cpus_per_worker=0.1"], 0,
-     r"needs 3 Train workers .* placement strict_spread.* can hold only 2"),
-    (["train.cpus_per_worker=0.8"], 0, r"no node has 0.5 CPU left for Ray Data's read/decode tasks"),
-    (["train.use_gpu=true"], 0, r"needs 2 Train workers of \{CPU: 0.4, GPU: 1\} .* can hold no"),
-    ([], 2.0, r"sweep.trial_cpus=2: no node has that many CPUs"),
-    (["train.cpus_per_worker=0.6"], 0.5, r"beside a sweep trial of 0.5 CPU\), but the cluster can hold only 1"),
-], ids=["worker-too-big", "min-too-many", "strict-spread", "no-room-for-data", "no-gpu", "trial-too-big", "trial-plus-workers"])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, trial, message",
+    [
+        (
+            ["train.cpus_per_worker=2"],
+            0,
+            r"the stage needs 2 Train workers of \{CPU: 2\} at once .* but the cluster can hold no",
+        ),
+        (
+            ["train.num_workers=[3,4]", "train.cpus_per_worker=0.6"],
+            0,
+            r"needs 3 Train workers of \{CPU: 0.6\} .* can hold only 2: "
+            r"10.0.0.1:1 \(CPU 1\), 10.0.0.2:1 \(CPU 1\)",
+        ),
+        (
+            ["train.num_workers=3", "train.placement=strict_spread", "train.cpus_per_worker=0.1"],
+            0,
+            r"needs 3 Train workers .* placement strict_spread.* can hold only 2",
+        ),
+        (["train.cpus_per_worker=0.8"], 0, r"no node has 0.5 CPU left for Ray Data's read/decode tasks"),
+        (["train.use_gpu=true"], 0, r"needs 2 Train workers of \{CPU: 0.4, GPU: 1\} .* can hold no"),
+        ([], 2.0, r"sweep.trial_cpus=2: no node has that many CPUs"),
+        (["train.cpus_per_worker=0.6"], 0.5, r"beside a sweep trial of 0.5 CPU\), but the cluster can hold only 1"),
+    ],
+    ids=[
+        "worker-too-big",
+        "min-too-many",
+        "strict-spread",
+        "no-room-for-data",
+        "no-gpu",
+        "trial-too-big",
+        "trial-plus-workers",
+    ],
+)
 def test_requests_no_node_can_hold_are_named(overrides, trial, message):
     with pytest.raises(ConfigError, match=message):
         check(cfg(*overrides), ONE_CPU_NODES, trial_cpus=trial)
@@ -38,14 +61,24 @@ def test_autoscaling_clusters_can_turn_the_check_off():
     check(cfg("train.cpus_per_worker=2", "train.check_resources=false"), ONE_CPU_NODES)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.num_workers=[3,2]"], r"train.num_workers=\[3, 2\]: give a worker count or \[min, max\] with 1 <= min <= max"),
-    (["train.num_workers=[0,2]"], r"train.num_workers=\[0, 2\] must be >= 1"),
-    (["train.num_workers=[1,2,3]"], r"give a worker count or \[min, max\]"),
-    (["sweep.trial_cpus=0"], r"sweep.trial_cpus=0.0 must be > 0"),
-    (["train.placement=scatter"], r"train.placement: 'scatter' is not one of pack, spread, strict_spread"),
-    (["train.num_workers=[1,2]", "train.placement=strict_spread"], r"Ray's elastic scaling does not follow strict_spread"),
-], ids=["min-above-max", "zero-min", "three-numbers", "zero-trial-cpus", "placement", "elastic-strict-spread"])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["train.num_workers=[3,2]"],
+            r"train.num_workers=\[3, 2\]: give a worker count or \[min, max\] with 1 <= min <= max",
+        ),
+        (["train.num_workers=[0,2]"], r"train.num_workers=\[0, 2\] must be >= 1"),
+        (["train.num_workers=[1,2,3]"], r"give a worker count or \[min, max\]"),
+        (["sweep.trial_cpus=0"], r"sweep.trial_cpus=0.0 must be > 0"),
+        (["train.placement=scatter"], r"train.placement: 'scatter' is not one of pack, spread, strict_spread"),
+        (
+            ["train.num_workers=[1,2]", "train.placement=strict_spread"],
+            r"Ray's elastic scaling does not follow strict_spread",
+        ),
+    ],
+    ids=["min-above-max", "zero-min", "three-numbers", "zero-trial-cpus", "placement", "elastic-strict-spread"],
+)
 def test_bad_worker_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         cfg(*overrides)

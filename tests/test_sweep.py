@@ -20,10 +20,29 @@ def test_two_trial_sweep_logs_both_and_writes_a_best_config_that_trains(tmp_path
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     best = tmp_path / "best.yaml"
     r = subprocess.run(
-        [sys.executable, "-m", "jobs.sweep", "--config", "configs/tiny.yaml", "--num-samples", "2", "--data", data,
-         "--storage", str(tmp_path / "runs"), "--tracking-uri", tracking, "--out", str(best), "--name", "t"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobs.sweep",
+            "--config",
+            "configs/tiny.yaml",
+            "--num-samples",
+            "2",
+            "--data",
+            data,
+            "--storage",
+            str(tmp_path / "runs"),
+            "--tracking-uri",
+            tracking,
+            "--out",
+            str(best),
+            "--name",
+            "t",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "sweep t: 2 trials (0 errored)" in r.stdout
 
@@ -39,10 +58,30 @@ def test_two_trial_sweep_logs_both_and_writes_a_best_config_that_trains(tmp_path
 
     # --resume on the same name restores the Tune experiment instead of starting new trials
     again = subprocess.run(
-        [sys.executable, "-m", "jobs.sweep", "--config", "configs/tiny.yaml", "--num-samples", "2", "--data", data,
-         "--storage", str(tmp_path / "runs"), "--tracking-uri", tracking, "--out", str(best), "--name", "t", "--resume"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobs.sweep",
+            "--config",
+            "configs/tiny.yaml",
+            "--num-samples",
+            "2",
+            "--data",
+            data,
+            "--storage",
+            str(tmp_path / "runs"),
+            "--tracking-uri",
+            tracking,
+            "--out",
+            str(best),
+            "--name",
+            "t",
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "sweep t: resuming from" in again.stdout and "sweep t: 2 trials" in again.stdout
 
@@ -51,10 +90,26 @@ def test_two_trial_sweep_logs_both_and_writes_a_best_config_that_trains(tmp_path
     best_trial = min(trials, key=lambda t: t.data.metrics["val_L1"])
     assert chosen["model"]["lambda_feat"] == pytest.approx(float(best_trial.data.params["lambda_feat"]))
     r = subprocess.run(
-        [sys.executable, "-m", "jobs.train", "--config", str(best), "--data", data, "--storage", str(tmp_path / "runs"),
-         "--stages", "1", "--run-id", "from-sweep", "--no-tracking"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            "--config",
+            str(best),
+            "--data",
+            data,
+            "--storage",
+            str(tmp_path / "runs"),
+            "--stages",
+            "1",
+            "--run-id",
+            "from-sweep",
+            "--no-tracking",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "[stage 1] finished: 3 epochs" in r.stdout
 

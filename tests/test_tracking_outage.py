@@ -26,10 +26,24 @@ def test_training_survives_a_tracking_outage_and_logs_after_recovery(s3, tmp_pat
     log_path = tmp_path / "train.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jobs.train", "--config", "configs/tiny.yaml", "--data", data, "--storage",
-             str(tmp_path / "runs"), "--run-id", "outage", "--tracking-uri", tracking],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "jobs.train",
+                "--config",
+                "configs/tiny.yaml",
+                "--data",
+                data,
+                "--storage",
+                str(tmp_path / "runs"),
+                "--run-id",
+                "outage",
+                "--tracking-uri",
+                tracking,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 300
             while "[stage 1] epoch 1/" not in log_path.read_text():

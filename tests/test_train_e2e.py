@@ -53,8 +53,22 @@ def data(s3, tmp_path_factory):
 
 
 def train_cmd(data, run_id, *extra):
-    return ["python", "-m", "jobs.train", "--config", "configs/tiny.yaml", "--data", data, "--storage", "s3://e2e/runs",
-            "--run-id", run_id, "--num-workers", "2", *extra]  # fmt: skip
+    return [
+        "python",
+        "-m",
+        "jobs.train",
+        "--config",
+        "configs/tiny.yaml",
+        "--data",
+        data,
+        "--storage",
+        "s3://e2e/runs",
+        "--run-id",
+        run_id,
+        "--num-workers",
+        "2",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +97,16 @@ def test_the_three_stages_ran_in_order(full_run):
 
 
 def test_the_job_log_holds_the_projects_lines_not_rays_routine_chatter(full_run):
-    for chatter in ("Reporting training result", "Wrapping provided model", "Started training worker group",
-                    "Attempting to start training worker group", "Checkpoint successfully created", "View run",
-                    "execution finished in", "Requesting resources"):  # fmt: skip
+    for chatter in (
+        "Reporting training result",
+        "Wrapping provided model",
+        "Started training worker group",
+        "Attempting to start training worker group",
+        "Checkpoint successfully created",
+        "View run",
+        "execution finished in",
+        "Requesting resources",
+    ):
         assert chatter not in full_run, chatter
     lines = [line for line in full_run.splitlines() if line.strip()]
     ours = [line for line in lines if re.search(r"\[stage \d\]|^run |^registered |^registry|^tracking:", line)]
@@ -141,8 +162,9 @@ def job_in_stage1_epoch2(cluster, cmd, name):
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard)
-    job = client.submit_job(entrypoint=" ".join(cmd), runtime_env={"working_dir": str(REPO)},
-                            submission_id=f"{name}-{uuid.uuid4().hex[:6]}")  # fmt: skip
+    job = client.submit_job(
+        entrypoint=" ".join(cmd), runtime_env={"working_dir": str(REPO)}, submission_id=f"{name}-{uuid.uuid4().hex[:6]}"
+    )
     deadline = time.monotonic() + 300
     while "[stage 1] epoch 2/" not in client.get_job_logs(job):
         assert str(client.get_job_status(job)) not in ENDED, client.get_job_logs(job)[-3000:]
@@ -223,8 +245,18 @@ def test_mlflow_has_the_parent_and_three_nested_stage_runs(full_run, tracking):
     assert parent[0].data.params["model.label_nc"] == "35" and parent[0].data.params["stage2.niter_fix_global"] == "2"
     for r in stages:
         assert r.info.status == "FINISHED"
-        assert {"G_GAN", "G_GAN_Feat", "G_VGG", "D_real", "D_fake", "lr", "img_per_s", "data_wait", "val_L1",
-                "workers"} <= set(r.data.metrics)  # fmt: skip
+        assert {
+            "G_GAN",
+            "G_GAN_Feat",
+            "G_VGG",
+            "D_real",
+            "D_fake",
+            "lr",
+            "img_per_s",
+            "data_wait",
+            "val_L1",
+            "workers",
+        } <= set(r.data.metrics)
         assert r.data.tags["checkpoint"].startswith(f"s3://e2e/runs/full/stage{r.data.tags['p2p.stage']}/checkpoint_")
         images = [a.path for a in c.list_artifacts(r.info.run_id, "images")]
         assert images and all(p.endswith(".png") for p in images)
@@ -248,11 +280,26 @@ def test_infer_pulls_the_champion_in_a_fresh_process(full_run, tracking, tmp_pat
 
     src = write_city(tmp_path / "src", count=2, height=64, width=128, workers=1)
     r = subprocess.run(
-        [sys.executable, "-m", "jobs.infer", "--model", f"models:/{MODEL}@champion", "--labels",
-         str(src / "train_label"), "--instances", str(src / "train_inst"), "--out", str(tmp_path / "out"),
-         "--tracking-uri", tracking],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobs.infer",
+            "--model",
+            f"models:/{MODEL}@champion",
+            "--labels",
+            str(src / "train_label"),
+            "--instances",
+            str(src / "train_inst"),
+            "--out",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            tracking,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     outs = sorted((tmp_path / "out").glob("*_synthesized.png"))
     assert len(outs) == 2
@@ -263,8 +310,13 @@ def test_a_worse_run_does_not_take_the_alias(full_run, cluster, data, tracking):
     c = mlflow_client(tracking)
     champion = c.get_model_version_by_alias(MODEL, "champion")
     # stage 3 again from the full run's stage 2, with a learning rate that wrecks the generator
-    r = submit_job(cluster.dashboard, REPO, train_cmd(data, "worse", "--stages", "3", "--from-run", "full", "--set",
-                                                      "stage3.lr=0.05", "--tracking-uri", tracking))  # fmt: skip
+    r = submit_job(
+        cluster.dashboard,
+        REPO,
+        train_cmd(
+            data, "worse", "--stages", "3", "--from-run", "full", "--set", "stage3.lr=0.05", "--tracking-uri", tracking
+        ),
+    )
     assert r.returncode == 0, r.stdout[-3000:]
     worse = [v for v in c.search_model_versions(f"name = '{MODEL}'") if v.tags.get("run_id") == "worse"]
     assert len(worse) == 1 and float(worse[0].tags["val_L1"]) > float(champion.tags["val_L1"])
@@ -275,8 +327,11 @@ def test_a_worse_run_does_not_take_the_alias(full_run, cluster, data, tracking):
 def test_a_failed_registration_fails_the_job_and_jobs_register_retries_it(full_run, cluster, data, s3, tmp_path):
     # a second MLflow server whose artifact store (a bucket) does not exist yet: every model upload fails
     with mlflow_server(tmp_path, s3, "late-artifacts") as broken:
-        r = submit_job(cluster.dashboard, REPO, train_cmd(data, "unregistered", "--stages", "3", "--from-run", "full",
-                                                          "--tracking-uri", broken))  # fmt: skip
+        r = submit_job(
+            cluster.dashboard,
+            REPO,
+            train_cmd(data, "unregistered", "--stages", "3", "--from-run", "full", "--tracking-uri", broken),
+        )
         assert r.returncode != 0 and "Job entrypoint command failed with exit code 3" in r.stdout, r.stdout[-4000:]
         assert "train: error: training finished but registering run 'unregistered' failed 2 times" in r.stdout
         assert "Traceback (most recent call last)" in r.stdout  # the full cause, not its first line
@@ -285,8 +340,21 @@ def test_a_failed_registration_fails_the_job_and_jobs_register_retries_it(full_r
         assert not c.search_registered_models() or not c.search_model_versions(f"name = '{MODEL}'")
         make_bucket(s3, "late-artifacts")
         for _ in range(2):  # the second run finds the version by its checkpoint and registers nothing new
-            again = submit_job(cluster.dashboard, REPO, ["python", "-m", "jobs.register", "--run", "unregistered",
-                                                         "--storage", "s3://e2e/runs", "--tracking-uri", broken])  # fmt: skip
+            again = submit_job(
+                cluster.dashboard,
+                REPO,
+                [
+                    "python",
+                    "-m",
+                    "jobs.register",
+                    "--run",
+                    "unregistered",
+                    "--storage",
+                    "s3://e2e/runs",
+                    "--tracking-uri",
+                    broken,
+                ],
+            )
             assert again.returncode == 0, again.stdout[-4000:]
         assert "already holds" in again.stdout
         versions = c.search_model_versions(f"name = '{MODEL}'")
@@ -296,9 +364,27 @@ def test_a_failed_registration_fails_the_job_and_jobs_register_retries_it(full_r
 
 
 def test_a_three_trial_sweep_on_one_cpu_nodes_completes_and_leaks_nothing(full_run, cluster, data, tracking):
-    r = submit_job(cluster.dashboard, REPO, ["python", "-m", "jobs.sweep", "--config", "configs/tiny.yaml",
-                                             "--num-samples", "3", "--data", data, "--storage", "s3://e2e/runs",
-                                             "--tracking-uri", tracking, "--name", "s3sweep"])  # fmt: skip
+    r = submit_job(
+        cluster.dashboard,
+        REPO,
+        [
+            "python",
+            "-m",
+            "jobs.sweep",
+            "--config",
+            "configs/tiny.yaml",
+            "--num-samples",
+            "3",
+            "--data",
+            data,
+            "--storage",
+            "s3://e2e/runs",
+            "--tracking-uri",
+            tracking,
+            "--name",
+            "s3sweep",
+        ],
+    )
     assert r.returncode == 0, r.stdout[-4000:]
     assert "sweep s3sweep: 3 trials (0 errored)" in r.stdout
     assert "sweep.lambda_vgg=[1.0, 30.0] is not swept: the VGG loss is off" in r.stdout

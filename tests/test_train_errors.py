@@ -134,16 +134,27 @@ def test_a_damaged_handover_checkpoint_is_caught_in_the_driver_and_names_the_goo
     stage1 = tmp_path / "runs" / "r" / "stage1"
     older, newer = stage1 / "checkpoint_2026-11-26_10-00-01", stage1 / "checkpoint_2026-11-26_10-00-02"
     for epoch, where in ((2, older), (3, newer)):
-        checkpoint.save(where, TrainStep(cfg.stage_model(1)), stage=1, epoch=epoch, global_step=epoch, lr=1e-4,
-                        config=cfg.to_dict())  # fmt: skip
+        checkpoint.save(
+            where, TrainStep(cfg.stage_model(1)), stage=1, epoch=epoch, global_step=epoch, lr=1e-4, config=cfg.to_dict()
+        )
     RunState(run_root(str(tmp_path / "runs"), "r")).record(1, checkpoint=str(newer), epochs=3, global_step=3)
     state = newer / "state.pt"
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))  # same size, one flipped bit
 
-    args = ["--config", "configs/tiny.yaml", "--data", data_uri, "--storage", str(tmp_path / "runs"), "--run-id", "r",
-            "--stages", "2,3"]  # fmt: skip
+    args = [
+        "--config",
+        "configs/tiny.yaml",
+        "--data",
+        data_uri,
+        "--storage",
+        str(tmp_path / "runs"),
+        "--run-id",
+        "r",
+        "--stages",
+        "2,3",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"train: error: {newer}/state.pt does not match the sha256 in meta.json" in err

@@ -17,8 +17,19 @@ def preview(n: int = 3, height: int = 128, width: int = 256) -> np.ndarray:
     for i in range(n):
         s = street_scene(height, width, i)
         f1, f2 = face(height, 2 * i), face(height, 2 * i + 1)
-        rows.append(np.concatenate([CITYSCAPES.colorize(s.label), s.image, FACES.colorize(f1.label), f1.image,
-                                    FACES.colorize(f2.label), f2.image], 1))  # fmt: skip
+        rows.append(
+            np.concatenate(
+                [
+                    CITYSCAPES.colorize(s.label),
+                    s.image,
+                    FACES.colorize(f1.label),
+                    f1.image,
+                    FACES.colorize(f2.label),
+                    f2.image,
+                ],
+                1,
+            )
+        )
     return np.concatenate(rows, 0)
 
 

@@ -51,13 +51,31 @@ def _write_face_sample(out: str, i: int, size: int, seed: int) -> None:
         Image.fromarray(m.astype("uint8") * 255, mode="L").save(mask_dir / f"{i:05d}_{part}.png")
 
 
-def write_city(out, count: int, height: int, width: int, layout: str = "flat", split: str = "train", seed: int = 0,
-               start: int = 0, workers: int | None = None) -> Path:  # fmt: skip
+def write_city(
+    out,
+    count: int,
+    height: int,
+    width: int,
+    layout: str = "flat",
+    split: str = "train",
+    seed: int = 0,
+    start: int = 0,
+    workers: int | None = None,
+) -> Path:
     if layout not in ("flat", "cityscapes"):
         raise ValueError(f"street scenes are written in the flat or cityscapes layout, not '{layout}'")
     idx = list(range(start, start + count))
-    _parallel(workers, _write_city_sample, [str(out)] * count, [layout] * count, [split] * count, idx,
-              [height] * count, [width] * count, [seed] * count)  # fmt: skip
+    _parallel(
+        workers,
+        _write_city_sample,
+        [str(out)] * count,
+        [layout] * count,
+        [split] * count,
+        idx,
+        [height] * count,
+        [width] * count,
+        [seed] * count,
+    )
     return Path(out)
 
 
