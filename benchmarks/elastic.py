@@ -9,7 +9,8 @@ worker node's processes are killed, and started again once the stage trains at 1
 seconds from the node stopping to the next step at 1 worker (Ray's node-death detection, the worker-group
 restart, the checkpoint load), seconds from the node starting to the next step at 2 workers (the resize check,
 every 3 s here, and the restart), and the steps trained twice after each resize (those since the last
-checkpoint). Same scenario as tests/test_elastic.py.
+checkpoint: epoch-end checkpoints are off here, `save_epoch_freq=100`, so only `checkpoint_every_steps` and the
+notice's checkpoint count). Same scenario as tests/test_elastic.py.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         for every, notice in [*((e, False) for e in a.every), (0, True)]:
             name = f"bench-{every}-{'notice' if notice else 'kill'}"
             with ray_cluster(tmp / f"r{len(rows)}", s3_environment(s3), head_cpus=1, worker_cpus=[1]) as cluster:
-                r = node_loss_and_return(cluster, elastic_cmd(name, every), notice, log=lambda m: print(f"  {m}"))
+                cmd = elastic_cmd(name, every, "--set", "train.save_epoch_freq=100")  # no epoch checkpoints
+                r = node_loss_and_return(cluster, cmd, notice, log=lambda m: print(f"  {m}"))
             rows.append((every, notice, r))
             print(f"{name}: {r.status}")
     print(f"\n{'checkpoint_every_steps':>22} {'notice':>6} {'2->1 s':>7} {'redone':>6} {'1->2 s':>7} {'redone':>6}")

@@ -196,52 +196,28 @@ class RayCluster:
             f"ray-worker{i}.log",
         )
 
+    def ray(self, *args: str) -> str:
+        """A `ray` CLI command against this cluster; its stdout."""
+        cmd = [str(Path(sys.executable).with_name("ray")), *args]
+        env = _ray_env(self.tmp_dir, self.env)
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=True).stdout
+
     def worker_node_id(self) -> str:
         """The node id of the (one) alive worker node."""
         import json
 
-        out = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("ray")),
-                "list",
-                "nodes",
-                "--address",
-                self.gcs_address,
-                "--format",
-                "json",
-                "--filter",
-                "state=ALIVE",
-            ],
-            capture_output=True,
-            text=True,
-            env=_ray_env(self.tmp_dir, self.env),
-            timeout=60,
-            check=True,
-        ).stdout
+        out = self.ray(*f"list nodes --address {self.gcs_address} --format json --filter state=ALIVE".split())
         (node,) = [n for n in json.loads(out) if not n["is_head_node"]]
         return node["node_id"]
 
     def drain_worker(self, deadline_s: int = 60) -> None:
         """A preemption notice for the worker node, as a cloud's spot reclaim gives through Ray's autoscaler."""
-        subprocess.run(
-            [
-                str(Path(sys.executable).with_name("ray")),
-                "drain-node",
-                "--address",
-                self.gcs_address,
-                "--node-id",
-                self.worker_node_id(),
-                "--reason",
-                "DRAIN_NODE_REASON_PREEMPTION",
-                "--reason-message",
-                "spot reclaim (test)",
-                f"--deadline-remaining-seconds={deadline_s}",
-            ],
-            capture_output=True,
-            text=True,
-            env=_ray_env(self.tmp_dir, self.env),
-            timeout=60,
-            check=True,
+        node = self.worker_node_id()
+        self.ray(
+            *f"drain-node --address {self.gcs_address} --node-id {node} --reason DRAIN_NODE_REASON_PREEMPTION "
+            f"--deadline-remaining-seconds={deadline_s}".split(),
+            "--reason-message",
+            "spot reclaim (test)",
         )
 
     def stop_worker(self, i: int) -> None:

@@ -45,13 +45,7 @@ def test_a_shard_altered_after_prepare_stops_the_stage_at_once_naming_shard_and_
     shard.write_bytes(bytes(raw))
     try:
         r, took = train(
-            "--data",
-            data,
-            "--storage",
-            str(tmp_path / "runs"),
-            "--stages",
-            "1",
-            "--no-tracking",
+            *f"--data {data} --storage {tmp_path}/runs --stages 1 --no-tracking".split(),
             "--set",
             "train.max_failures=3",
         )
@@ -88,22 +82,8 @@ def test_an_unreachable_tracking_server_costs_a_bounded_delay_and_the_exit_says_
     )
     RunState(run_root(str(storage), "prev")).record(2, checkpoint=str(stage2), epochs=2, global_step=2)
     down = f"http://127.0.0.1:{free_port()}"
-    r, took = train(
-        "--data",
-        data,
-        "--storage",
-        str(storage),
-        "--run-id",
-        "down",
-        "--tracking-uri",
-        down,
-        "--stages",
-        "3",
-        "--from-run",
-        "prev",
-        "--set",
-        "stage3.niter_decay=0",
-    )
+    args = f"--data {data} --storage {storage} --run-id down --tracking-uri {down} --stages 3 --from-run prev"
+    r, took = train(*args.split(), "--set", "stage3.niter_decay=0")
     assert r.returncode == 3, (r.stdout + r.stderr)[-4000:]
     assert (
         f"train: error: training finished but MLflow at {down} is unreachable: the generator was not registered"

@@ -19,47 +19,25 @@ pytestmark = pytest.mark.slow
 EPOCHS = 20
 
 
-def elastic_cmd(run_id: str, every: int, check_every: int = 1) -> list[str]:
-    return [
-        "python",
-        "-m",
-        "jobs.train",
-        "--config",
-        "configs/tiny.yaml",
-        "--data",
-        "s3://elastic/data",
-        "--storage",
-        "s3://elastic/runs",
-        "--run-id",
-        run_id,
-        "--stages",
-        "1",
-        "--no-tracking",
-        "--set",
-        "train.num_workers=[1,2]",
-        "--set",
-        "train.placement=spread",
-        "--set",
-        "train.cpus_per_worker=0.6",
-        "--set",
-        "data.read_cpus=0.2",
-        "--set",
-        "data.decode_cpus=0.3",
-        "--set",
-        "train.worker_start_timeout_s=20",
-        "--set",
-        f"train.checkpoint_every_steps={every}",
-        "--set",
-        "train.resize_check_s=3",
-        "--set",
-        f"train.preemption_check_steps={check_every}",
-        "--set",
-        "train.log_every=1",
-        "--set",
-        f"stage1.niter={EPOCHS}",
-        "--set",
-        "stage1.niter_decay=0",
-    ]
+def elastic_cmd(run_id: str, every: int, *extra: str) -> list[str]:
+    """Stage 1 of the tiny recipe on [1, 2] workers of 0.6 CPU (one fits a 1-CPU node, beside Ray Data's tasks)."""
+    settings = {
+        "train.num_workers": "[1,2]",
+        "train.placement": "spread",
+        "train.cpus_per_worker": 0.6,
+        "data.read_cpus": 0.2,
+        "data.decode_cpus": 0.3,
+        "train.worker_start_timeout_s": 20,
+        "train.checkpoint_every_steps": every,
+        "train.resize_check_s": 3,
+        "train.preemption_check_steps": 1,
+        "train.log_every": 1,
+        "stage1.niter": EPOCHS,
+        "stage1.niter_decay": 0,
+    }
+    fixed = "--config configs/tiny.yaml --data s3://elastic/data --storage s3://elastic/runs --stages 1 --no-tracking"
+    sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    return ["python", "-m", "jobs.train", *fixed.split(), "--run-id", run_id, *sets, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +54,7 @@ def elastic_data(s3, tmp_path_factory):
 def test_a_node_leaving_and_returning_resizes_the_stage_without_changing_its_counts(s3, elastic_data):
     env = s3_environment(s3)
     with ray_cluster(Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")), env, head_cpus=1, worker_cpus=[1]) as cluster:
-        r = node_loss_and_return(cluster, elastic_cmd("elastic", every=3), notice=True)
+        r = node_loss_and_return(cluster, elastic_cmd("elastic", 3), notice=True)
     assert r.status == "SUCCEEDED", r.logs[-4000:]
     assert "draining: checkpoint at step" in r.logs
     assert "resized 2 -> 1 workers" in r.logs and "resized 1 -> 2 workers" in r.logs

@@ -51,15 +51,8 @@ def finished(tmp_path_factory):
 
 
 def register(finished, run_id="r1", tracking=None):
-    return cli(
-        "jobs.register",
-        "--run",
-        run_id,
-        "--storage",
-        finished["storage"],
-        "--tracking-uri",
-        tracking or finished["tracking"],
-    )
+    tracking = tracking or finished["tracking"]
+    return cli(*f"jobs.register --run {run_id} --storage {finished['storage']} --tracking-uri {tracking}".split())
 
 
 def test_register_creates_one_version_per_checkpoint(finished):
@@ -100,19 +93,9 @@ def registered(finished):
 
 
 def infer(registered, out, *extra, model=f"models:/{MODEL}@champion", tracking=None, labels=None):
-    src = registered["src"]
-    return cli(
-        "jobs.infer",
-        "--model",
-        model,
-        "--labels",
-        str(labels or src / "train_label"),
-        "--out",
-        str(out),
-        "--tracking-uri",
-        tracking or registered["tracking"],
-        *extra,
-    )
+    labels = labels or registered["src"] / "train_label"
+    tracking = tracking or registered["tracking"]
+    return cli(*f"jobs.infer --model {model} --labels {labels} --out {out} --tracking-uri {tracking}".split(), *extra)
 
 
 def test_infer_renders_every_label_map(registered, tmp_path):

@@ -13,36 +13,21 @@ from data.synthetic.write import write_city
 pytestmark = pytest.mark.slow
 
 
+def python_m(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600)
+
+
 def test_two_trial_sweep_logs_both_and_writes_a_best_config_that_trains(tmp_path):
     src = write_city(tmp_path / "src", count=24, height=64, width=128)
     data = str(tmp_path / "data")
     prepare(PrepareOptions("flat", str(src), data, val_fraction=0.15), log=lambda m: None)
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     best = tmp_path / "best.yaml"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.sweep",
-            "--config",
-            "configs/tiny.yaml",
-            "--num-samples",
-            "2",
-            "--data",
-            data,
-            "--storage",
-            str(tmp_path / "runs"),
-            "--tracking-uri",
-            tracking,
-            "--out",
-            str(best),
-            "--name",
-            "t",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    sweep = (
+        f"jobs.sweep --config configs/tiny.yaml --num-samples 2 --data {data} --storage {tmp_path}/runs "
+        f"--tracking-uri {tracking} --out {best} --name t"
+    ).split()
+    r = python_m(*sweep)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "sweep t: 2 trials (0 errored)" in r.stdout
 
@@ -57,31 +42,7 @@ def test_two_trial_sweep_logs_both_and_writes_a_best_config_that_trains(tmp_path
     assert len(sampled) == 2 and all(1.0 <= v <= 30.0 for v in sampled)
 
     # --resume on the same name restores the Tune experiment instead of starting new trials
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.sweep",
-            "--config",
-            "configs/tiny.yaml",
-            "--num-samples",
-            "2",
-            "--data",
-            data,
-            "--storage",
-            str(tmp_path / "runs"),
-            "--tracking-uri",
-            tracking,
-            "--out",
-            str(best),
-            "--name",
-            "t",
-            "--resume",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = python_m(*sweep, "--resume")
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "sweep t: resuming from" in again.stdout and "sweep t: 2 trials" in again.stdout
 
@@ -89,26 +50,9 @@ def test_two_trial_sweep_logs_both_and_writes_a_best_config_that_trains(tmp_path
     assert chosen["model"]["lambda_feat"] in sampled
     best_trial = min(trials, key=lambda t: t.data.metrics["val_L1"])
     assert chosen["model"]["lambda_feat"] == pytest.approx(float(best_trial.data.params["lambda_feat"]))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.train",
-            "--config",
-            str(best),
-            "--data",
-            data,
-            "--storage",
-            str(tmp_path / "runs"),
-            "--stages",
-            "1",
-            "--run-id",
-            "from-sweep",
-            "--no-tracking",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = python_m(
+        *f"jobs.train --config {best} --data {data} --storage {tmp_path}/runs --stages 1 --run-id from-sweep "
+        "--no-tracking".split()
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "[stage 1] finished: 3 epochs" in r.stdout

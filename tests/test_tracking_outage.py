@@ -25,24 +25,9 @@ def test_training_survives_a_tracking_outage_and_logs_after_recovery(s3, tmp_pat
     tracking = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "train.log"
     with open(log_path, "w") as log:
+        train = f"jobs.train --config configs/tiny.yaml --data {data} --storage {tmp_path}/runs --run-id outage"
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jobs.train",
-                "--config",
-                "configs/tiny.yaml",
-                "--data",
-                data,
-                "--storage",
-                str(tmp_path / "runs"),
-                "--run-id",
-                "outage",
-                "--tracking-uri",
-                tracking,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            [sys.executable, "-m", *train.split(), "--tracking-uri", tracking], stdout=log, stderr=subprocess.STDOUT
         )
         try:
             deadline = time.monotonic() + 300

@@ -53,22 +53,8 @@ def data(s3, tmp_path_factory):
 
 
 def train_cmd(data, run_id, *extra):
-    return [
-        "python",
-        "-m",
-        "jobs.train",
-        "--config",
-        "configs/tiny.yaml",
-        "--data",
-        data,
-        "--storage",
-        "s3://e2e/runs",
-        "--run-id",
-        run_id,
-        "--num-workers",
-        "2",
-        *extra,
-    ]
+    fixed = f"--config configs/tiny.yaml --data {data} --storage s3://e2e/runs --num-workers 2"
+    return ["python", "-m", "jobs.train", *fixed.split(), "--run-id", run_id, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -279,22 +265,12 @@ def test_infer_pulls_the_champion_in_a_fresh_process(full_run, tracking, tmp_pat
     from PIL import Image
 
     src = write_city(tmp_path / "src", count=2, height=64, width=128, workers=1)
+    infer = (
+        f"jobs.infer --model models:/{MODEL}@champion --labels {src}/train_label --instances {src}/train_inst "
+        f"--out {tmp_path}/out --tracking-uri {tracking}"
+    )
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.infer",
-            "--model",
-            f"models:/{MODEL}@champion",
-            "--labels",
-            str(src / "train_label"),
-            "--instances",
-            str(src / "train_inst"),
-            "--out",
-            str(tmp_path / "out"),
-            "--tracking-uri",
-            tracking,
-        ],
+        [sys.executable, "-m", *infer.split()],
         capture_output=True,
         text=True,
         timeout=300,
@@ -340,21 +316,8 @@ def test_a_failed_registration_fails_the_job_and_jobs_register_retries_it(full_r
         assert not c.search_registered_models() or not c.search_model_versions(f"name = '{MODEL}'")
         make_bucket(s3, "late-artifacts")
         for _ in range(2):  # the second run finds the version by its checkpoint and registers nothing new
-            again = submit_job(
-                cluster.dashboard,
-                REPO,
-                [
-                    "python",
-                    "-m",
-                    "jobs.register",
-                    "--run",
-                    "unregistered",
-                    "--storage",
-                    "s3://e2e/runs",
-                    "--tracking-uri",
-                    broken,
-                ],
-            )
+            register = f"python -m jobs.register --run unregistered --storage s3://e2e/runs --tracking-uri {broken}"
+            again = submit_job(cluster.dashboard, REPO, register.split())
             assert again.returncode == 0, again.stdout[-4000:]
         assert "already holds" in again.stdout
         versions = c.search_model_versions(f"name = '{MODEL}'")
@@ -364,27 +327,11 @@ def test_a_failed_registration_fails_the_job_and_jobs_register_retries_it(full_r
 
 
 def test_a_three_trial_sweep_on_one_cpu_nodes_completes_and_leaks_nothing(full_run, cluster, data, tracking):
-    r = submit_job(
-        cluster.dashboard,
-        REPO,
-        [
-            "python",
-            "-m",
-            "jobs.sweep",
-            "--config",
-            "configs/tiny.yaml",
-            "--num-samples",
-            "3",
-            "--data",
-            data,
-            "--storage",
-            "s3://e2e/runs",
-            "--tracking-uri",
-            tracking,
-            "--name",
-            "s3sweep",
-        ],
+    sweep = (
+        f"python -m jobs.sweep --config configs/tiny.yaml --num-samples 3 --data {data} --storage s3://e2e/runs "
+        f"--tracking-uri {tracking} --name s3sweep"
     )
+    r = submit_job(cluster.dashboard, REPO, sweep.split())
     assert r.returncode == 0, r.stdout[-4000:]
     assert "sweep s3sweep: 3 trials (0 errored)" in r.stdout
     assert "sweep.lambda_vgg=[1.0, 30.0] is not swept: the VGG loss is off" in r.stdout
