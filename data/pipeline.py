@@ -136,9 +136,11 @@ def build_dataset(uri: str, split: str, cfg: PipelineConfig):
 
     ctx = DataContext.get_current()  # captured by the dataset: keep per-epoch executions out of the job log
     ctx.print_on_execution_start = False
-    # progress stays on: off, Ray Data warns once per process that it is off; on, in a job (no TTY) it is logged
-    # at INFO, which the orchestration's quiet Ray logs (RAY_DATA_LOG_LEVEL) keep out of the job log
+    # progress stays on (off, Ray Data warns once per process that it is off) and, without a TTY, is logged at
+    # INFO, which the orchestration's quiet Ray logs (RAY_DATA_LOG_LEVEL) keep out of the job log. Not through
+    # ray's tqdm: in the Train workers that printed a blank line per update into the job log
     ctx.enable_progress_bars = True
+    ctx.use_ray_tqdm = False
     ctx.raise_original_map_exception = True  # a ShardContentError reaches the Train worker as itself
     # Ray 2.60's datasource V2 lists files in tasks of 1 CPU (ListFiles sets no num_cpus) inside the Train run's
     # Ray Data budget, which excludes the workers' CPUs: on 1-CPU nodes that task never runs and the stage hangs

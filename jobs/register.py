@@ -2,7 +2,8 @@
 
     python -m jobs.register --run RUN_ID [--storage URI] [--tracking-uri URI] [--data URI]
 
-For a run whose registration failed (the job exited 3) or that trained with --no-register. Idempotent: a
+For a run whose registration failed (the job exited 3) or that trained with --no-register; first sends the
+tracking records the run kept while MLflow was unreachable ({run}/tracking-unsent). Idempotent: a
 checkpoint already registered is found by its tag and not registered again; the `champion` alias moves only
 when the version is no worse than the champion. Exit status: 0 registered (or already), 2 bad input, 3 failed.
 """
@@ -16,7 +17,7 @@ from data.storage import StorageError
 from orchestration.config import ConfigError
 from orchestration.registry import RegistrationError, register_run
 from orchestration.run_state import run_root
-from orchestration.tracking import resolve_tracking_uri
+from orchestration.tracking import resolve_tracking_uri, send_unsent
 
 DEFAULT_STORAGE = "outputs/runs"
 
@@ -30,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         root = run_root(a.storage, a.run, "--run")
-        result = register_run(root, resolve_tracking_uri(a.tracking_uri), data_uri=a.data)
+        tracking_uri = resolve_tracking_uri(a.tracking_uri)
+        send_unsent(tracking_uri, root)  # what the run's trackers kept during an outage
+        result = register_run(root, tracking_uri, data_uri=a.data)
     except (ConfigError, StorageError) as e:
         print(f"register: error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from orchestration.config import Config, ConfigError
 from orchestration.failures import Trainer, fit
 from orchestration.run_state import RunState, run_root
 from orchestration.stopping import run_status
-from orchestration.tracking import MLFLOW_CLIENT_ENV, RUN_TAG, STAGE_TAG, Tracker
+from orchestration.tracking import MLFLOW_CLIENT_ENV, RUN_TAG, STAGE_TAG, Tracker, send_unsent, unsent_file
 from orchestration.worker import StageContext, pipeline_config, train_stage
 
 
@@ -145,9 +145,16 @@ def run(plan: RunPlan, log=print) -> RunResult:
 
     checked = preflight(plan, log)  # bad input fails here, before Ray or MLflow hear of the run
     connect_ray(plan.cfg)  # and a request the cluster can never hold fails here
-    parent = None
+    parent, root = None, checked[0]
     if plan.tracking_uri:
-        parent = Tracker(plan.tracking_uri, experiment_name(plan.cfg), {RUN_TAG: plan.run_id}, plan.run_id, log=log)
+        parent = Tracker(
+            plan.tracking_uri,
+            experiment_name(plan.cfg),
+            {RUN_TAG: plan.run_id},
+            plan.run_id,
+            log=log,
+            unsent=unsent_file(root),
+        )
     try:
         result = RunResult(_run_stages(plan, checked, parent, log))
         if parent:
@@ -167,7 +174,10 @@ def run(plan: RunPlan, log=print) -> RunResult:
                         f"at {result.final['checkpoint']}; once the server answers: python -m jobs.register --run "
                         f"{plan.run_id} --storage {plan.storage_uri} --tracking-uri {plan.tracking_uri}"
                     )
-                result.registry = register_run(run_root(plan.storage_uri, plan.run_id), plan.tracking_uri, log)
+                send_kept_records(parent, root, log)
+                result.registry = register_run(root, plan.tracking_uri, log)
+            else:
+                send_kept_records(parent, root, log)
     except BaseException as e:
         if parent:
             parent.close(run_status(e), end_children=True)
@@ -175,6 +185,12 @@ def run(plan: RunPlan, log=print) -> RunResult:
     if parent:
         parent.close("FINISHED")
     return result
+
+
+def send_kept_records(parent: Tracker, root: storage.Location, log=print) -> None:
+    """Send what trackers of this run kept during an outage, when the server answers the parent run now."""
+    if not parent.unreachable and parent.flush(timeout=30):
+        send_unsent(parent.uri, root, log)
 
 
 def available_val_split(cfg: Config, data_uri: str, log=print) -> str | None:
@@ -326,9 +342,11 @@ def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, log) -> d
                 f"{plan.run_id}/stage{k}",
                 parent_tags={RUN_TAG: plan.run_id},
                 log=log,
+                unsent=unsent_file(root),
             )
             stage_run.tags_({"checkpoint": ckpt_uri})
             stage_run.close("FINISHED", timeout=30)
+            send_kept_records(parent, root, log)
         results[k] = state.done(k)
         inits[k + 1] = ckpt_uri
         log(

@@ -36,7 +36,7 @@ from orchestration.curriculum import (
 )
 from orchestration.failures import fit
 from orchestration.stopping import run_status
-from orchestration.tracking import STAGE_TAG, SWEEP_TAG, Tracker
+from orchestration.tracking import STAGE_TAG, SWEEP_TAG, Tracker, send_unsent, unsent_file
 from orchestration.worker import StageContext
 
 SAMPLED = ("lambda_feat", "lambda_vgg", "lr", "gan_mode")
@@ -126,8 +126,8 @@ class TrialTracking(Callback):
     """Each trial an MLflow run under the sweep's parent, found again by its trial id (a resumed trial logs into
     its own run) and ended with the trial; one line per trial event in the job log."""
 
-    def __init__(self, uri: str, experiment: str, sweep: str, max_epochs: int):
-        self.uri, self.experiment, self.sweep, self.max_epochs = uri, experiment, sweep, max_epochs
+    def __init__(self, uri: str, experiment: str, sweep: str, max_epochs: int, root: storage.Location):
+        self.uri, self.experiment, self.sweep, self.max_epochs, self.root = uri, experiment, sweep, max_epochs, root
         self.runs: dict[str, Tracker] = {}
 
     def __getstate__(self) -> dict:  # Tune saves its callbacks with the experiment; open runs stay behind
@@ -141,6 +141,7 @@ class TrialTracking(Callback):
                 {SWEEP_TAG: self.sweep, TRIAL_TAG: trial.trial_id},
                 f"{self.sweep}/{trial.trial_id}",
                 parent_tags={SWEEP_TAG: self.sweep, STAGE_TAG: "parent"},
+                unsent=unsent_file(self.root),
             )
         return self.runs[trial.trial_id]
 
@@ -191,9 +192,16 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
 
     parent, callbacks = None, []
     if plan.tracking_uri:
-        parent = Tracker(plan.tracking_uri, experiment_name(cfg), {SWEEP_TAG: plan.name}, f"sweep {plan.name}", log=log)
+        parent = Tracker(
+            plan.tracking_uri,
+            experiment_name(cfg),
+            {SWEEP_TAG: plan.name},
+            f"sweep {plan.name}",
+            log=log,
+            unsent=unsent_file(root),
+        )
         parent.params({f"sweep.{key}": value for key, value in dataclasses.asdict(w).items()})
-        callbacks.append(TrialTracking(plan.tracking_uri, experiment_name(cfg), plan.name, cfg.stage(k).epochs))
+        callbacks.append(TrialTracking(plan.tracking_uri, experiment_name(cfg), plan.name, cfg.stage(k).epochs, root))
         log(f"sweep {plan.name}: trials are MLflow runs under the sweep's run at {plan.tracking_uri}")
     try:
         result = _tune(plan, space, datasets, init, root, label_set(manifest["layout"]).name, callbacks, log)
@@ -204,6 +212,8 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
     if parent:
         parent.metrics({f"best_{w.metric}": result["metric"]}, 0)
         parent.tags_({"best_config": result["config_uri"]})
+        if parent.flush(timeout=30):
+            send_unsent(plan.tracking_uri, root, log)
         parent.close("FINISHED", end_children=True)
     return result
 

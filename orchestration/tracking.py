@@ -5,7 +5,9 @@ tracking server is unreachable the queue is kept and retried with backoff; a war
 outage. Runs are found again by tags, so a resumed or resubmitted run logs into the same MLflow runs, and a
 server that comes back mid-run receives everything logged meanwhile. An outage costs a bounded delay: each
 request gives up after MLFLOW_HTTP_REQUEST_TIMEOUT (10 s) without MLflow's own retries, and once the server is
-known to be unreachable, `flush` and `close` wait at most `UNREACHABLE_WAIT_S` for it.
+known to be unreachable, `flush` and `close` wait at most `UNREACHABLE_WAIT_S` for it. What a tracker with an
+`unsent` file could not send by then is written there (`{run}/tracking-unsent/*.json`) and `send_unsent` sends it
+later: the job driver after each stage and at the end, `jobs.register`, or the next job of that run id.
 
 Tracking URI: `--tracking-uri`, else MLFLOW_TRACKING_URI, else a local sqlite store (registry included) under
 outputs/mlflow (the embedded default).
@@ -13,18 +15,24 @@ outputs/mlflow (the embedded default).
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import queue
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
+
+from data import storage
 
 RUN_TAG, STAGE_TAG, SWEEP_TAG = "p2p.run_id", "p2p.stage", "p2p.sweep"
 LOCAL_STORE = Path("outputs/mlflow")
 UNREACHABLE_WAIT_S = 5.0  # what flush/close wait for a server that is known to be unreachable
+UNSENT_DIR = "tracking-unsent"
 
 
 def filter_value(value: str) -> str:
@@ -164,9 +172,13 @@ class Tracker:
         experiment: str,
         tags: dict[str, str],
         run_name: str,
+        *,
         parent_tags: dict[str, str] | None = None,
         log=None,
+        unsent: str | None = None,
     ):
+        """`unsent`: a storage URI (a file in `unsent_folder(run)`) where `close` keeps what the server did not
+        receive in time, for `send_unsent`; without it those records are lost with the process."""
         self.uri, self.experiment, self.tags, self.run_name, self.parent_tags = (
             uri,
             experiment,
@@ -175,6 +187,7 @@ class Tracker:
             parent_tags,
         )
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.unsent = unsent
         # here, not in the sending thread: writing the environment while another thread's C code reads it (pyarrow's
         # S3 client does) crashes the process
         configure_mlflow_client()
@@ -227,16 +240,27 @@ class Tracker:
     def close(self, status: str = "FINISHED", timeout: float = 60.0, end_children: bool = False) -> bool:
         """Flush and end the run (and, with end_children, every run nested under it that is still RUNNING: the
         stage runs of workers that were stopped with the job); returns False (after a warning) if the server
-        stayed unreachable."""
+        stayed unreachable, having written what was not sent to the `unsent` file when there is one."""
         self._ops.put(("end", status, end_children))
+        return self._finish(timeout)
+
+    def _finish(self, timeout: float) -> bool:
         self._closing.set()
-        if not self._wait(lambda: not self._thread.is_alive(), timeout):
-            self.log(
-                f"mlflow: {self.uri} unreachable; {len(self._pending) + self._ops.qsize()} tracking records "
-                f"for run '{self.run_name}' were not sent"
-            )
-            return False
-        return True
+        if self._wait(lambda: not self._thread.is_alive(), timeout):
+            return True
+        with self._ops.mutex:
+            left = [op for op in [*self._pending, *self._ops.queue] if op[0] != "flush"]
+        where = "were not sent"
+        if self.unsent and left:
+            try:
+                record = dict(experiment=self.experiment, tags=self.tags, run_name=self.run_name)
+                record.update(parent_tags=self.parent_tags, ops=[_encode(op) for op in left])
+                storage.write_bytes_atomic(storage.resolve(self.unsent), json.dumps(record).encode())
+                where = f"are kept in {self.unsent} and sent once the server answers"
+            except OSError as e:
+                where = f"were not sent (keeping them in {self.unsent} failed: {e})"
+        self.log(f"mlflow: {self.uri} unreachable; {len(left)} tracking records for run '{self.run_name}' {where}")
+        return False
 
     # ---- the sending thread ---------------------------------------------------------------------
     def _connect(self, client) -> None:
@@ -334,3 +358,52 @@ class Tracker:
                 self._wake.wait(backoff)
                 self._wake.clear()
                 backoff = min(backoff * 2, 10.0)
+
+
+def _encode(op: tuple) -> list:
+    if op[0] == "artifact":
+        return ["artifact", base64.b64encode(op[1]).decode(), op[2]]
+    return list(op)
+
+
+def _decode(op: list) -> tuple:
+    if op[0] == "artifact":
+        return ("artifact", base64.b64decode(op[1]), op[2])
+    return tuple(op)
+
+
+def unsent_folder(run_root: storage.Location) -> storage.Location:
+    return run_root.join(UNSENT_DIR)
+
+
+def unsent_file(run_root: storage.Location) -> str:
+    """A new file for one tracker's unsent records, in the run's folder in storage."""
+    return unsent_folder(run_root).join(f"{uuid.uuid4().hex}.json").uri
+
+
+def send_unsent(uri: str, run_root: storage.Location, log=print) -> int:
+    """Send the records that trackers of this run could not send before they closed (in `unsent_folder`), oldest
+    first; each file is deleted once its records reached the server. Stops at the first file the server does not
+    take (waiting at most UNREACHABLE_WAIT_S when it is known to be down). Returns how many files were sent."""
+    files = storage.list_files(unsent_folder(run_root))
+    files.sort(key=lambda f: f.fs.get_file_info(f.path).mtime or 0)
+    sent = 0
+    for f in files:
+        try:
+            record = json.loads(storage.read_bytes(f))
+            ops = [_decode(op) for op in record["ops"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log(f"mlflow: {f.uri} holds no readable tracking records ({e}); left in place")
+            continue
+        tracker = Tracker(
+            uri, record["experiment"], record["tags"], record["run_name"], parent_tags=record["parent_tags"], log=log
+        )
+        tracker.unsent = f.uri  # what still does not go through is written back to the same file
+        for op in ops:
+            tracker._ops.put(op)
+        if not tracker._finish(timeout=60.0):
+            break
+        storage.delete(f)
+        sent += 1
+        log(f"mlflow: sent {len(ops)} tracking records for run '{record['run_name']}' kept from an earlier outage")
+    return sent

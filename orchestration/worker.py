@@ -34,7 +34,7 @@ from model.inference import generate
 from model.step import LOSS_NAMES, TrainStep
 from orchestration import checkpoint
 from orchestration.config import Config, from_dict
-from orchestration.tracking import RUN_TAG, STAGE_TAG, Tracker
+from orchestration.tracking import RUN_TAG, STAGE_TAG, Tracker, unsent_file
 from orchestration.visuals import comparison_rows, grid, to_png_bytes
 
 
@@ -171,6 +171,7 @@ def train_stage(context: dict) -> None:
             f"{ctx.run_id}/stage{k}",
             parent_tags={RUN_TAG: ctx.run_id},
             log=say,
+            unsent=unsent_file(storage.resolve(ctx.run_root)),
         )
         tracker.params(
             {

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager, suppress
@@ -26,6 +29,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Outage:
+    """A port on 127.0.0.1 that refuses every connection (a service that is down) until `end()`, after which it
+    forwards connections to `target_port`: a service outage that ends at a moment the test chooses, with the
+    service itself started beforehand (starting one under load can take a minute)."""
+
+    def __init__(self, target_port: int):
+        self.port, self.target = free_port(), target_port
+        self._server: socketserver.ThreadingTCPServer | None = None
+
+    def end(self) -> None:
+        target = self.target
+
+        class Forward(socketserver.BaseRequestHandler):
+            def handle(self):
+                with socket.create_connection(("127.0.0.1", target)) as upstream:
+                    ends = {self.request: upstream, upstream: self.request}
+                    while True:
+                        readable, _, _ = select.select(list(ends), [], [], 120)
+                        if not readable:
+                            return
+                        for sock in readable:
+                            data = sock.recv(1 << 16)
+                            if not data:
+                                return
+                            ends[sock].sendall(data)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Forward)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
 
 
 def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:

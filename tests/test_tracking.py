@@ -1,12 +1,23 @@
 """Tracker and registry bundle against a real (sqlite) MLflow store, no server."""
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from orchestration.tracking import RUN_TAG, STAGE_TAG, UNREACHABLE_WAIT_S, Tracker, filter_value
+from data import storage
+from orchestration.tracking import (
+    RUN_TAG,
+    STAGE_TAG,
+    UNREACHABLE_WAIT_S,
+    Tracker,
+    filter_value,
+    send_unsent,
+    unsent_file,
+    unsent_folder,
+)
 
 
 def test_a_resumed_stage_logs_into_the_same_mlflow_run(tmp_path):
@@ -54,6 +65,49 @@ def test_an_unreachable_server_never_raises_or_blocks(tmp_path):
     assert late.close("FINISHED", timeout=30) is False
     assert time.monotonic() - start < UNREACHABLE_WAIT_S + 2
     assert not any("cannot log to" in m for m in messages)
+
+
+def test_records_kept_during_an_outage_reach_the_server_once_it_answers(s3, tmp_path):
+    """A stage's tracker closes while MLflow is down (its worker process then ends): what it could not send is kept
+    in the run's folder in storage (S3 here) and a later send_unsent delivers it to the server on that address."""
+    from tests.services import free_port, make_bucket, mlflow_server
+
+    make_bucket(s3, "kept")
+    root = storage.resolve("s3://kept/runs/r1")
+    uri = f"http://127.0.0.1:{free_port()}"
+    messages = []
+    tags = {RUN_TAG: "r1", STAGE_TAG: "1"}
+    t = Tracker(
+        uri, "exp", tags, "r1/stage1", parent_tags={RUN_TAG: "r1"}, log=messages.append, unsent=unsent_file(root)
+    )
+    t.params({"model": {"ngf": 8}})
+    for step in (1, 2, 3):
+        t.metrics({"G_GAN": 1.0 / step}, step)
+    t.artifact(b"\x89PNG fake", "images/epoch_0003.png")
+    assert t.close("FINISHED") is False
+    assert any("6 tracking records" in m for m in messages), messages  # params, 3 metrics, artifact, end
+    assert any(f"are kept in {t.unsent}" in m for m in messages), messages
+    assert len(storage.list_files(unsent_folder(root))) == 1
+    assert send_unsent(uri, root, log=messages.append) == 0  # still down: kept, not lost
+    assert len(storage.list_files(unsent_folder(root))) == 1
+
+    with mlflow_server(tmp_path, s3, "kept", port=int(uri.rsplit(":", 1)[1])):
+        assert send_unsent(uri, root, log=messages.append) == 1
+        assert storage.list_files(unsent_folder(root)) == []
+        c = MlflowClient(tracking_uri=uri)
+        exp = c.get_experiment_by_name("exp")
+        (stage,) = c.search_runs([exp.experiment_id], f"tags.`{STAGE_TAG}` = '1'")
+        (parent,) = c.search_runs([exp.experiment_id], f"tags.`{STAGE_TAG}` = 'parent'")
+        assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert stage.info.status == "FINISHED" and stage.data.params["model.ngf"] == "8"
+        assert [(m.step, m.value) for m in c.get_metric_history(stage.info.run_id, "G_GAN")] == [
+            (1, 1.0),
+            (2, 0.5),
+            (3, 1 / 3),
+        ]
+        art = c.download_artifacts(stage.info.run_id, "images/epoch_0003.png", str(tmp_path))
+        assert Path(art).read_bytes() == b"\x89PNG fake"
+        assert send_unsent(uri, root) == 0  # nothing left: nothing sent twice
 
 
 def test_filter_values_are_quoted_so_a_quote_cannot_break_the_search(tmp_path):
