@@ -75,8 +75,16 @@ def _wrap(module: torch.nn.Module) -> torch.nn.Module:
 
 def _load_checkpoint_uri(uri: str) -> dict:
     loc = storage.resolve(uri)
-    with ray.train.Checkpoint(path=loc.path, filesystem=loc.fs).as_directory() as d:
-        return checkpoint.load(d)
+    return _load(ray.train.Checkpoint(path=loc.path, filesystem=loc.fs))
+
+
+def _load(ckpt: ray.train.Checkpoint) -> dict:
+    """Each worker downloads its own copy. `Checkpoint.as_directory()` shares one temporary folder per checkpoint
+    among the processes of a host and deletes it when the last reader leaves: a worker then read meta.json while
+    another process re-downloaded it, half-written (seen with two nodes on one host after an elastic resize; a
+    host with several GPU workers is the same)."""
+    with tempfile.TemporaryDirectory(prefix="p2p-checkpoint-") as tmp:
+        return checkpoint.load(ckpt.to_directory(tmp))
 
 
 def _heldout(shard, pcfg: PipelineConfig, n: int, device) -> dict[str, torch.Tensor] | None:
@@ -141,8 +149,7 @@ def train_stage(context: dict) -> None:
     start_epoch, global_step, skip, resized = 0, 0, 0, None
     resume = ray.train.get_checkpoint()
     if resume is not None:
-        with resume.as_directory() as d:
-            state = checkpoint.load(d)
+        state = _load(resume)
         checkpoint.restore(step, state)
         start_epoch, global_step, skip = state["epoch"], state["global_step"], state.get("epoch_step", 0)
         where = f"epoch {start_epoch}" + (f" + {skip} steps" if skip else "") + f", step {global_step}"

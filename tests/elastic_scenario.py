@@ -24,6 +24,7 @@ class Resizes:
     up_s: float  # node started again -> first step at 2 workers
     redone_down: int  # steps trained again after shrinking (since the last checkpoint)
     redone_up: int
+    tail_s: float  # first step at 2 workers -> the job's end: how much slack the regrow had
 
 
 def _wait(client, job, until, what: str, timeout: float = 300) -> str:
@@ -57,9 +58,11 @@ def _redone(logs: str, marker: str) -> int:
     return max(0, before[-1] - int(after.group(1)) + 1) if before and after else 0
 
 
-def node_loss_and_return(cluster: RayCluster, cmd: list[str], notice: bool = False, log=print) -> Resizes:
-    """With `notice`, the node is first drained (a preemption notice) and stopped once the stage has checkpointed
-    for it."""
+def node_loss_and_return(
+    cluster: RayCluster, cmd: list[str], notice: bool = False, log=print, after_step: int = 0
+) -> Resizes:
+    """The node leaves once the stage is in its second epoch and past `after_step`. With `notice`, it is first
+    drained (a preemption notice) and stopped once the stage has checkpointed for it."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard)
@@ -68,7 +71,12 @@ def node_loss_and_return(cluster: RayCluster, cmd: list[str], notice: bool = Fal
         runtime_env={"working_dir": str(REPO)},
         submission_id=f"elastic-{uuid.uuid4().hex[:6]}",
     )
-    _wait(client, job, lambda logs: "[stage 1] epoch 2/" in logs, "a second epoch")
+    _wait(
+        client,
+        job,
+        lambda logs: "[stage 1] epoch 2/" in logs and max(map(int, STEP.findall(logs)), default=0) >= after_step,
+        f"a second epoch and step {after_step}",
+    )
     if notice:
         cluster.drain_worker()
         log("worker node drained (preemption notice)")
@@ -84,10 +92,13 @@ def node_loss_and_return(cluster: RayCluster, cmd: list[str], notice: bool = Fal
     logs = _wait(client, job, _stepped_after("resized 1 -> 2"), "a step at 2 workers")
     up = time.monotonic() - start
     log(f"training again at 2 workers {up:.1f}s after the node started")
-    deadline = time.monotonic() + 600
+    grown = time.monotonic()
+    deadline = grown + 600
     while str(client.get_job_status(job)) not in ENDED:
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    tail = time.monotonic() - grown
+    log(f"the job ended {tail:.1f}s later")
     logs = client.get_job_logs(job)
     return Resizes(
         str(client.get_job_status(job)),
@@ -96,4 +107,5 @@ def node_loss_and_return(cluster: RayCluster, cmd: list[str], notice: bool = Fal
         up,
         _redone(logs, "resized 2 -> 1"),
         _redone(logs, "resized 1 -> 2"),
+        tail,
     )

@@ -1,6 +1,7 @@
 """Bad input met while training (local Ray, as `make demo` runs it): a shard altered after it was written stops
 the stage at once, naming shard and sample, instead of being retried as a worker fault; an MLflow server that
-never answers costs a bounded delay and the job's exit says the model was not registered."""
+never answers costs a bounded delay, the job's exit says the model was not registered, and what it says to run
+then registers it and sends the records kept meanwhile."""
 
 import json
 import re
@@ -13,7 +14,7 @@ import pytest
 
 from data.shards import PrepareOptions, load_manifest, prepare
 from data.synthetic.write import write_city
-from tests.services import free_port
+from tests.services import Outage, make_bucket, mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +64,11 @@ def test_a_shard_altered_after_prepare_stops_the_stage_at_once_naming_shard_and_
     assert took < 180, took
 
 
-def test_an_unreachable_tracking_server_costs_a_bounded_delay_and_the_exit_says_not_registered(data, tmp_path):
+def test_an_unreachable_tracking_server_costs_a_bounded_delay_and_the_exit_says_not_registered(s3, data, tmp_path):
+    """... and once the server answers, the command the error gives registers the model and sends every record the
+    job kept meanwhile."""
+    from mlflow import MlflowClient
+
     from model.step import TrainStep
     from orchestration import checkpoint
     from orchestration.config import load_config
@@ -81,18 +86,43 @@ def test_an_unreachable_tracking_server_costs_a_bounded_delay_and_the_exit_says_
         config=cfg.to_dict(),
     )
     RunState(run_root(str(storage), "prev")).record(2, checkpoint=str(stage2), epochs=2, global_step=2)
-    down = f"http://127.0.0.1:{free_port()}"
-    args = f"--data {data} --storage {storage} --run-id down --tracking-uri {down} --stages 3 --from-run prev"
-    r, took = train(*args.split(), "--set", "stage3.niter_decay=0")
-    assert r.returncode == 3, (r.stdout + r.stderr)[-4000:]
-    assert (
-        f"train: error: training finished but MLflow at {down} is unreachable: the generator was not registered"
-        in r.stderr
-    )
-    assert f"python -m jobs.register --run down --storage {storage} --tracking-uri {down}" in r.stderr
-    log = r.stdout + r.stderr
-    assert log.count(f"mlflow: cannot log to {down}") == 2  # once per process (the driver, rank 0), not per record
-    stage = json.loads((storage / "down" / "run.json").read_text())["stages"]["3"]
-    # every wait for the server is bounded: the job takes little more than its stage (its start-up included)
-    print(f"job {took:.0f}s, stage {stage['seconds']}s")
-    assert took - stage["seconds"] < 45, (took, stage["seconds"])
+    make_bucket(s3, "down")
+    with mlflow_server(tmp_path, s3, "down") as server:
+        outage = Outage(int(server.rsplit(":", 1)[1]))  # the job's tracking address refuses every connection
+        down = f"http://127.0.0.1:{outage.port}"
+        args = f"--data {data} --storage {storage} --run-id down --tracking-uri {down} --stages 3 --from-run prev"
+        r, took = train(*args.split(), "--set", "stage3.niter_decay=0")
+        assert r.returncode == 3, (r.stdout + r.stderr)[-4000:]
+        assert (
+            f"train: error: training finished but MLflow at {down} is unreachable: the generator was not registered"
+            in r.stderr
+        )
+        retry = f"python -m jobs.register --run down --storage {storage} --tracking-uri {down}"
+        assert retry in r.stderr
+        log = r.stdout + r.stderr
+        assert log.count(f"mlflow: cannot log to {down}") == 2  # once per process (the driver, rank 0), not per record
+        stage = json.loads((storage / "down" / "run.json").read_text())["stages"]["3"]
+        # every wait for the server is bounded: the job takes little more than its stage (its start-up included)
+        print(f"job {took:.0f}s, stage {stage['seconds']}s")
+        assert took - stage["seconds"] < 45, (took, stage["seconds"])
+        kept = storage / "down" / "tracking-unsent"
+        assert len(list(kept.iterdir())) == 3  # the stage's worker, the driver's stage run and the parent
+
+        outage.end()
+        try:
+            again = subprocess.run(
+                [sys.executable, "-m", *retry.split()[2:]], capture_output=True, text=True, timeout=300
+            )
+        finally:
+            outage.close()
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert list(kept.iterdir()) == []
+        c = MlflowClient(tracking_uri=server, registry_uri=server)
+        exp = c.get_experiment_by_name("pix2pixhd-synthetic-city")
+        runs = {r.data.tags["p2p.stage"]: r for r in c.search_runs([exp.experiment_id], "tags.`p2p.run_id` = 'down'")}
+        assert set(runs) == {"parent", "3"}
+        assert runs["3"].data.tags["checkpoint"] == stage["checkpoint"]
+        assert len(c.get_metric_history(runs["3"].info.run_id, "G_GAN")) == stage["epochs"]
+        assert runs["3"].info.status == "FINISHED" and runs["parent"].info.status != "RUNNING"
+        version = c.get_model_version_by_alias("pix2pixhd-synthetic-city", "champion")
+        assert version.tags["run_id"] == "down" and version.tags["checkpoint"] == stage["checkpoint"]

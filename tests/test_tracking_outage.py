@@ -1,5 +1,6 @@
 """The MLflow server is down when training starts and comes back mid-run: training completes and what was
-logged during and after the outage reaches the server."""
+logged during and after the outage reaches the server. (Registration after an outage that outlasts the job:
+tests/test_bad_input_runs.py.)"""
 
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def test_training_survives_a_tracking_outage_and_logs_after_recovery(s3, tmp_pat
     with mlflow_server(tmp_path, s3, "outage") as server, open(log_path, "w") as log:
         outage = Outage(int(server.rsplit(":", 1)[1]))  # the job's tracking address refuses connections
         tracking = f"http://127.0.0.1:{outage.port}"
-        train = f"jobs.train --config configs/tiny.yaml --data {data} --storage {tmp_path}/runs --run-id outage"
+        train = f"jobs.train --config configs/tiny.yaml --data {data} --storage {tmp_path}/runs --run-id outage --stages 1,2"
         proc = subprocess.Popen(
             [sys.executable, "-m", *train.split(), "--tracking-uri", tracking], stdout=log, stderr=subprocess.STDOUT
         )
@@ -41,12 +42,11 @@ def test_training_survives_a_tracking_outage_and_logs_after_recovery(s3, tmp_pat
             exp = c.get_experiment_by_name("pix2pixhd-synthetic-city")
             runs = c.search_runs([exp.experiment_id], "tags.`p2p.run_id` = 'outage'")
             by_stage = {r.data.tags["p2p.stage"]: r for r in runs}
-            assert set(by_stage) == {"parent", "1", "2", "3"}
+            assert set(by_stage) == {"parent", "1", "2"}
             assert {r.info.status for r in runs} == {"FINISHED"}
-            for k, epochs in (("1", 3), ("2", 2), ("3", 2)):
+            for k, epochs in (("1", 3), ("2", 2)):
                 history = c.get_metric_history(by_stage[k].info.run_id, "G_GAN")
                 assert len(history) == epochs, (k, history)  # queued during the outage, none lost
-            assert c.get_model_version_by_alias("pix2pixhd-synthetic-city", "champion").tags["run_id"] == "outage"
         finally:
             outage.close()
             if proc.poll() is None:
