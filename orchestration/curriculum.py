@@ -30,7 +30,7 @@ from orchestration.config import Config, ConfigError
 from orchestration.failures import Trainer, fit
 from orchestration.run_state import RunState, run_root
 from orchestration.stopping import run_status
-from orchestration.tracking import MLFLOW_CLIENT_ENV, RUN_TAG, STAGE_TAG, Tracker, send_unsent, unsent_file
+from orchestration.tracking import MLFLOW_CLIENT_ENV, RUN_TAG, STAGE_TAG, Tracker, send_kept_records, unsent_file
 from orchestration.worker import StageContext, pipeline_config, train_stage
 
 
@@ -167,6 +167,7 @@ def run(plan: RunPlan, log=print) -> RunResult:
                 },
                 step=0,
             )
+            send_kept_records(parent, root, log)  # flushes the parent when the server answers
             if plan.register and 3 in result.stages:
                 if not parent.flush():
                     raise RegistrationError(
@@ -174,10 +175,7 @@ def run(plan: RunPlan, log=print) -> RunResult:
                         f"at {result.final['checkpoint']}; once the server answers: python -m jobs.register --run "
                         f"{plan.run_id} --storage {plan.storage_uri} --tracking-uri {plan.tracking_uri}"
                     )
-                send_kept_records(parent, root, log)
                 result.registry = register_run(root, plan.tracking_uri, log)
-            else:
-                send_kept_records(parent, root, log)
     except BaseException as e:
         if parent:
             parent.close(run_status(e), end_children=True)
@@ -185,12 +183,6 @@ def run(plan: RunPlan, log=print) -> RunResult:
     if parent:
         parent.close("FINISHED")
     return result
-
-
-def send_kept_records(parent: Tracker, root: storage.Location, log=print) -> None:
-    """Send what trackers of this run kept during an outage, when the server answers the parent run now."""
-    if not parent.unreachable and parent.flush(timeout=30):
-        send_unsent(parent.uri, root, log)
 
 
 def available_val_split(cfg: Config, data_uri: str, log=print) -> str | None:

@@ -36,7 +36,7 @@ from orchestration.curriculum import (
 )
 from orchestration.failures import fit
 from orchestration.stopping import run_status
-from orchestration.tracking import STAGE_TAG, SWEEP_TAG, Tracker, send_unsent, unsent_file
+from orchestration.tracking import STAGE_TAG, SWEEP_TAG, Tracker, send_kept_records, unsent_file
 from orchestration.worker import StageContext
 
 SAMPLED = ("lambda_feat", "lambda_vgg", "lr", "gan_mode")
@@ -212,8 +212,7 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
     if parent:
         parent.metrics({f"best_{w.metric}": result["metric"]}, 0)
         parent.tags_({"best_config": result["config_uri"]})
-        if parent.flush(timeout=30):
-            send_unsent(plan.tracking_uri, root, log)
+        send_kept_records(parent, root, log)
         parent.close("FINISHED", end_children=True)
     return result
 

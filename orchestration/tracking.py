@@ -407,3 +407,10 @@ def send_unsent(uri: str, run_root: storage.Location, log=print) -> int:
         sent += 1
         log(f"mlflow: sent {len(ops)} tracking records for run '{record['run_name']}' kept from an earlier outage")
     return sent
+
+
+def send_kept_records(parent: Tracker, run_root: storage.Location, log=print) -> None:
+    """`send_unsent` for the run of `parent`, when the server answers `parent` now (a job's driver calls it after
+    each stage and at its end)."""
+    if not parent.unreachable and parent.flush(timeout=30):
+        send_unsent(parent.uri, run_root, log)

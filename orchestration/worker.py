@@ -257,12 +257,8 @@ def train_stage(context: dict) -> None:
                 ask = cfg.train.preemption_check_steps and global_step % cfg.train.preemption_check_steps == 0
                 notice = ray.train.get_preemption_info() if ask else None  # a broadcast: one answer on every rank
                 due = bool(every) and global_step % every == 0
-                if notice is not None and not preempted:
-                    say(
-                        f"[stage {k}] node(s) {', '.join(notice.preempted_node_to_ranks)} draining: checkpoint at "
-                        f"step {global_step} (epoch {epoch + 1}, step {epoch_step} of it)"
-                    )
-                if due or (notice is not None and not preempted):
+                draining = notice is not None and not preempted
+                if due or draining:
                     save_and_report(
                         {
                             "stage": k,
@@ -275,6 +271,11 @@ def train_stage(context: dict) -> None:
                         epoch,
                         epoch_step,
                         lr,
+                    )
+                if draining:  # said once the checkpoint is reported, not before: the node may go at any moment
+                    say(
+                        f"[stage {k}] node(s) {', '.join(notice.preempted_node_to_ranks)} draining: checkpointed at "
+                        f"step {global_step} (epoch {epoch + 1}, step {epoch_step} of it)"
                     )
                 if ask:
                     preempted = notice is not None

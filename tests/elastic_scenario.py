@@ -80,7 +80,8 @@ def node_loss_and_return(
     if notice:
         cluster.drain_worker()
         log("worker node drained (preemption notice)")
-        _wait(client, job, lambda logs: "draining: checkpoint at step" in logs, "a checkpoint for the notice", 120)
+        # the stage says so once the checkpoint is reported; one more step gives Ray's controller time to take it
+        _wait(client, job, _stepped_after("draining: checkpointed at step"), "a checkpoint for the notice", 120)
     stop = time.monotonic()
     cluster.stop_worker(0)
     log("worker node stopped")
