@@ -335,6 +335,7 @@ def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, log) -> d
                 parent_tags={RUN_TAG: plan.run_id},
                 log=log,
                 unsent=unsent_file(root),
+                reopen=False,  # the worker's tracker ended it: this only adds the checkpoint's tag
             )
             stage_run.tags_({"checkpoint": ckpt_uri})
             stage_run.close("FINISHED", timeout=30)

@@ -114,18 +114,28 @@ def ensure_experiment(client, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=local_artifact_location(uri))
 
 
-def find_or_create_run(
-    client, experiment_id: str, tags: dict[str, str], run_name: str, parent: str | None = None
-) -> str:
+class ParentNotYet(Exception):
+    """A nested run's parent does not exist yet: its own tracker (the job's driver) creates it."""
+
+
+def find_run(client, experiment_id: str, tags: dict[str, str], parent: str | None = None):
     query = " and ".join(f"tags.`{k}` = {filter_value(v)}" for k, v in tags.items())
     if parent is None:
         query += f" and tags.`{STAGE_TAG}` = 'parent'"
     found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    return found[0] if found else None
+
+
+def find_or_create_run(
+    client, experiment_id: str, tags: dict[str, str], run_name: str, parent: str | None = None, reopen: bool = True
+) -> str:
+    """The run with `tags` (a top-level one when `parent` is None), else a new one. `reopen`: a found run that
+    ended is marked RUNNING again (a resumed stage); trackers that only add records to it leave its status."""
+    found = find_run(client, experiment_id, tags, parent)
     if found:
-        run_id = found[0].info.run_id
-        if found[0].info.status != "RUNNING":
-            client.update_run(run_id, status="RUNNING")
-        return run_id
+        if reopen and found.info.status != "RUNNING":
+            client.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id
     all_tags = dict(tags)
     if parent is None:
         all_tags[STAGE_TAG] = "parent"
@@ -176,9 +186,17 @@ class Tracker:
         parent_tags: dict[str, str] | None = None,
         log=None,
         unsent: str | None = None,
+        create_parent: bool = False,
+        reopen: bool = True,
     ):
         """`unsent`: a storage URI (a file in `unsent_folder(run)`) where `close` keeps what the server did not
-        receive in time, for `send_unsent`; without it those records are lost with the process."""
+        receive in time, for `send_unsent`; without it those records are lost with the process.
+
+        A nested tracker (`parent_tags`) waits for its parent run to exist: the parent's own tracker creates it,
+        and only it, unless `create_parent` (a tracker that replays kept records with no parent tracker beside it).
+        Two processes that each searched for the parent and found none would otherwise create two parents, as
+        they did when a worker's and the driver's trackers reconnected together after an outage; the stray one
+        stayed RUNNING. `reopen`: see `find_or_create_run`."""
         self.uri, self.experiment, self.tags, self.run_name, self.parent_tags = (
             uri,
             experiment,
@@ -188,6 +206,8 @@ class Tracker:
         )
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.unsent = unsent
+        self.create_parent, self.reopen = create_parent, reopen
+        self._abandoned = False  # close gave up and kept the records in `unsent`: the thread sends no more
         # here, not in the sending thread: writing the environment while another thread's C code reads it (pyarrow's
         # S3 client does) crashes the process
         configure_mlflow_client()
@@ -249,6 +269,7 @@ class Tracker:
         if self._wait(lambda: not self._thread.is_alive(), timeout):
             return True
         with self._ops.mutex:
+            self._abandoned = bool(self.unsent)  # what is kept in the file is sent from there, not twice
             left = [op for op in [*self._pending, *self._ops.queue] if op[0] != "flush"]
         where = "were not sent"
         if self.unsent and left:
@@ -267,8 +288,13 @@ class Tracker:
         exp = ensure_experiment(client, self.experiment, self.uri)
         parent = None
         if self.parent_tags is not None:
-            parent = find_or_create_run(client, exp, self.parent_tags, " ".join(self.parent_tags.values()))
-        self.run_id = find_or_create_run(client, exp, self.tags, self.run_name, parent)
+            if self.create_parent:
+                parent = find_or_create_run(client, exp, self.parent_tags, " ".join(self.parent_tags.values()))
+            elif (found := find_run(client, exp, self.parent_tags)) is not None:
+                parent = found.info.run_id
+            else:
+                raise ParentNotYet(self.parent_tags)
+        self.run_id = find_or_create_run(client, exp, self.tags, self.run_name, parent, reopen=self.reopen)
 
     def _send(self, client, op) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -312,15 +338,19 @@ class Tracker:
                     self._pending.append(self._ops.get(timeout=0.2 if not self._pending else 0))
                 except queue.Empty:
                     break
-            if not self._pending:
+            if not self._pending and (self._closing.is_set() or self.run_id is not None):
                 if self._closing.is_set():
                     return
                 continue
+            if self._abandoned:
+                return
             try:
                 client = client or quiet_client(self.uri)
-                if self.run_id is None:
+                if self.run_id is None:  # at once, even with nothing to send: a parent run exists from the start
                     self._connect(client)
                 while self._pending:
+                    if self._abandoned:
+                        return
                     self._send(client, self._pending[0])
                     done = self._pending.pop(0)
                     refused = 0
@@ -334,6 +364,12 @@ class Tracker:
                         )
                     self._down_since = None
                 backoff = 1.0
+            except ParentNotYet:  # the server answers; the parent's tracker has not created the parent run yet
+                if self._down_since is not None and _outage_ends(self.uri):
+                    self.log(f"mlflow: {self.uri} reachable again after {time.time() - self._down_since:.0f}s")
+                self._down_since = None
+                self._wake.wait(1.0)
+                self._wake.clear()
             except Exception as e:  # noqa: BLE001 - a server that cannot be reached is retried
                 if _refused(e) and self.run_id is not None and self._pending:
                     # the server answered and refused this record: retried a few times, then dropped, so that one
@@ -396,7 +432,14 @@ def send_unsent(uri: str, run_root: storage.Location, log=print) -> int:
             log(f"mlflow: {f.uri} holds no readable tracking records ({e}); left in place")
             continue
         tracker = Tracker(
-            uri, record["experiment"], record["tags"], record["run_name"], parent_tags=record["parent_tags"], log=log
+            uri,
+            record["experiment"],
+            record["tags"],
+            record["run_name"],
+            parent_tags=record["parent_tags"],
+            log=log,
+            create_parent=True,  # the parent's tracker may have kept its records too (its file comes last)
+            reopen=False,
         )
         tracker.unsent = f.uri  # what still does not go through is written back to the same file
         for op in ops:

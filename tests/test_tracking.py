@@ -23,6 +23,7 @@ from orchestration.tracking import (
 def test_a_resumed_stage_logs_into_the_same_mlflow_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tags = {RUN_TAG: "r1", STAGE_TAG: "2"}
+    job = Tracker(uri, "exp", {RUN_TAG: "r1"}, "r1")  # the driver's: it creates the parent run
     first = Tracker(uri, "exp", tags, "r1/stage2", parent_tags={RUN_TAG: "r1"})
     first.params({"model": {"ngf": 8}})
     first.metrics({"G_GAN": 1.0, "note": "text is skipped"}, step=1)
@@ -31,7 +32,7 @@ def test_a_resumed_stage_logs_into_the_same_mlflow_run(tmp_path):
     second.params({"model": {"ngf": 8}})  # params are immutable: logging them again must not fail
     second.metrics({"G_GAN": 0.5}, step=2)
     second.artifact(b"\x89PNG fake", "images/epoch_0002.png")
-    assert second.close("FINISHED")
+    assert second.close("FINISHED") and job.close("FINISHED")
     c = MlflowClient(tracking_uri=uri)
     runs = c.search_runs([c.get_experiment_by_name("exp").experiment_id])
     stage = [r for r in runs if r.data.tags[STAGE_TAG] == "2"]
@@ -41,6 +42,25 @@ def test_a_resumed_stage_logs_into_the_same_mlflow_run(tmp_path):
     assert stage[0].info.status == "FINISHED" and stage[0].data.params["model.ngf"] == "8"
     assert [(m.step, m.value) for m in c.get_metric_history(stage[0].info.run_id, "G_GAN")] == [(1, 1.0), (2, 0.5)]
     assert [a.path for a in c.list_artifacts(stage[0].info.run_id, "images")] == ["images/epoch_0002.png"]
+
+
+def test_only_the_parent_tracker_creates_the_parent_run(tmp_path):
+    """A stage's tracker (in a worker) and the job's (in the driver) reconnect together after an outage: had both
+    searched for the parent run, found none and created one, two parents would exist and one stay RUNNING."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    stage = Tracker(uri, "exp", {RUN_TAG: "r2", STAGE_TAG: "1"}, "r2/stage1", parent_tags={RUN_TAG: "r2"})
+    stage.metrics({"G_GAN": 1.0}, step=1)
+    assert stage.flush(timeout=3) is False  # it waits for the parent run and creates nothing meanwhile
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name("exp").experiment_id
+    assert c.search_runs([exp]) == []
+    job = Tracker(uri, "exp", {RUN_TAG: "r2"}, "r2")
+    assert stage.close("FINISHED") and job.close("FINISHED")
+    runs = {r.data.tags[STAGE_TAG]: r for r in c.search_runs([exp])}
+    assert len(c.search_runs([exp])) == 2 and set(runs) == {"parent", "1"}
+    assert runs["1"].data.tags["mlflow.parentRunId"] == runs["parent"].info.run_id
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    assert [m.value for m in c.get_metric_history(runs["1"].info.run_id, "G_GAN")] == [1.0]
 
 
 def test_an_unreachable_server_never_raises_or_blocks(tmp_path):

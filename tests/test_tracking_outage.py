@@ -43,7 +43,8 @@ def test_training_survives_a_tracking_outage_and_logs_after_recovery(s3, tmp_pat
             runs = c.search_runs([exp.experiment_id], "tags.`p2p.run_id` = 'outage'")
             by_stage = {r.data.tags["p2p.stage"]: r for r in runs}
             assert set(by_stage) == {"parent", "1", "2"}
-            assert {r.info.status for r in runs} == {"FINISHED"}
+            statuses = sorted((r.info.run_name, r.info.status) for r in runs)
+            assert len(runs) == 3 and {s for _, s in statuses} == {"FINISHED"}, (statuses, log_path.read_text()[-4000:])
             for k, epochs in (("1", 3), ("2", 2)):
                 history = c.get_metric_history(by_stage[k].info.run_id, "G_GAN")
                 assert len(history) == epochs, (k, history)  # queued during the outage, none lost
