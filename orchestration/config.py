@@ -167,6 +167,19 @@ class SweepConfig:
 
 
 @dataclass
+class SegmenterConfig:
+    """The seg-score segmenter the service trains on the dataset's real photos (jobs.train_segmenter): a U-Net
+    (model/segmenter.py) at the final stage's resolution, on train.num_workers workers."""
+
+    width: int = at_least(1, 32)  # channels at full resolution, doubled at each level down
+    depth: int = at_least(1, 4)
+    epochs: int = at_least(1, 30)
+    lr: float = positive(1e-3)  # Adam; cosine decay to 0 over the epochs
+    batch_size: int = at_least(1, 4)  # samples per worker per step
+    load_size: int | None = at_least(1, None)  # default: stage 3's
+
+
+@dataclass
 class Config:
     name: str = "pix2pixhd"
     dataset: str = "dataset"
@@ -177,6 +190,7 @@ class Config:
     stage2: StageConfig = field(default_factory=StageConfig)
     stage3: StageConfig = field(default_factory=StageConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
     def stage(self, k: int) -> StageConfig:
         return getattr(self, f"stage{k}")
@@ -213,6 +227,12 @@ class Config:
             size_multiple=self.stage_model(k).size_multiple,
             no_flip=d.no_flip,
         )
+
+    def segmenter_geometry(self) -> Geometry:
+        """What the segmenter trains on: stage 3's geometry (it judges the final generator's images)."""
+        g = self.stage_geometry(3)
+        size = self.segmenter.load_size or g.load_size
+        return dataclasses.replace(g, load_size=size, fine_size=min(g.fine_size, size))
 
     def stage_batch_size(self, k: int) -> int:
         """Samples per worker per step at the maximum worker count."""

@@ -111,7 +111,7 @@ def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _quiet_ray_train_reports() -> None:
+def quiet_ray_train_reports() -> None:
     """Ray Train logs every `report` at INFO on every rank, with the whole metrics dict, and DDP wrapping of each
     network; the progress line below says what matters once. The first logger is named after its module's file."""
     logging.getLogger("ray.train.torch.train_loop_utils").setLevel(logging.WARNING)
@@ -123,7 +123,7 @@ def _quiet_ray_train_reports() -> None:
 
 
 def train_stage(context: dict) -> None:
-    _quiet_ray_train_reports()
+    quiet_ray_train_reports()
     ctx = StageContext(**context)
     cfg = from_dict(ctx.config)
     k = ctx.stage
@@ -144,7 +144,7 @@ def train_stage(context: dict) -> None:
         activation_checkpointing=t.activation_checkpointing,
         seed=t.seed,
     )
-    say = _emit if rank == 0 else (lambda *a, **kw: None)
+    say = emit if rank == 0 else (lambda *a, **kw: None)
 
     start_epoch, global_step, skip, resized = 0, 0, 0, None
     resume = ray.train.get_checkpoint()
@@ -349,7 +349,7 @@ def train_stage(context: dict) -> None:
         tracker.close("FINISHED")
 
 
-def _emit(line: str) -> None:
+def emit(line: str) -> None:
     """One progress line on stdout (Ray forwards it to the driver and the job log). Ray Train's patched `print`
     would log it twice."""
     sys.stdout.write(line + "\n")

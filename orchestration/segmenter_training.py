@@ -1,0 +1,238 @@
+"""Train the seg-score segmenter (model/segmenter.py) on a dataset's real photos with Ray Train, report its mIoU
+on the real validation photos, and register it in MLflow as `segmenter-<dataset>` (jobs.train_segmenter).
+
+Same shards and Ray Data pipeline as the curriculum (at stage 3's geometry, no instance maps), same failure policy:
+a worker group that restarts resumes from the latest epoch checkpoint; bad input stops at once. Storage:
+{storage}/segmenters/<dataset>/ (Ray Train's run folder). The registered version is a folder of two files, no
+pickle: `segmenter.pt` (TorchScript, loadable without this project's code) and `class_map.yaml` (channel i is
+label id i; ids that never occur in the training labels are not scored, nor Cityscapes' ignored ids).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from data import shards, storage
+from data.labels import CITYSCAPES, LABEL_SETS
+from data.layouts import label_set
+from data.pipeline import PipelineConfig, build_dataset, execution_options, iter_epoch, started
+from evaluation.segscore import BUILT_IN, UNSCORED, ClassMap, SegScore
+from model.segmenter import SegmenterOptions, UNetSegmenter
+from orchestration.config import Config, from_dict
+from orchestration.worker import emit, quiet_ray_train_reports
+
+MODEL_FILE, CLASS_MAP_FILE = "segmenter.pt", "class_map.yaml"
+
+
+def segmenter_model_name(dataset: str) -> str:
+    return f"segmenter-{dataset}"
+
+
+@dataclass
+class SegmenterPlan:
+    cfg: Config
+    data_uri: str
+    storage_uri: str
+    tracking_uri: str | None  # None: trained and saved, not registered
+
+
+def pipeline_config(cfg: Config) -> PipelineConfig:
+    d = cfg.data
+    return PipelineConfig(
+        geometry=cfg.segmenter_geometry(),
+        instance_output="none",
+        batch_size=cfg.segmenter.batch_size,
+        seed=cfg.train.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        read_cpus=d.read_cpus,
+        decode_cpus=d.decode_cpus,
+        prefetch_batches=d.prefetch_batches,
+        verify=d.verify,
+    )
+
+
+def service_class_map(class_histogram: list[int], label_set_name: str) -> ClassMap:
+    """Channel i means label id i; ids without a pixel in the training labels (the train manifest's histogram)
+    are not scored (the network never learned them), nor, for Cityscapes, the ids its benchmark ignores."""
+    labels = LABEL_SETS[label_set_name]
+    ignored = {i for i in range(labels.label_nc) if i >= len(class_histogram) or class_histogram[i] == 0}
+    if labels is CITYSCAPES:
+        ignored |= set(BUILT_IN["cityscapes-trainids"].ignore)
+    classes = tuple(UNSCORED if i in ignored else i for i in range(labels.label_nc))
+    return ClassMap(classes, tuple(sorted(ignored)), "of the service-trained segmenter")
+
+
+def build_network(cfg: Config, label_nc: int) -> UNetSegmenter:
+    s = cfg.segmenter
+    return UNetSegmenter(SegmenterOptions(num_classes=label_nc, width=s.width, depth=s.depth))
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def train_loop(context: dict) -> None:
+    """One Ray Train worker: cross-entropy on the real photos' label maps, Adam with cosine decay; rank 0 scores
+    the whole validation split each epoch; a checkpoint each epoch."""
+    quiet_ray_train_reports()
+    cfg = from_dict(context["config"])
+    labels = LABEL_SETS[context["label_set"]]
+    s = cfg.segmenter
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)
+    net = build_network(cfg, labels.label_nc).to(device)
+    optim = torch.optim.Adam(net.parameters(), lr=s.lr)
+    class_map = service_class_map(context["class_histogram"], labels.name)
+    start = 0
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            state = torch.load(Path(ckpt.to_directory(tmp)) / "state.pt", map_location="cpu", weights_only=True)
+        net.load_state_dict(state["net"])
+        optim.load_state_dict(state["optim"])
+        start = state["epoch"]
+    model = ray.train.torch.prepare_model(net, move_to_device=False)
+    pcfg = pipeline_config(cfg)
+    shard = ray.train.get_dataset_shard("train")
+    val = ray.train.get_dataset_shard("val") if rank == 0 else None
+    upcoming = started(iter_epoch(shard, pcfg, start)) if start < s.epochs else None
+    for epoch in range(start, s.epochs):
+        for group in optim.param_groups:
+            group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * epoch / s.epochs))
+        model.train()
+        t0, loss_sum, seen = time.perf_counter(), torch.zeros(2), 0
+        for batch in upcoming:
+            image, label = (batch["image"].to(device) + 1) / 2, batch["label"].long().to(device)
+            loss = torch.nn.functional.cross_entropy(model(image), label)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            loss_sum += torch.tensor([loss.item() * len(label), len(label)])
+            seen += len(label)
+        took = time.perf_counter() - t0
+        if epoch + 1 < s.epochs:
+            upcoming = started(iter_epoch(shard, pcfg, epoch + 1))
+        totals = _all_reduce(torch.cat([loss_sum, torch.tensor([float(seen)])]))
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": (totals[0] / max(totals[1], 1)).item(),
+            "img_per_s": totals[2].item() / took,
+        }
+        if val is not None:
+            score = SegScore(class_map, labels)
+            model.eval()
+            with torch.no_grad():
+                for batch in iter_epoch(val, pcfg, 0, train=False):
+                    score.update(net((batch["image"].to(device) + 1) / 2).cpu(), batch["label"])
+            r = score.result()
+            metrics.update(val_miou=r.miou, val_pixel_acc=r.pixel_accuracy)
+            emit(
+                f"[segmenter] epoch {epoch + 1}/{s.epochs} loss={metrics['loss']:.3f} val mIoU={r.miou:.3f} "
+                f"pixel acc={r.pixel_accuracy:.3f} {metrics['img_per_s']:.1f} img/s"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                state = {"net": net.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1}
+                state |= {k: context[k] for k in ("config", "label_set", "class_histogram")}
+                torch.save(state, Path(tmp) / "state.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def export(state: dict, into: Path) -> tuple[Path, ClassMap]:
+    """The trained network as TorchScript plus its class map, written into `into`."""
+    cfg = from_dict(state["config"])
+    labels = LABEL_SETS[state["label_set"]]
+    net = build_network(cfg, labels.label_nc)
+    net.load_state_dict(state["net"])
+    cmap = service_class_map(state["class_histogram"], labels.name)
+    path = into / MODEL_FILE
+    torch.jit.script(net.eval()).save(str(path))
+    (into / CLASS_MAP_FILE).write_text(cmap.to_yaml())
+    return path, cmap
+
+
+def train(plan: SegmenterPlan, log=print) -> dict:
+    """Train, export, and (with a tracking URI) register; returns the final metrics and where the model went."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+
+    from orchestration.curriculum import available_val_split, connect_ray
+    from orchestration.failures import Trainer, fit
+
+    cfg = plan.cfg
+    manifest = shards.load_manifest(plan.data_uri, cfg.data.train_split)
+    labels = label_set(manifest["layout"])
+    val_split = available_val_split(cfg, plan.data_uri, log)
+    if val_split is None:
+        log("note: no validation split: the segmenter's mIoU is measured on its training photos")
+    root = storage.resolve(plan.storage_uri).join("segmenters", cfg.dataset)
+    storage.check_writable(root)
+    connect_ray(cfg, what="the segmenter")
+    pcfg = pipeline_config(cfg)
+    datasets = {
+        "train": build_dataset(plan.data_uri, cfg.data.train_split, pcfg),
+        "val": build_dataset(plan.data_uri, val_split or cfg.data.train_split, pcfg),
+    }
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.use_gpu else {})
+    g = cfg.segmenter_geometry()
+    log(
+        f"[segmenter] U-Net width {cfg.segmenter.width} depth {cfg.segmenter.depth} on {labels.name} real photos "
+        f"({g.resize_or_crop}/{g.load_size}), {cfg.workers[1]} workers x batch {cfg.segmenter.batch_size}, "
+        f"{cfg.segmenter.epochs} epochs"
+    )
+    trainer = Trainer(
+        train_loop,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "label_set": labels.name,
+            "class_histogram": list(manifest.data.get("class_histogram") or [1] * labels.label_nc),
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.workers[1], use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name="run",
+            storage_path=root.path,
+            storage_filesystem=root.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING" if t.ray_logs == "quiet" else "INFO"),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=execution_options()),
+    )
+    result = fit(trainer, "the segmenter")
+    if result.error is not None or result.checkpoint is None:
+        raise RuntimeError(f"the segmenter's training failed: {result.error or 'no checkpoint'}")
+    metrics = dict(result.metrics or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        state = torch.load(Path(result.checkpoint.to_directory(tmp)) / "state.pt", map_location="cpu")
+        out = Path(tmp) / "export"
+        out.mkdir()
+        path, cmap = export(state, out)
+        checkpoint_uri = ("s3://" if root.is_s3 else "") + result.checkpoint.path
+        summary = {"metrics": metrics, "checkpoint": checkpoint_uri, "scored": len(cmap.scored)}
+        if plan.tracking_uri:
+            from orchestration.segmenter_registry import register_segmenter
+
+            summary["registry"] = register_segmenter(out, cfg, plan.data_uri, metrics, plan.tracking_uri, log)
+    log(
+        f"[segmenter] done: val mIoU {metrics.get('val_miou', float('nan')):.3f} over {len(cmap.scored)} scored "
+        f"classes; checkpoint {checkpoint_uri}"
+    )
+    return summary

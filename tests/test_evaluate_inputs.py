@@ -1,0 +1,70 @@
+"""jobs.evaluate refuses bad input with one clear line and exit 2 before any compute (no Ray is started): a split
+that does not exist, a model that does not exist, models of different label sets, a segmenter file that is not
+TorchScript, a segmenter without its class map. (Evaluations that run: tests/test_train_e2e.py.)"""
+
+import pytest
+import torch
+
+from data.shards import PrepareOptions, prepare
+from data.synthetic.write import write_city
+from jobs.evaluate import main
+from model.step import TrainStep
+from orchestration import checkpoint
+from orchestration.config import load_config
+
+
+@pytest.fixture(scope="module")
+def city(tmp_path_factory):
+    src = write_city(tmp_path_factory.mktemp("city") / "src", count=6, height=64, width=128)
+    data = tmp_path_factory.mktemp("data") / "city"
+    prepare(PrepareOptions("flat", str(src), str(data), val_fraction=0.34, name="synthetic-city"), log=lambda m: None)
+    return str(data)
+
+
+def untrained(path, *overrides: str) -> str:
+    cfg = load_config("configs/tiny.yaml", list(overrides))
+    checkpoint.save(path, TrainStep(cfg.stage_model(1)), stage=1, epoch=0, global_step=0, lr=0.0, config=cfg.to_dict())
+    return str(path)
+
+
+def evaluate(capsys, *args: str) -> tuple[int, str]:
+    code = main([*args, "--no-tracking"])
+    return code, capsys.readouterr().err
+
+
+def test_a_split_that_does_not_exist(city, tmp_path, capsys):
+    code, err = evaluate(capsys, "--model", untrained(tmp_path / "g"), "--data", city, "--split", "test")
+    assert code == 2 and f"{city} holds no prepared 'test' split" in err
+
+
+def test_models_that_do_not_exist(city, tmp_path, capsys):
+    code, err = evaluate(capsys, "--model", "no-such-run", "--data", city, "--storage", str(tmp_path / "runs"))
+    assert code == 2 and "run 'no-such-run'" in err and "has no finished stage" in err
+    code, err = evaluate(capsys, "--model", str(tmp_path / "nothing"), "--data", city)
+    assert code == 2 and f"--model {tmp_path / 'nothing'}: no checkpoint there" in err
+    code, err = evaluate(capsys, "--model", "models:/pix2pixhd-synthetic-city@champion", "--data", city)
+    assert code == 2 and "a registry URI needs MLflow tracking" in err
+    code, err = evaluate(capsys, "--model", "..", "--data", city)  # not a run id: no folder above the storage
+    assert code == 2 and "'..' is not a valid name" in err
+
+
+def test_two_models_of_different_label_sets_are_not_compared(city, tmp_path, capsys):
+    city_model = untrained(tmp_path / "city")
+    faces_model = untrained(tmp_path / "faces", "model.label_nc=19")
+    code, err = evaluate(capsys, "--model", city_model, "--model", faces_model, "--data", city)
+    assert code == 2
+    assert "do not share" in err and "cityscapes, 35 labels" in err and f"{faces_model} (19 labels)" in err
+
+
+def test_a_segmenter_must_be_torchscript_and_come_with_its_class_map(city, tmp_path, capsys):
+    model = untrained(tmp_path / "g")
+    state = tmp_path / "segmenter.pt"
+    torch.save({"weight": torch.zeros(3)}, state)
+    code, err = evaluate(capsys, "--model", model, "--data", city, "--segmenter", str(state), "--class-map", "x.yaml")
+    assert code == 2 and "class map x.yaml: cannot be read" in err
+    code, err = evaluate(
+        capsys, "--model", model, "--data", city, "--segmenter", str(state), "--class-map", "cityscapes-trainids"
+    )
+    assert code == 2 and "is not a TorchScript file or a torch.export archive" in err
+    code, err = evaluate(capsys, "--model", model, "--data", city, "--segmenter", str(state))
+    assert code == 2 and "give its class map too (--class-map" in err
