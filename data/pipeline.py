@@ -17,6 +17,7 @@ order (`execution_options()`), and the local shuffle buffer is seeded with (seed
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -249,22 +250,34 @@ def started(batches: Iterator[dict]) -> Iterator[dict]:
     return resumed()
 
 
-def read_samples(uri: str, split: str, cfg: PipelineConfig, n: int) -> dict[str, torch.Tensor]:
-    """The first `n` samples of a split, decoded at the load geometry in this process (no Ray): for pictures and
-    inference on the driver. Same tensors as `iter_epoch(..., train=False)`."""
+def iter_local_batches(uri: str, split: str, cfg: PipelineConfig, limit: int | None = None) -> Iterator[dict]:
+    """The split's samples in manifest order, decoded at the load geometry in this process (no Ray), in batches of
+    `cfg.batch_size` (the last one smaller), `limit` samples at most. Same tensors as `iter_epoch(..., train=False)`.
+
+    For held-out samples inside a Train worker: reading them through a second Ray Dataset there raced the
+    training split's execution for Ray Data's CPU budget and could deadlock the stage (rank 0 waiting for the
+    held-out decode, which waited for CPUs the training split held while it waited for rank 0)."""
     import pyarrow.parquet as pq
 
     manifest = shards.load_manifest(uri, split)
     decode = Decode(cfg.geometry, cfg.instance_output, manifest)
-    rows: list[dict] = []
+    left = manifest["sample_count"] if limit is None else limit
     for loc in manifest.shard_locations:
         with loc.fs.open_input_file(loc.path) as f:
             table = pq.read_table(f, columns=columns(manifest))
-        rows += table.slice(0, n - len(rows)).to_pylist()
-        if len(rows) >= n:
-            break
-    arrays = decode({k: [r[k] for r in rows] for k in rows[0]})
-    return to_model_batch({k: torch.from_numpy(v) for k, v in arrays.items()}, cfg, 0, train=False)
+        for start in range(0, min(table.num_rows, left), cfg.batch_size):
+            rows = table.slice(start, min(cfg.batch_size, left - start)).to_pylist()
+            arrays = decode({k: [r[k] for r in rows] for k in rows[0]})
+            yield to_model_batch({k: torch.from_numpy(v) for k, v in arrays.items()}, cfg, 0, train=False)
+        left -= min(table.num_rows, left)
+        if left <= 0:
+            return
+
+
+def read_samples(uri: str, split: str, cfg: PipelineConfig, n: int) -> dict[str, torch.Tensor]:
+    """The first `n` samples of a split in one batch, decoded in this process (see iter_local_batches)."""
+    batches = list(iter_local_batches(uri, split, dataclasses.replace(cfg, batch_size=max(n, 1)), limit=n))
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
 def to_model_batch(batch: dict[str, torch.Tensor], cfg: PipelineConfig, epoch: int, train: bool) -> dict:

@@ -80,7 +80,6 @@ class _Given(nn.Module):
 class FeatureDistance:
     """Features of real and of generated images, accumulated over batches; FID and KID between the two sets."""
 
-    dim: int
     real: list[torch.Tensor] = field(default_factory=list)
     fake: list[torch.Tensor] = field(default_factory=list)
 
@@ -95,7 +94,7 @@ class FeatureDistance:
 
         if min(self.counts()) < 2:
             return math.nan
-        metric = FrechetInceptionDistance(feature=_Given(self.dim))
+        metric = FrechetInceptionDistance(feature=_Given(self.real[0].shape[1]))
         metric.update(torch.cat(self.real).double(), real=True)
         metric.update(torch.cat(self.fake).double(), real=False)
         return float(metric.compute())
@@ -109,7 +108,9 @@ class FeatureDistance:
             return math.nan, math.nan
         with warnings.catch_warnings():  # "will save all extracted features": they are kept here anyway
             warnings.simplefilter("ignore", UserWarning)
-            metric = KernelInceptionDistance(feature=_Given(self.dim), subsets=subsets, subset_size=min(subset_size, n))
+            metric = KernelInceptionDistance(
+                feature=_Given(self.real[0].shape[1]), subsets=subsets, subset_size=min(subset_size, n)
+            )
         metric.update(torch.cat(self.real), real=True)
         metric.update(torch.cat(self.fake), real=False)
         mean, std = metric.compute()

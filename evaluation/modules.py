@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -73,3 +75,19 @@ def probe(module, example: torch.Tensor, what: str, **kwargs) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise EvaluationError(f"{what} returns {type(out).__name__}, not a tensor")
     return out
+
+
+def pack_module(module) -> bytes:
+    """A network as bytes for another process (a Ray actor or Train worker): TorchScript as its own archive (it does
+    not pickle), anything else pickled."""
+    if isinstance(module, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(module, buf)
+        return b"J" + buf.getvalue()
+    return b"P" + pickle.dumps(module)
+
+
+def unpack_module(blob: bytes):
+    if blob[:1] == b"J":
+        return torch.jit.load(io.BytesIO(blob[1:]), map_location="cpu")
+    return pickle.loads(blob[1:])

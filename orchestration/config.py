@@ -158,12 +158,27 @@ class SweepConfig:
     lambda_vgg: list[float] = field(default_factory=lambda: [1.0, 30.0])
     lr: list[float] | None = None  # log-uniform range, e.g. [5e-5, 5e-4]
     gan_mode: list[str] | None = None  # choices, e.g. [lsgan, hinge]
-    metric: str = "val_L1"
-    mode: Literal["min", "max"] = "min"
+    metric: str = "auto"  # auto: the eval section's metric and direction (orchestration/selection.py)
+    mode: Literal["auto", "min", "max"] = "auto"
     grace_period: int = at_least(1, 1)  # ASHA: epochs before a trial can be stopped
     reduction_factor: int = at_least(2, 2)
     max_concurrent_trials: int | None = at_least(1, None)  # default: GPUs / GPUs per trial (1 on CPU)
     trial_cpus: float = positive(0.1)  # the trial's own driver; its Train workers take train.cpus_per_worker each
+
+
+@dataclass
+class EvalConfig:
+    """How generators are judged while they train and chosen afterwards (the registry's champion, sweeps)."""
+
+    # seg_miou (a segmenter's mIoU on the generated images; max), kid / fid (against real photos; min), val_L1
+    # (min; rewards blur), or auto: seg_miou when a segmenter is given or registered, else kid with `inception`,
+    # else val_L1 with a warning
+    metric: Literal["auto", "seg_miou", "kid", "fid", "val_L1"] = "auto"
+    every: int = at_least(1, 1)  # epochs between quality scores
+    images: int = at_least(2, 16)  # held-out images a per-epoch score uses
+    segmenter: str | None = None  # a TorchScript file (with class_map) or models:/ URI; default: segmenter-<dataset>
+    class_map: str | None = None  # YAML file or cityscapes-trainids
+    inception: str | None = None  # feature network file for kid / fid (e.g. inception-2015-12-05.pt)
 
 
 @dataclass
@@ -191,6 +206,7 @@ class Config:
     stage3: StageConfig = field(default_factory=StageConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def stage(self, k: int) -> StageConfig:
         return getattr(self, f"stage{k}")

@@ -142,8 +142,11 @@ def run(plan: RunPlan, log=print) -> RunResult:
     registered (plan.register): a registration that does not happen raises RegistrationError once training is
     done (the model is safe in storage; `jobs.register` retries it)."""
     from orchestration.registry import RegistrationError, register_run
+    from orchestration.selection import resolve_selection
 
     checked = preflight(plan, log)  # bad input fails here, before Ray or MLflow hear of the run
+    labels = label_set(shards.load_manifest(plan.data_uri, plan.cfg.data.train_split)["layout"])
+    selection = resolve_selection(plan.cfg, labels, plan.tracking_uri, log)  # and a segmenter that does not load
     connect_ray(plan.cfg)  # and a request the cluster can never hold fails here
     parent, root = None, checked[0]
     if plan.tracking_uri:
@@ -156,7 +159,15 @@ def run(plan: RunPlan, log=print) -> RunResult:
             unsent=unsent_file(root),
         )
     try:
-        result = RunResult(_run_stages(plan, checked, parent, log))
+        result = RunResult(_run_stages(plan, checked, parent, selection, log))
+        if 3 in result.stages and selection.metric != "val_L1" and "judgement" not in checked[1].data:
+            from orchestration.selection import final_judgement
+
+            split = available_val_split(plan.cfg, plan.data_uri, log=lambda m: None) or plan.cfg.data.train_split
+            out = root.join("evaluation").uri
+            checked[1].update(
+                judgement=final_judgement(selection, result.final["checkpoint"], plan.data_uri, split, out, log)
+            )
         if parent:
             parent.metrics(
                 {
@@ -196,14 +207,11 @@ def available_val_split(cfg: Config, data_uri: str, log=print) -> str | None:
     return None
 
 
-def stage_datasets(cfg: Config, k: int, data_uri: str, val_split: str | None) -> dict:
-    """The Ray Datasets of stage k (shards verified as data.verify says); build them where CPUs are free (the
-    driver, before the stage's workers start): Ray Data's metadata tasks take 1 CPU each."""
-    pcfg = pipeline_config(cfg, k)
-    return {
-        "train": build_dataset(data_uri, cfg.data.train_split, pcfg),
-        "val": build_dataset(data_uri, val_split or cfg.data.train_split, pcfg),
-    }
+def stage_datasets(cfg: Config, k: int, data_uri: str) -> dict:
+    """The Ray Dataset of stage k's training split (shards verified as data.verify says); build it where CPUs are
+    free (the driver, before the stage's workers start): Ray Data's metadata tasks take 1 CPU each. Held-out
+    samples are not a second dataset: rank 0 reads them itself (StageContext.data_uri)."""
+    return {"train": build_dataset(data_uri, cfg.data.train_split, pipeline_config(cfg, k))}
 
 
 def stage_trainer(
@@ -275,7 +283,7 @@ def connect_ray(cfg: Config, trial_cpus: float = 0.0, what: str = "the stage") -
     resources.check(cfg, resources.cluster_nodes(), trial_cpus, what)
 
 
-def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, log) -> dict[int, dict]:
+def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, selection, log) -> dict[int, dict]:
     cfg = plan.cfg
     root, state, inits = checked
     state.update(run_id=plan.run_id, data_uri=plan.data_uri, config=cfg.to_dict())
@@ -310,10 +318,20 @@ def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, log) -> d
             f"{cfg.stage(k).epochs} epochs"
         )
         context = StageContext(
-            cfg.to_dict(), k, root.uri, inits.get(k), labels, plan.run_id, plan.tracking_uri, experiment_name(cfg)
+            cfg.to_dict(),
+            k,
+            root.uri,
+            inits.get(k),
+            labels,
+            plan.run_id,
+            plan.tracking_uri,
+            experiment_name(cfg),
+            data_uri=plan.data_uri,
+            heldout_split=val_split or cfg.data.train_split,
+            selection=selection,
         )
         t0 = time.perf_counter()
-        datasets = stage_datasets(cfg, k, plan.data_uri, val_split)
+        datasets = stage_datasets(cfg, k, plan.data_uri)
         result = fit(stage_trainer(cfg, k, datasets, context, root, f"stage{k}"), f"stage {k}")
         ckpt_uri = checkpoint_uri(result, root, f"stage {k}")
         metrics = result.metrics or {}

@@ -13,10 +13,8 @@ storage (its last finished stage), or a checkpoint URI (a folder holding meta.js
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from data.layouts import label_set
 from data.pipeline import PipelineConfig, build_dataset, read_samples, to_model_batch
 from data.transforms import Geometry
 from evaluation.fid import FeatureDistance, load_feature_net, to_uint8
+from evaluation.modules import pack_module, unpack_module
 from evaluation.segscore import EvaluationError, SegScore, SegScoreResult
 from model.bundle import Pix2PixHDGenerator
 from orchestration import checkpoint
@@ -69,6 +68,7 @@ class EvalPlan:
     workers: int = 1  # Ray Data actors
     cpus: float = 1.0  # per actor
     gpus: float = 0.0  # per actor
+    networks: tuple | None = None  # (Segmenter | None, FeatureNet | None) already loaded: instead of the above
 
 
 @dataclass
@@ -169,21 +169,6 @@ def _registry_model(spec: str, plan: EvalPlan, used: set[str]) -> ModelRef:
 # ---- the Ray Data pass ----------------------------------------------------------------------------------------
 
 
-def _pack(module) -> bytes:
-    """A network for the actors: TorchScript as its own archive (it does not pickle), anything else pickled."""
-    if isinstance(module, torch.jit.ScriptModule):
-        buf = io.BytesIO()
-        torch.jit.save(module, buf)
-        return b"J" + buf.getvalue()
-    return b"P" + pickle.dumps(module)
-
-
-def _unpack(blob: bytes):
-    if blob[:1] == b"J":
-        return torch.jit.load(io.BytesIO(blob[1:]), map_location="cpu")
-    return pickle.loads(blob[1:])
-
-
 class ScoreBatch:
     """Ray Data actor: one batch of the split -> per image and per source (real photos, then each model): its
     seg-score confusion matrix, its feature vector, its L1 to the photo."""
@@ -192,15 +177,15 @@ class ScoreBatch:
         from data.labels import LABEL_SETS
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.generators = [_unpack(g).to(self.device).eval() for g in generators]
+        self.generators = [unpack_module(g).to(self.device).eval() for g in generators]
         self.seg = None
         if segmenter is not None:
             blob, class_map = segmenter
-            self.seg = (_unpack(blob).to(self.device), class_map)
+            self.seg = (unpack_module(blob).to(self.device), class_map)
         self.feature = None
         if feature is not None:
             blob, kwargs = feature
-            self.feature = (_unpack(blob).to(self.device), kwargs)
+            self.feature = (unpack_module(blob).to(self.device), kwargs)
         self.pcfg, self.labels = pcfg, LABEL_SETS[label_set_name]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -252,8 +237,11 @@ def evaluate(plan: EvalPlan, log=print) -> dict:
             f"compare models of one dataset against that dataset"
         )
     cfg = _dataset_config(plan)
-    segmenter = resolve_segmenter(plan.segmenter, cfg, labels, plan.tracking_uri, plan.class_map)
-    feature = load_feature_net(plan.inception) if plan.inception else None
+    if plan.networks is not None:
+        segmenter, feature = plan.networks
+    else:
+        segmenter = resolve_segmenter(plan.segmenter, cfg, labels, plan.tracking_uri, plan.class_map)
+        feature = load_feature_net(plan.inception) if plan.inception else None
     if segmenter is None:
         log(
             "note: no segmenter (--segmenter, or one registered by jobs.train_segmenter): seg-score is unavailable; "
@@ -290,9 +278,9 @@ def evaluate(plan: EvalPlan, log=print) -> dict:
     scored = ds.map_batches(
         ScoreBatch,
         fn_constructor_kwargs={
-            "generators": [_pack(m.bundle) for m in models],
-            "segmenter": (_pack(segmenter.module), segmenter.class_map) if segmenter else None,
-            "feature": (_pack(feature.module), feature.kwargs) if feature else None,
+            "generators": [pack_module(m.bundle) for m in models],
+            "segmenter": (pack_module(segmenter.module), segmenter.class_map) if segmenter else None,
+            "feature": (pack_module(feature.module), feature.kwargs) if feature else None,
             "pcfg": pcfg,
             "label_set_name": labels.name,
         },
@@ -316,7 +304,7 @@ def _dataset_config(plan: EvalPlan):
 
 def _accumulate(scored, sources, segmenter, feature, labels, total, log) -> dict[str, SourceResult]:
     matrices = {i: None for i in range(len(sources))}
-    per_model_feats = {i: FeatureDistance(feature.dim) for i in range(1, len(sources))} if feature else {}
+    per_model_feats = {i: FeatureDistance() for i in range(1, len(sources))} if feature else {}
     l1 = {i: 0.0 for i in range(1, len(sources))}
     seen, t0, shown = 0, time.perf_counter(), 0.0
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):

@@ -34,7 +34,8 @@ from orchestration.run_state import RunState
 from orchestration.tracking import RUN_TAG, STAGE_TAG, configure_mlflow_client, ensure_experiment, filter_value
 
 ALIAS = "champion"
-METRIC = "val_L1"  # lower is better
+METRIC = "val_L1"  # lower is better; what versions are judged by without a segmenter or feature network
+JUDGED_METRIC, JUDGED_VALUE, JUDGED_BY = "judged.metric", "judged.value", "judged.by"
 MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
 FINAL_STAGE = 3
 
@@ -101,9 +102,7 @@ def register_run(
     )
     for attempt in range(1, attempts + 1):
         try:
-            result = register(
-                run_id, cfg, final["checkpoint"], data_uri, (final.get("metrics") or {}).get(METRIC), tracking_uri, log
-            )
+            result = register(run_id, cfg, final["checkpoint"], data_uri, judgement(state), tracking_uri, log)
             break
         except Exception as e:  # noqa: BLE001 - reported in full below; the model is safe in storage
             cause = "".join(traceback.format_exception(e)).rstrip()
@@ -118,12 +117,21 @@ def register_run(
     return result
 
 
+def judgement(state: RunState) -> dict | None:
+    """How the run's final generator was judged: run.json's judgement (a seg-score / KID / FID pass over the
+    validation split), else the last epoch's val_L1."""
+    if "judgement" in state.data:
+        return state.data["judgement"]
+    value = (state.done(FINAL_STAGE).get("metrics") or {}).get(METRIC)
+    return None if value is None else {"metric": METRIC, "mode": "min", "value": value, "judged_by": ""}
+
+
 def register(
     run_id: str,
     cfg: Config | None,
     final_checkpoint: str,
     data_uri: str,
-    val_metric: float | None,
+    judged: dict | None,
     tracking_uri: str,
     log=print,
 ) -> dict:
@@ -149,7 +157,7 @@ def register(
         if existing:
             version = min(existing, key=lambda v: int(v.version))
             _wait_ready(client, name, version.version)
-            moved, reason = _maybe_move_alias(client, name, version.version, val_metric)
+            moved, reason = _maybe_move_alias(client, name, version.version, judged)
             log(
                 f"registry: {name} version {version.version} already holds {final_checkpoint}: not registered "
                 f"again; {_alias_line(client, name, version.version, moved, reason)}"
@@ -187,14 +195,21 @@ def register(
         "config_hash": cfg.hash(),
         "data_manifest_sha256": manifest_sha256(data_uri, cfg.data.train_split),
     }
-    if val_metric is not None:
-        tags[METRIC] = f"{val_metric:.6f}"
+    if judged is not None:
+        tags |= {
+            JUDGED_METRIC: judged["metric"],
+            JUDGED_VALUE: f"{judged['value']:.6f}",
+            JUDGED_BY: judged["judged_by"],
+        }
+        if judged["metric"] == METRIC:
+            tags[METRIC] = f"{judged['value']:.6f}"
     logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to..."
     version = client.create_model_version(name, info.model_uri, run_id=mlflow_run_id, tags=tags, model_id=info.model_id)
     _wait_ready(client, name, version.version)
-    moved, reason = _maybe_move_alias(client, name, version.version, val_metric)
+    moved, reason = _maybe_move_alias(client, name, version.version, judged)
+    shown = f"{judged['metric']} {judged['value']:.4f}" if judged else "not judged"
     log(
-        f"registered {name} version {version.version} ({METRIC} {val_metric if val_metric is not None else 'n/a'}); "
+        f"registered {name} version {version.version} ({shown}); "
         f"{_alias_line(client, name, version.version, moved, reason)}"
     )
     return _result(name, version.version, moved, final_checkpoint)
@@ -224,7 +239,23 @@ def _wait_ready(client, name: str, version: str, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
-def _maybe_move_alias(client, name: str, version: str, metric: float | None) -> tuple[bool, str]:
+def _judged(tags: dict) -> dict | None:
+    """A version's judgement from its tags (versions registered before judgements: their val_L1)."""
+    if JUDGED_METRIC in tags:
+        return {
+            "metric": tags[JUDGED_METRIC],
+            "value": float(tags[JUDGED_VALUE]),
+            "judged_by": tags.get(JUDGED_BY, ""),
+            "mode": "max" if tags[JUDGED_METRIC] == "val_seg_miou" else "min",
+        }
+    if METRIC in tags:
+        return {"metric": METRIC, "value": float(tags[METRIC]), "judged_by": "", "mode": "min"}
+    return None
+
+
+def _maybe_move_alias(client, name: str, version: str, judged: dict | None) -> tuple[bool, str]:
+    """The alias moves to `version` when it is at least as good as the champion by the same metric, judged by the
+    same network (segmenter / feature network); versions judged otherwise are not compared: the alias stays."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -236,13 +267,23 @@ def _maybe_move_alias(client, name: str, version: str, metric: float | None) -> 
         return True, "there was no champion"
     if champion.version == str(version):
         return False, "it is the champion already"
-    champ_metric = champion.tags.get(METRIC)
-    if metric is None:
-        return False, f"this version has no {METRIC}"
-    if champ_metric is None or metric <= float(champ_metric):
+    if judged is None:
+        return False, "this version was not judged"
+    theirs = _judged(champion.tags)
+    metric, value = judged["metric"], judged["value"]
+    if theirs is None or (theirs["metric"], theirs["judged_by"]) != (metric, judged["judged_by"]):
+        how = f"{theirs['metric']} by {theirs['judged_by'] or 'itself'}" if theirs else "nothing"
+        return False, (
+            f"cannot compare: this version is judged by {metric} by {judged['judged_by'] or 'itself'}, champion "
+            f"v{champion.version} by {how}; compare them with python -m jobs.evaluate --model models:/{name}/"
+            f"{champion.version} --model models:/{name}/{version}"
+        )
+    better = value >= theirs["value"] if judged["mode"] == "max" else value <= theirs["value"]
+    sign = (">=" if better else "<") if judged["mode"] == "max" else ("<=" if better else ">")
+    if better:
         client.set_registered_model_alias(name, ALIAS, version)
-        return True, f"{METRIC} {metric:.4f} <= champion v{champion.version}'s {champ_metric}"
-    return False, f"{METRIC} {metric:.4f} is worse than champion v{champion.version}'s {float(champ_metric):.4f}"
+        return True, f"{metric} {value:.4f} {sign} champion v{champion.version}'s {theirs['value']:.4f}"
+    return False, f"{metric} {value:.4f} is worse than champion v{champion.version}'s {theirs['value']:.4f}"
 
 
 class ModelNotFound(LookupError):

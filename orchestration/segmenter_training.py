@@ -25,7 +25,7 @@ import torch.distributed as dist
 from data import shards, storage
 from data.labels import CITYSCAPES, LABEL_SETS
 from data.layouts import label_set
-from data.pipeline import PipelineConfig, build_dataset, execution_options, iter_epoch, started
+from data.pipeline import PipelineConfig, build_dataset, execution_options, iter_epoch, iter_local_batches, started
 from evaluation.segscore import BUILT_IN, UNSCORED, ClassMap, SegScore
 from model.segmenter import SegmenterOptions, UNetSegmenter
 from orchestration.config import Config, from_dict
@@ -109,7 +109,6 @@ def train_loop(context: dict) -> None:
     model = ray.train.torch.prepare_model(net, move_to_device=False)
     pcfg = pipeline_config(cfg)
     shard = ray.train.get_dataset_shard("train")
-    val = ray.train.get_dataset_shard("val") if rank == 0 else None
     upcoming = started(iter_epoch(shard, pcfg, start)) if start < s.epochs else None
     for epoch in range(start, s.epochs):
         for group in optim.param_groups:
@@ -133,11 +132,11 @@ def train_loop(context: dict) -> None:
             "loss": (totals[0] / max(totals[1], 1)).item(),
             "img_per_s": totals[2].item() / took,
         }
-        if val is not None:
+        if rank == 0:  # the whole validation split, read here (a second Ray Dataset could deadlock the split's)
             score = SegScore(class_map, labels)
             model.eval()
             with torch.no_grad():
-                for batch in iter_epoch(val, pcfg, 0, train=False):
+                for batch in iter_local_batches(context["data_uri"], context["val_split"], pcfg):
                     score.update(net((batch["image"].to(device) + 1) / 2).cpu(), batch["label"])
             r = score.result()
             metrics.update(val_miou=r.miou, val_pixel_acc=r.pixel_accuracy)
@@ -185,10 +184,7 @@ def train(plan: SegmenterPlan, log=print) -> dict:
     storage.check_writable(root)
     connect_ray(cfg, what="the segmenter")
     pcfg = pipeline_config(cfg)
-    datasets = {
-        "train": build_dataset(plan.data_uri, cfg.data.train_split, pcfg),
-        "val": build_dataset(plan.data_uri, val_split or cfg.data.train_split, pcfg),
-    }
+    datasets = {"train": build_dataset(plan.data_uri, cfg.data.train_split, pcfg)}
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.use_gpu else {})
     g = cfg.segmenter_geometry()
@@ -203,6 +199,8 @@ def train(plan: SegmenterPlan, log=print) -> dict:
             "config": cfg.to_dict(),
             "label_set": labels.name,
             "class_histogram": list(manifest.data.get("class_histogram") or [1] * labels.label_nc),
+            "data_uri": plan.data_uri,
+            "val_split": val_split or cfg.data.train_split,
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers[1], use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

@@ -23,6 +23,7 @@ from ray.tune import Callback
 
 from data import shards, storage
 from data.layouts import label_set
+from evaluation.quality import QUALITY
 from model.step import LOSS_NAMES
 from orchestration.config import Config, ConfigError, from_dict
 from orchestration.curriculum import (
@@ -35,13 +36,14 @@ from orchestration.curriculum import (
     verified_init,
 )
 from orchestration.failures import fit
+from orchestration.selection import objective, resolve_selection
 from orchestration.stopping import run_status
 from orchestration.tracking import STAGE_TAG, SWEEP_TAG, Tracker, send_kept_records, unsent_file
 from orchestration.worker import StageContext
 
 SAMPLED = ("lambda_feat", "lambda_vgg", "lr", "gan_mode")
 TRIAL_TAG = "p2p.trial"
-TRACKED = (*LOSS_NAMES, "val_L1", "val_VGG", "lr", "img_per_s", "data_wait")
+TRACKED = (*LOSS_NAMES, "val_L1", "val_VGG", *QUALITY, "lr", "img_per_s", "data_wait")
 
 
 @dataclass
@@ -81,6 +83,9 @@ def _trial(config: dict, fixed: dict) -> None:
         fixed["labels"],
         run_id=f"{fixed['sweep']}/{trial}",
         mid_epoch_checkpoints=False,
+        data_uri=fixed["data_uri"],
+        heldout_split=fixed["heldout_split"],
+        selection=fixed["selection"],
     )
     trainer = stage_trainer(cfg, k, fixed["datasets"], context, root, trial, callbacks=[TuneReportCallback()])
     checkpoint_uri(fit(trainer, f"trial {trial}"), root, f"trial {trial}")
@@ -159,7 +164,8 @@ class TrialTracking(Callback):
         early = int(last.get("epoch", 0)) < self.max_epochs
         print(
             f"sweep {self.sweep}: trial {trial.trial_id} {'stopped early by ASHA' if early else 'finished'} after "
-            f"{last.get('epoch', 0)} epochs, val_L1={last.get('val_L1', float('nan')):.4f}",
+            f"{last.get('epoch', 0)} epochs, "
+            + ", ".join(f"{k}={last[k]:.4f}" for k in ("val_L1", *QUALITY) if isinstance(last.get(k), float)),
             flush=True,
         )
         self._end(trial, "FINISHED")
@@ -187,8 +193,9 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
     storage.check_writable(root)
     space = search_space(cfg, log)
     val_split = available_val_split(cfg, plan.data_uri, log)
+    selection = resolve_selection(cfg, label_set(manifest["layout"]), plan.tracking_uri, log)
     connect_ray(cfg, trial_cpus=w.trial_cpus, what="each sweep trial")
-    datasets = stage_datasets(cfg, k, plan.data_uri, val_split)
+    datasets = stage_datasets(cfg, k, plan.data_uri)
 
     parent, callbacks = None, []
     if plan.tracking_uri:
@@ -204,13 +211,15 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
         callbacks.append(TrialTracking(plan.tracking_uri, experiment_name(cfg), plan.name, cfg.stage(k).epochs, root))
         log(f"sweep {plan.name}: trials are MLflow runs under the sweep's run at {plan.tracking_uri}")
     try:
-        result = _tune(plan, space, datasets, init, root, label_set(manifest["layout"]).name, callbacks, log)
+        heldout = val_split or cfg.data.train_split
+        labels = label_set(manifest["layout"]).name
+        result = _tune(plan, space, datasets, heldout, selection, init, root, labels, callbacks, log)
     except BaseException as e:
         if parent:
             parent.close(run_status(e), end_children=True)
         raise
     if parent:
-        parent.metrics({f"best_{w.metric}": result["metric"]}, 0)
+        parent.metrics({f"best_{result['metric_name']}": result["metric"]}, 0)
         parent.tags_({"best_config": result["config_uri"]})
         send_kept_records(parent, root, log)
         parent.close("FINISHED", end_children=True)
@@ -234,6 +243,8 @@ def _tune(
     plan: SweepPlan,
     space: dict,
     datasets: dict,
+    heldout_split: str,
+    selection,
     init: str | None,
     root: storage.Location,
     labels: str,
@@ -255,7 +266,11 @@ def _tune(
         "init_checkpoint": init,
         "sweep": plan.name,
         "labels": labels,
+        "data_uri": plan.data_uri,
+        "heldout_split": heldout_split,
+        "selection": selection,
     }
+    metric, mode = objective(cfg, selection)
     trainable = tune.with_resources(tune.with_parameters(_trial, fixed=fixed), {"CPU": w.trial_cpus})
     tune_path = root.join("tune")
     run_config = tune.RunConfig(
@@ -271,8 +286,8 @@ def _tune(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                metric=w.metric,
-                mode=w.mode,
+                metric=metric,
+                mode=mode,
                 num_samples=w.num_samples,
                 max_concurrent_trials=max_concurrent(cfg),
                 scheduler=ASHAScheduler(
@@ -287,13 +302,13 @@ def _tune(
         f"{', '.join(space)}"
     )
     results = tuner.fit()
-    best = results.get_best_result(metric=w.metric, mode=w.mode)
-    if best is None or best.metrics is None or w.metric not in best.metrics:
-        raise RuntimeError(f"sweep {plan.name}: no trial reported {w.metric}; see the trial errors above")
+    best = results.get_best_result(metric=metric, mode=mode)
+    if best is None or best.metrics is None or metric not in best.metrics:
+        raise RuntimeError(f"sweep {plan.name}: no trial reported {metric}; see the trial errors above")
     chosen = {key: best.config[key] for key in SAMPLED if key in best.config}
     best_cfg = trial_config(cfg.to_dict(), chosen)
     yaml_text = (
-        f"# best trial of sweep {plan.name}: {w.metric}={best.metrics[w.metric]:.4f}, {chosen}\n" + best_cfg.to_yaml()
+        f"# best trial of sweep {plan.name}: {metric}={best.metrics[metric]:.4f}, {chosen}\n" + best_cfg.to_yaml()
     )
     config_loc = root.join("best.yaml")
     storage.write_bytes_atomic(config_loc, yaml_text.encode())
@@ -303,7 +318,7 @@ def _tune(
         Path(out).write_text(yaml_text)
     errors = sum(1 for r in results if r.error is not None)
     log(f"sweep {plan.name}: {len(results)} trials ({errors} errored) in {time.perf_counter() - t0:.0f}s")
-    log(f"best trial: {w.metric}={best.metrics[w.metric]:.4f} with {chosen}")
+    log(f"best trial: {metric}={best.metrics[metric]:.4f} with {chosen}")
     log(
         f"best config: {config_loc}"
         + (f" (and {out})" if out else "")
@@ -311,7 +326,8 @@ def _tune(
     )
     return {
         "best": chosen,
-        "metric": best.metrics[w.metric],
+        "metric": best.metrics[metric],
+        "metric_name": metric,
         "config_path": out,
         "config_uri": config_loc.uri,
         "trials": len(results),

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import ray.train
 import ray.train.torch
@@ -29,7 +30,7 @@ import torch.distributed as dist
 
 from data import storage
 from data.labels import LABEL_SETS
-from data.pipeline import PipelineConfig, iter_epoch, started
+from data.pipeline import PipelineConfig, iter_epoch, read_samples, started
 from model.inference import generate
 from model.step import LOSS_NAMES, TrainStep
 from orchestration import checkpoint
@@ -51,6 +52,9 @@ class StageContext:
     tracking_uri: str | None = None  # None: no MLflow tracking
     experiment: str = "pix2pixhd"
     mid_epoch_checkpoints: bool = True  # False in sweep trials: Tune counts every report as an iteration
+    data_uri: str | None = None  # held-out samples (images, val_L1): read by rank 0 from this dataset's
+    heldout_split: str = "train"  # validation split, or the training split when there is none
+    selection: Any = None  # orchestration.selection.Selection: the quality metric scored on held-out samples
 
 
 def pipeline_config(cfg: Config, k: int, world_size: int | None = None) -> PipelineConfig:
@@ -87,21 +91,13 @@ def _load(ckpt: ray.train.Checkpoint) -> dict:
         return checkpoint.load(ckpt.to_directory(tmp))
 
 
-def _heldout(shard, pcfg: PipelineConfig, n: int, device) -> dict[str, torch.Tensor] | None:
-    """The first `n` samples of the validation stream (no augmentation), kept for images and val_L1."""
-    if shard is None or n <= 0:
+def _heldout(ctx: StageContext, pcfg: PipelineConfig, n: int, device) -> dict[str, torch.Tensor] | None:
+    """The first `n` samples of the held-out split (no augmentation), kept for images and val_L1; read in this
+    process, not through Ray Data (see data.pipeline.iter_local_batches)."""
+    if ctx.data_uri is None or n <= 0:
         return None
-    parts: dict[str, list[torch.Tensor]] = {}
-    got = 0
-    for b in iter_epoch(shard, pcfg, epoch=0, train=False):
-        for k, v in b.items():
-            parts.setdefault(k, []).append(v)
-        got += len(b["index"])
-        if got >= n:
-            break
-    if not got:
-        return None
-    return {k: torch.cat(v)[:n].to(device) for k, v in parts.items()}
+    samples = read_samples(ctx.data_uri, ctx.heldout_split, pcfg, n)
+    return {k: v.to(device) for k, v in samples.items()}
 
 
 def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -167,8 +163,10 @@ def train_stage(context: dict) -> None:
 
     pcfg = pipeline_config(cfg, k, world)
     shard = ray.train.get_dataset_shard("train")
-    heldout = _heldout(ray.train.get_dataset_shard("val"), pcfg, cfg.train.val_samples, device) if rank == 0 else None
     labels = LABEL_SETS[ctx.label_set]
+    judge = ctx.selection.judge(labels, device) if rank == 0 and ctx.selection is not None else None
+    pictured = cfg.train.val_samples  # held-out samples in the image grids; a quality score reads eval.images
+    heldout = _heldout(ctx, pcfg, max(pictured, cfg.eval.images) if judge else pictured, device) if rank == 0 else None
     tracker = None
     if rank == 0 and ctx.tracking_uri:
         tracker = Tracker(
@@ -309,10 +307,12 @@ def train_stage(context: dict) -> None:
                 features=_features(step, heldout),
             )
             metrics["val_L1"] = (fake.float() - heldout["image"]).abs().mean().item()
+            if judge is not None and (last or (epoch + 1) % cfg.eval.every == 0):
+                metrics.update(judge.score(fake, heldout["image"], heldout["label"]))
             if step.vgg_loss is not None:
                 metrics["val_VGG"] = (step.vgg_loss(fake.float(), heldout["image"]) / step.vgg_loss.lambda_vgg).item()
             if last or (epoch + 1) % cfg.train.image_every == 0:
-                shown_rows = slice(0, min(4, len(fake)))
+                shown_rows = slice(0, min(4, pictured, len(fake)))
                 png = to_png_bytes(
                     grid(
                         comparison_rows(
@@ -337,7 +337,7 @@ def train_stage(context: dict) -> None:
         elapsed = time.perf_counter() - stage_start
         eta = elapsed / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
         shown = " ".join(f"{n}={metrics[n]:.3f}" for n in LOSS_NAMES)
-        val = f" val_L1={metrics['val_L1']:.3f}" if "val_L1" in metrics else ""
+        val = "".join(f" {n}={metrics[n]:.3f}" for n in ("val_L1", "val_seg_miou", "val_kid") if n in metrics)
         say(
             f"[stage {k}] epoch {epoch + 1}/{epochs} step {global_step} {shown}{val} lr={lr:.2e} "
             f"{metrics['img_per_s']:.1f} img/s data-wait {100 * metrics['data_wait']:.0f}% {world} workers "

@@ -104,7 +104,7 @@ def test_fid_and_kid_are_near_zero_for_identical_sets_and_grow_with_a_shift(tmp_
     assert net.dim == 8 and net.kwargs == {"return_features": True}
     torch.manual_seed(1)
     photos = torch.rand(64, 3, 32, 32) * 2 - 1
-    same, shifted = FeatureDistance(net.dim), FeatureDistance(net.dim)
+    same, shifted = FeatureDistance(), FeatureDistance()
     for d, fake in ((same, photos), (shifted, (photos + 0.5).clamp(-1, 1))):
         d.update(net.features(to_uint8(photos)), real=True)
         d.update(net.features(to_uint8(fake)), real=False)

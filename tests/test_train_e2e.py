@@ -353,6 +353,131 @@ def test_a_three_trial_sweep_on_one_cpu_nodes_completes_and_leaks_nothing(full_r
     best = load_config("s3://e2e/runs/sweeps/s3sweep/best.yaml")
     chosen = min(trials, key=lambda t: t.data.metrics["val_L1"])
     assert best.model.lambda_feat == pytest.approx(float(chosen.data.params["lambda_feat"]))
+    # --resume on the same name restores the Tune experiment from storage instead of starting new trials
+    again = submit_job(cluster.dashboard, REPO, [*sweep.split(), "--resume"])
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert "sweep s3sweep: resuming from" in again.stdout and "sweep s3sweep: 3 trials" in again.stdout
+    assert len(c.search_runs([experiment_id(tracking)], "tags.`p2p.sweep` = 's3sweep'")) == 4  # no new trial runs
+
+
+@pytest.fixture(scope="module")
+def segmenter(full_run, cluster, data, tracking):
+    """jobs.train_segmenter on the cluster: a small U-Net on the real photos, registered as version 1. (Late in the
+    module: from here on, runs of this dataset are judged by seg-score, the earlier tests' by val_L1.)"""
+    seg = "jobs.train_segmenter --config configs/tiny.yaml --storage s3://e2e/runs --set train.num_workers=1"
+    small = "--set segmenter.epochs=8 --set segmenter.width=12 --set segmenter.depth=3 --set segmenter.lr=0.003"
+    cmd = ["python", "-m", *f"{seg} {small}".split(), "--data", data, "--tracking-uri", tracking]
+    r = submit_job(cluster.dashboard, REPO, cmd)
+    assert r.returncode == 0, r.stdout[-4000:]
+    return r.stdout
+
+
+def test_the_segmenter_trains_on_the_cluster_and_is_registered_without_pickle(segmenter, tracking):
+    assert "[segmenter] epoch 8/8" in segmenter and "segmenter: models:/segmenter-synthetic-city/1" in segmenter
+    c = mlflow_client(tracking)
+    version = c.get_model_version("segmenter-synthetic-city", "1")
+    assert 0 < float(version.tags["val_miou"]) <= 1 and len(version.tags["sha256"]) == 64
+    assert sorted(a.path for a in c.list_artifacts(version.run_id, "segmenter")) == [
+        "segmenter/class_map.yaml",
+        "segmenter/segmenter.pt",
+    ]
+
+
+def test_evaluate_compares_two_models_by_seg_score_with_a_report_and_mlflow_runs(segmenter, cluster, data, tracking):
+    c = mlflow_client(tracking)
+    evaluate = (
+        f"jobs.evaluate --model models:/{MODEL}@champion --model worse --storage s3://e2e/runs --out s3://e2e/eval"
+    )
+    r = submit_job(
+        cluster.dashboard, REPO, ["python", "-m", *evaluate.split(), "--data", data, "--tracking-uri", tracking]
+    )
+    assert r.returncode == 0, r.stdout[-4000:]
+    champion = c.get_model_version_by_alias(MODEL, "champion")
+    assert "seg-score by models:/segmenter-synthetic-city/1" in r.stdout  # the registered one, by default
+    assert re.search(r"evaluate: (\d+)/\1 images", r.stdout)  # progress, to the whole split
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| real photos",
+        f"| {MODEL} v{champion.version}",
+        "| worse (stage 3)",
+    ]
+    s3 = boto3.client("s3")
+    report = json.loads(s3.get_object(Bucket="e2e", Key="eval/metrics.json")["Body"].read())
+    val_count = json.loads(s3.get_object(Bucket="e2e", Key="data/val/manifest.json")["Body"].read())["sample_count"]
+    for name in (f"{MODEL} v{champion.version}", "worse (stage 3)"):
+        m = report["metrics"][name]
+        assert 0 <= m["seg_miou"] <= 1 and m["seg_miou_ratio"] > 0 and m["l1"] > 0 and m["images"] == val_count
+        assert set(report["per_class_iou"][name]) == set(report["per_class_iou"]["real photos"])
+    for png in ("grid.png", "per_class_iou.png"):
+        assert s3.get_object(Bucket="e2e", Key=f"eval/{png}")["Body"].read()[:4] == b"\x89PNG"
+    # an evaluation run under each model's training run; the registry version carries the scores as tags
+    parent = c.search_runs([experiment_id(tracking)], "tags.`p2p.run_id` = 'worse' and tags.`p2p.stage` = 'parent'")[0]
+    (evaluation,) = c.search_runs(
+        [experiment_id(tracking)],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`p2p.kind` = 'evaluation'",
+    )
+    assert evaluation.data.metrics["seg_miou"] == pytest.approx(report["metrics"]["worse (stage 3)"]["seg_miou"])
+    assert evaluation.data.params["segmenter"].startswith("models:/segmenter-synthetic-city/1")
+    tags = c.get_model_version(MODEL, champion.version).tags
+    assert float(tags["eval.val.seg_miou"]) == pytest.approx(
+        report["metrics"][f"{MODEL} v{champion.version}"]["seg_miou"], rel=1e-4
+    )
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = int(3 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = (k / k.sum()).repeat(3, 1, 1, 1)
+    images = torch.nn.functional.pad(images, (radius,) * 4, mode="reflect")
+    images = torch.nn.functional.conv2d(images, k.view(3, 1, 1, -1), groups=3)
+    return torch.nn.functional.conv2d(images, k.view(3, 1, -1, 1), groups=3)
+
+
+def test_why_not_l1_a_blurred_photo_beats_the_generator_on_l1_yet_loses_on_seg_score_and_kid(segmenter, data, tracking):
+    """The service does not select by L1: on held-out photos, a blurred copy (Gaussian, sigma 3 px) is closer to
+    the photo in L1 than the trained generator's image, yet the segmenter finds less of the scene in it than in
+    the photo, and its KID to the real training photos is higher than the photos' own."""
+    from data.labels import CITYSCAPES
+    from data.pipeline import PipelineConfig, read_samples
+    from data.transforms import Geometry
+    from evaluation.fid import FeatureDistance, to_uint8
+    from evaluation.segscore import SegScore
+    from orchestration.config import Config
+    from orchestration.registry import load_generator
+    from orchestration.segmenter_registry import resolve_segmenter
+    from tests.test_evaluation_metrics import TinyFeatures
+
+    pcfg = PipelineConfig(geometry=Geometry("none", 1, 16, 16, True), instance_output="ids")
+    held_out, train = read_samples(data, "val", pcfg, 64), read_samples(data, "train", pcfg, 64)
+    photos, label = held_out["image"], held_out["label"]
+    generated = load_generator(f"models:/{MODEL}@champion", tracking)(torch.stack([label, held_out["inst"]], 1))
+    blurred = gaussian_blur(photos, sigma=3.0)
+    seg = resolve_segmenter(None, Config(dataset="synthetic-city"), CITYSCAPES, tracking)
+
+    def l1(images):
+        return (images - photos).abs().mean().item()
+
+    def seg_miou(images):
+        score = SegScore(seg.class_map, CITYSCAPES)
+        score.update(seg.logits((images + 1) / 2), label)
+        return score.result().miou
+
+    features = TinyFeatures()
+
+    def kid(images):
+        d = FeatureDistance()
+        d.update(features(to_uint8(train["image"])).detach(), real=True)
+        d.update(features(to_uint8(images)).detach(), real=False)
+        return d.kid()[0]
+
+    print(
+        f"L1 blurred {l1(blurred):.4f} generated {l1(generated):.4f}; seg mIoU photos {seg_miou(photos):.3f} blurred "
+        f"{seg_miou(blurred):.3f} generated {seg_miou(generated):.3f}; KID photos {kid(photos):.4f} blurred {kid(blurred):.4f}"
+    )
+    assert l1(blurred) < l1(generated)
+    assert seg_miou(blurred) < seg_miou(photos)
+    assert kid(blurred) > kid(photos)
 
 
 def test_every_mlflow_run_ended_and_no_secret_reached_a_ray_log_or_mlflow(full_run, cluster, tracking, s3):
