@@ -17,6 +17,7 @@ import sys
 
 from data.shards import ManifestError
 from data.storage import StorageError
+from evaluation.segscore import EvaluationError
 from orchestration.checkpoint import CheckpointError
 from orchestration.config import ConfigError, check_name, load_config
 from orchestration.run_state import RunState, run_root
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             out=a.out,
         )
         run_sweep(plan)
-    except (ConfigError, ManifestError, StorageError, CheckpointError) as e:
+    except (ConfigError, ManifestError, StorageError, CheckpointError, EvaluationError) as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -17,6 +17,7 @@ import sys
 from data.layouts import LayoutError
 from data.shards import ManifestError, load_manifest
 from data.storage import StorageError
+from evaluation.segscore import EvaluationError
 from orchestration.checkpoint import CheckpointError
 from orchestration.config import ConfigError, check_name, load_config
 from orchestration.curriculum import RunPlan, default_run_id, run
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.estimate_memory is not None:
             return estimate_memory(plan, a.estimate_memory)
         results = run(plan)
-    except (ConfigError, ManifestError, StorageError, LayoutError, CheckpointError) as e:
+    except (ConfigError, ManifestError, StorageError, LayoutError, CheckpointError, EvaluationError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     except RegistrationError as e:

@@ -240,7 +240,7 @@ def evaluate(plan: EvalPlan, log=print) -> dict:
     if plan.networks is not None:
         segmenter, feature = plan.networks
     else:
-        segmenter = resolve_segmenter(plan.segmenter, cfg, labels, plan.tracking_uri, plan.class_map)
+        segmenter = resolve_segmenter(plan.segmenter, cfg, labels, plan.tracking_uri, plan.class_map, log)
         feature = load_feature_net(plan.inception) if plan.inception else None
     if segmenter is None:
         log(

@@ -69,10 +69,15 @@ def pinned_version(client, uri: str) -> tuple[str, str]:
 
 
 def resolve_segmenter(
-    spec: str | None, cfg: Config, labels: LabelSet, tracking_uri: str | None, class_map: str | None = None
+    spec: str | None,
+    cfg: Config,
+    labels: LabelSet,
+    tracking_uri: str | None,
+    class_map: str | None = None,
+    log=print,
 ) -> Segmenter | None:
     """`spec`: a segmenter file (with `class_map`), a models:/ URI, or None for the latest registered
-    `segmenter-<dataset>` (None when there is none or no tracking)."""
+    `segmenter-<dataset>` (None when there is none, no tracking, or a registry that does not answer: said)."""
     if spec and not spec.startswith("models:/"):
         if class_map is None:
             raise EvaluationError(
@@ -92,7 +97,13 @@ def resolve_segmenter(
     name = segmenter_model_name(cfg.dataset)
     try:
         if spec is None:
-            if not client.search_registered_models(f"name = {filter_value(name)}"):
+            try:
+                if not client.search_registered_models(f"name = {filter_value(name)}"):
+                    return None
+            except MlflowException as e:
+                if not _unreachable(e):
+                    raise
+                log(f"note: the registry at {tracking_uri} does not answer: no registered {name} is looked for")
                 return None
             spec = f"models:/{name}/latest"
         pinned = "models:/{}/{}".format(*pinned_version(client, spec))
@@ -103,6 +114,12 @@ def resolve_segmenter(
             cmap = load_class_map(class_map or folder / CLASS_MAP_FILE)
             sha = file_identity(folder / MODEL_FILE)
     except MlflowException as e:
-        raise EvaluationError(f"segmenter {spec}: not in the registry at {tracking_uri} ({e.message[:200]})") from None
+        why = "it does not answer" if _unreachable(e) else e.message[:200]
+        raise EvaluationError(f"segmenter {spec}: not loaded from the registry at {tracking_uri} ({why})") from None
     check_segmenter(module, cmap, labels, f"segmenter {pinned}")
     return Segmenter(module, cmap, f"{pinned} ({sha[:15]})")
+
+
+def _unreachable(error) -> bool:
+    text = str(getattr(error, "message", error))
+    return "API request to" in text and "failed with exception" in text  # MLflow's wording for a transport error

@@ -76,7 +76,7 @@ def resolve_selection(cfg: Config, labels: LabelSet, tracking_uri: str | None, l
     wanted = e.metric
     segmenter = None
     if wanted in ("auto", "seg_miou") or e.segmenter:
-        segmenter = resolve_segmenter(e.segmenter, cfg, labels, tracking_uri, e.class_map)
+        segmenter = resolve_segmenter(e.segmenter, cfg, labels, tracking_uri, e.class_map, log)
     if wanted == "seg_miou" and segmenter is None:
         raise ConfigError(
             f"eval.metric=seg_miou but no segmenter: set eval.segmenter (a TorchScript file with eval.class_map, or "
