@@ -346,7 +346,7 @@ def _report(plan, dataset: str, models, results, segmenter, feature, labels: Lab
     """The table in the log; metrics.json, report.md, grid.png and per_class_iou.png written to `plan.out` (a
     folder or an s3:// prefix, each file atomically) and, with tracking, logged to MLflow."""
     from evaluation.report import per_class_chart, table
-    from orchestration.visuals import comparison_rows, grid, save_png
+    from orchestration.visuals import comparison_rows, grid, save_png, titled
 
     real = results[REAL]
     text = table(list(results.values()), real)
@@ -371,7 +371,9 @@ def _report(plan, dataset: str, models, results, segmenter, feature, labels: Lab
         x = torch.stack([samples["label"], samples.get("inst", samples["label"])], 1)
         with torch.no_grad():
             fakes = [m.bundle(x) for m in models]
-        save_png(grid(comparison_rows(labels, samples["label"], *fakes, samples["image"])), folder / "grid.png")
+        picture = grid(comparison_rows(labels, samples["label"], *fakes, samples["image"]))
+        titles = ["label", *(m.name for m in models), "real photo"]
+        save_png(titled(picture, titles, samples["label"].shape[-1]), folder / "grid.png")
         files = [folder / "report.md", folder / "metrics.json", folder / "grid.png"]
         if segmenter is not None:
             files.append(per_class_chart(results, folder / "per_class_iou.png"))

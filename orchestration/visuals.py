@@ -32,6 +32,21 @@ def grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
     return out
 
 
+def titled(image: np.ndarray, titles: list[str], tile_width: int, pad: int = 2, height: int = 14) -> np.ndarray:
+    """`image` (a grid of columns `tile_width` wide) with a white strip of column titles above it."""
+    from PIL import ImageDraw
+
+    strip = Image.new("RGB", (image.shape[1], height), "white")
+    draw = ImageDraw.Draw(strip)
+    for j, title in enumerate(titles):
+        x = pad + j * (tile_width + pad)
+        text = title
+        while text and draw.textlength(text) > tile_width:  # cut to the column
+            text = text[:-1]
+        draw.text((x, 1), text, fill="black")
+    return np.concatenate([np.asarray(strip), image], axis=0)
+
+
 def comparison_rows(labels: LabelSet, label: torch.Tensor, *images: torch.Tensor) -> list[list[np.ndarray]]:
     """One row per sample: colourised label, then each image batch's sample (e.g. generated, real)."""
     rows = []
