@@ -99,10 +99,11 @@ def resolve_selection(cfg: Config, labels: LabelSet, tracking_uri: str | None, l
         )
     if feature is not None:
         s.feature, s.feature_kwargs, s.feature_id = pack_module(feature.module), feature.kwargs, feature.identity
-    by = {"val_seg_miou": f" by {s.segmenter_id}", "val_kid": f" by {s.feature_id}", "val_fid": f" by {s.feature_id}"}
-    log(
-        f"generators are judged by {metric} ({mode}){by.get(metric, '')}, every {e.every} epoch(s) on {e.images} images"
-    )
+    if metric == "val_L1":
+        log(f"generators are judged by val_L1 (min) on {cfg.train.val_samples} held-out images each epoch")
+    else:
+        by = s.segmenter_id if metric == "val_seg_miou" else s.feature_id
+        log(f"generators are judged by {metric} ({mode}) by {by}, every {e.every} epoch(s) on {e.images} images")
     return s
 
 
