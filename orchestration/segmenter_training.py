@@ -10,6 +10,7 @@ label id i; ids that never occur in the training labels are not scored, nor City
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
@@ -30,6 +31,7 @@ from evaluation.segscore import BUILT_IN, UNSCORED, ClassMap, SegScore
 from model.segmenter import SegmenterOptions, UNetSegmenter
 from orchestration.config import Config, from_dict
 from orchestration.worker import emit, quiet_ray_train_reports
+from orchestration.worker import pipeline_config as stage_pipeline_config
 
 MODEL_FILE, CLASS_MAP_FILE = "segmenter.pt", "class_map.yaml"
 
@@ -47,17 +49,12 @@ class SegmenterPlan:
 
 
 def pipeline_config(cfg: Config) -> PipelineConfig:
-    d = cfg.data
-    return PipelineConfig(
+    """The curriculum's pipeline settings at stage 3's geometry, without instance maps, the segmenter's batch."""
+    return dataclasses.replace(
+        stage_pipeline_config(cfg, 3),
         geometry=cfg.segmenter_geometry(),
         instance_output="none",
         batch_size=cfg.segmenter.batch_size,
-        seed=cfg.train.seed,
-        shuffle_buffer=d.shuffle_buffer,
-        read_cpus=d.read_cpus,
-        decode_cpus=d.decode_cpus,
-        prefetch_batches=d.prefetch_batches,
-        verify=d.verify,
     )
 
 
