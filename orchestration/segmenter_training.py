@@ -21,7 +21,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from data import shards, storage
 from data.labels import CITYSCAPES, LABEL_SETS
@@ -30,7 +29,7 @@ from data.pipeline import PipelineConfig, build_dataset, execution_options, iter
 from evaluation.segscore import BUILT_IN, UNSCORED, ClassMap, SegScore
 from model.segmenter import SegmenterOptions, UNetSegmenter
 from orchestration.config import Config, from_dict
-from orchestration.worker import emit, quiet_ray_train_reports
+from orchestration.worker import emit, quiet_ray_train_reports, reduce_sum
 from orchestration.worker import pipeline_config as stage_pipeline_config
 
 MODEL_FILE, CLASS_MAP_FILE = "segmenter.pt", "class_map.yaml"
@@ -72,13 +71,6 @@ def service_class_map(class_histogram: list[int], label_set_name: str) -> ClassM
 def build_network(cfg: Config, label_nc: int) -> UNetSegmenter:
     s = cfg.segmenter
     return UNetSegmenter(SegmenterOptions(num_classes=label_nc, width=s.width, depth=s.depth))
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
 
 
 def train_loop(context: dict) -> None:
@@ -123,7 +115,7 @@ def train_loop(context: dict) -> None:
         took = time.perf_counter() - t0
         if epoch + 1 < s.epochs:
             upcoming = started(iter_epoch(shard, pcfg, epoch + 1))
-        totals = _all_reduce(torch.cat([loss_sum, torch.tensor([float(seen)])]))
+        totals = reduce_sum(torch.cat([loss_sum, torch.tensor([float(seen)])]))
         metrics = {
             "epoch": epoch + 1,
             "loss": (totals[0] / max(totals[1], 1)).item(),

@@ -100,7 +100,7 @@ def _heldout(ctx: StageContext, pcfg: PipelineConfig, n: int, device) -> dict[st
     return {k: v.to(device) for k, v in samples.items()}
 
 
-def _reduce_sum(values: torch.Tensor) -> torch.Tensor:
+def reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         values = values.clone()
         dist.all_reduce(values)
@@ -282,7 +282,7 @@ def train_stage(context: dict) -> None:
         last = epoch + 1 == epochs
         if not last:  # the next epoch's data starts now, while this one is validated, saved and reported
             upcoming = started(iter_epoch(shard, pcfg, epoch + 1))
-        totals = _reduce_sum(torch.cat([sums, torch.tensor([batches, samples], device=device, dtype=sums.dtype)]))
+        totals = reduce_sum(torch.cat([sums, torch.tensor([batches, samples], device=device, dtype=sums.dtype)]))
         n_batches, n_samples = totals[-2].item(), totals[-1].item()
         metrics = {name: (totals[i] / max(n_batches, 1)).item() for i, name in enumerate(LOSS_NAMES)}
         metrics.update(
