@@ -417,6 +417,14 @@ def load_manifest(uri: str, split: str = "train") -> Manifest:
     return Manifest(data, root.join(split))
 
 
+def content_sha256(uri: str, split: str = "train") -> str:
+    """A digest of what a split holds (its shards' names, sizes and sha256), unlike the manifest's own bytes the
+    same when the same samples are prepared again: what a model trained on the split can be matched by."""
+    shards = load_manifest(uri, split)["shards"]
+    listed = sorted((s["name"], s["count"], s["bytes"], s["sha256"]) for s in shards)
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+
+
 def verify(manifest: Manifest, mode: str = "sha256", workers: int = 8) -> None:
     """Every shard the manifest lists exists with its size ('size') and, by default, its sha256 too."""
     from concurrent.futures import ThreadPoolExecutor

@@ -1,7 +1,9 @@
 """FID (Heusel et al., 2017) and KID (Binkowski et al., 2018) between real and generated images, on the features
 of a network the user gives as a file: NVIDIA's TorchScript `inception-2015-12-05.pt` (what StyleGAN's metrics and
 many FID tools use; called with `return_features=True` it gives the 2048-d pool features of uint8 images of any
-size), or any TorchScript / torch.export network that maps a uint8 image batch to one vector per image.
+size), the `pt_inception-2015-12-05` state dict (the same graph's weights in PyTorch names, pytorch-fid's file:
+loaded with weights_only=True into model/inception.py's network, then scripted), or any TorchScript /
+torch.export network that maps a uint8 image batch to one vector per image.
 
 The statistics are torchmetrics': features are computed wherever the images are (batched, on Ray workers), then
 fed to torchmetrics' FID and KID through a pass-through feature module. FID is biased upward below a few thousand
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -59,8 +62,36 @@ def check_feature_net(module, what: str) -> tuple[int, dict]:
     return int(out.shape[1]), kwargs
 
 
+def _fid_inception_from_state_dict(path: str) -> nn.Module | None:
+    """The FID Inception network when `path` is a state dict of it (pt_inception-2015-12-05); None when the file is
+    not a state dict at all (load_module then says what it is)."""
+    import zipfile
+
+    from model.inception import load_fid_inception
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(n.endswith(("/constants.pkl", "/archive_format")) for n in archive.namelist()):
+                return None  # TorchScript or torch.export
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    except Exception:  # noqa: BLE001 - not a weights file (or a pickle of objects, refused)
+        return None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    try:
+        return torch.jit.script(load_fid_inception(state))
+    except ValueError as e:
+        raise EvaluationError(
+            f"feature network {path} is a state dict, {e}: give pt_inception-2015-12-05-6726825d.pth, NVIDIA's "
+            f"TorchScript inception-2015-12-05.pt, or a TorchScript network mapping uint8 images to one vector each"
+        ) from None
+
+
 def load_feature_net(path: str) -> FeatureNet:
-    module = load_module(path, "feature network")
+    if not Path(path).is_file():
+        raise EvaluationError(f"feature network {path}: no such file")
+    module = _fid_inception_from_state_dict(path) or load_module(path, "feature network")
     dim, kwargs = check_feature_net(module, f"feature network {path}")
     return FeatureNet(module, file_identity(path), dim, kwargs)
 

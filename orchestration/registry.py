@@ -196,13 +196,7 @@ def register(
         "data_manifest_sha256": manifest_sha256(data_uri, cfg.data.train_split),
     }
     if judged is not None:
-        tags |= {
-            JUDGED_METRIC: judged["metric"],
-            JUDGED_VALUE: f"{judged['value']:.6f}",
-            JUDGED_BY: judged["judged_by"],
-        }
-        if judged["metric"] == METRIC:
-            tags[METRIC] = f"{judged['value']:.6f}"
+        tags |= judgement_tags(judged)
     logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to..."
     version = client.create_model_version(name, info.model_uri, run_id=mlflow_run_id, tags=tags, model_id=info.model_id)
     _wait_ready(client, name, version.version)
@@ -237,6 +231,14 @@ def _wait_ready(client, name: str, version: str, timeout: float = 120) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"model version {name}/{version} not READY after {timeout}s")
         time.sleep(0.5)
+
+
+def judgement_tags(judged: dict) -> dict[str, str]:
+    """A judgement as version tags; the value at full precision (repr), so that an equal judgement compares equal
+    (rounded, a champion's value could read higher than the same value unrounded)."""
+    value = repr(float(judged["value"]))
+    tags = {JUDGED_METRIC: judged["metric"], JUDGED_VALUE: value, JUDGED_BY: judged["judged_by"]}
+    return tags | ({METRIC: value} if judged["metric"] == METRIC else {})
 
 
 def _judged(tags: dict) -> dict | None:

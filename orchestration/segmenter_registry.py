@@ -5,12 +5,14 @@ dataset's latest registered segmenter) into a loaded, checked `Segmenter` that s
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
 from pathlib import Path
 
 from data.labels import LabelSet
+from data.shards import content_sha256
 from evaluation.modules import file_identity, load_module
 from evaluation.segmenters import Segmenter, check_segmenter, load_segmenter_file
 from evaluation.segscore import EvaluationError, load_class_map
@@ -44,12 +46,36 @@ def register_segmenter(folder: Path, cfg: Config, data_uri: str, metrics: dict, 
     tags = {
         "sha256": file_identity(folder / MODEL_FILE).removeprefix("sha256:"),
         "data_manifest_sha256": manifest_sha256(data_uri, cfg.data.train_split),
+        "data_content_sha256": content_sha256(data_uri, cfg.data.train_split),
+        "settings": settings_tag(cfg),
     }
     tags |= {k: f"{metrics[k]:.6f}" for k in ("val_miou", "val_pixel_acc") if k in metrics}
     logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)
     version = client.create_model_version(name, source, run_id=run.info.run_id, tags=tags)
     log(f"registered {name} version {version.version} (val mIoU {metrics.get('val_miou', float('nan')):.3f})")
     return {"name": name, "version": version.version, "uri": f"models:/{name}/{version.version}"}
+
+
+def settings_tag(cfg: Config) -> str:
+    """The segmenter's training settings, as a version tag (a reused segmenter must have been trained alike)."""
+    return json.dumps(vars(cfg.segmenter), sort_keys=True)
+
+
+def find_trained_alike(cfg: Config, data_uri: str, tracking_uri: str) -> str | None:
+    """models:/segmenter-<dataset>/N of the newest version trained on the same samples with the same settings."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name = segmenter_model_name(cfg.dataset)
+    if not client.search_registered_models(f"name = {filter_value(name)}"):
+        return None
+    digest, settings = content_sha256(data_uri, cfg.data.train_split), settings_tag(cfg)
+    alike = [
+        int(v.version)
+        for v in client.search_model_versions(f"name = {filter_value(name)}")
+        if v.tags.get("data_content_sha256") == digest and v.tags.get("settings") == settings
+    ]
+    return f"models:/{name}/{max(alike)}" if alike else None
 
 
 def pinned_version(client, uri: str) -> tuple[str, str]:

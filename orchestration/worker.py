@@ -293,10 +293,12 @@ def train_stage(context: dict) -> None:
             trainable=trainable,
             workers=world,
             img_per_s=n_samples / took,
+            epoch_seconds=took,
             data_wait=wait / took,
             samples=n_samples,
         )
 
+        t_val = time.perf_counter()
         if heldout is not None:
             fake = generate(
                 step.G,
@@ -323,6 +325,7 @@ def train_stage(context: dict) -> None:
                 storage.write_bytes_atomic(images_root.join(f"epoch_{epoch + 1:04d}.png"), png)
                 if tracker:
                     tracker.artifact(png, f"images/epoch_{epoch + 1:04d}.png")
+            metrics["val_seconds"] = time.perf_counter() - t_val  # benchmarks.validation: its share of an epoch
         if tracker:
             tracker.metrics(
                 {n: v for n, v in metrics.items() if n not in ("stage", "epoch", "global_step")} | {"epoch": epoch + 1},

@@ -9,6 +9,7 @@ from torch import nn
 
 from data.labels import CITY_ID, CITYSCAPES, FACES
 from evaluation.fid import FeatureDistance, load_feature_net, to_uint8
+from evaluation.modules import file_identity
 from evaluation.segmenters import load_segmenter_file
 from evaluation.segscore import BUILT_IN, ClassMap, EvaluationError, SegScore, load_class_map
 from model.segmenter import SegmenterOptions, UNetSegmenter
@@ -118,3 +119,49 @@ def test_a_feature_network_must_give_one_vector_per_image(tmp_path):
     torch.jit.script(TinyFeatures(pooled=False)).save(str(path))
     with pytest.raises(EvaluationError, match=r"maps\.pt returns shape \(2, 8, 15, 31\).*one feature vector per image"):
         load_feature_net(str(path))
+
+
+def test_the_fid_inception_network_has_the_papers_parameter_count():
+    """torchvision's ImageNet Inception-v3 has 27,161,264 parameters; the FID graph has no auxiliary classifier
+    (-3,326,696) and 1008 classes instead of 1000 (+8 x 2049)."""
+    from model.inception import FIDInceptionV3
+
+    assert sum(p.numel() for p in FIDInceptionV3().parameters()) == 27_161_264 - 3_326_696 + 8 * 2049
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_the_pt_inception_state_dict_loads_without_unpickling_code(tmp_path, legacy):
+    """pt_inception-2015-12-05 is a state dict (no code): it loads with weights_only into model/inception.py's network,
+    older files without BatchNorm's num_batches_tracked included; the features are the network's pool features."""
+    from model.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    reference = FIDInceptionV3().eval()
+    state = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "pt_inception-2015-12-05.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    net = load_feature_net(str(path))
+    assert net.dim == 2048 and net.kwargs == {"return_features": True}
+    assert net.identity == file_identity(path)
+    images = torch.randint(0, 256, (2, 3, 64, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(net.features(images), reference(images), atol=1e-5)
+
+
+def test_a_state_dict_that_is_not_the_fid_inception_is_named(tmp_path):
+    from model.inception import FIDInceptionV3
+
+    state = FIDInceptionV3().state_dict()
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    state["fc.weight"] = torch.zeros(1000, 2048)
+    path = tmp_path / "other.pth"
+    torch.save(state, path)
+    with pytest.raises(
+        EvaluationError,
+        match=r"other\.pth is a state dict, not the FID Inception-v3 state dict: missing "
+        r"Mixed_7c\.branch_pool\.conv\.weight \(1\); wrong shape fc\.weight \(1\)",
+    ):
+        load_feature_net(str(path))
+    torch.save({"net": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pth")  # objects, not tensors: refused unread
+    with pytest.raises(EvaluationError, match=r"pickled\.pth is not a TorchScript file or a torch\.export archive"):
+        load_feature_net(str(tmp_path / "pickled.pth"))

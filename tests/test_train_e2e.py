@@ -326,40 +326,6 @@ def test_a_failed_registration_fails_the_job_and_jobs_register_retries_it(full_r
         assert runs and all(run.info.status != "RUNNING" for run in runs)
 
 
-def test_a_three_trial_sweep_on_one_cpu_nodes_completes_and_leaks_nothing(full_run, cluster, data, tracking):
-    sweep = (
-        f"python -m jobs.sweep --config configs/tiny.yaml --num-samples 3 --data {data} --storage s3://e2e/runs "
-        f"--tracking-uri {tracking} --name s3sweep"
-    )
-    r = submit_job(cluster.dashboard, REPO, sweep.split())
-    assert r.returncode == 0, r.stdout[-4000:]
-    assert "sweep s3sweep: 3 trials (0 errored)" in r.stdout
-    assert "sweep.lambda_vgg=[1.0, 30.0] is not swept: the VGG loss is off" in r.stdout
-    assert "train it with python -m jobs.train --config s3://e2e/runs/sweeps/s3sweep/best.yaml" in r.stdout
-    c = mlflow_client(tracking)
-    runs = c.search_runs([experiment_id(tracking)], "tags.`p2p.sweep` = 's3sweep'")
-    parent = [x for x in runs if x.data.tags.get("p2p.stage") == "parent"]
-    trials = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert len(parent) == 1 and len(trials) == 3
-    assert {x.info.status for x in runs} == {"FINISHED"}
-    import ray
-
-    with ray.init(address=cluster.gcs_address, log_to_driver=False):
-        leaked = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
-    assert not leaked, leaked
-    # the best config, read from the storage it was written to, is what jobs.train --config takes
-    from orchestration.config import load_config
-
-    best = load_config("s3://e2e/runs/sweeps/s3sweep/best.yaml")
-    chosen = min(trials, key=lambda t: t.data.metrics["val_L1"])
-    assert best.model.lambda_feat == pytest.approx(float(chosen.data.params["lambda_feat"]))
-    # --resume on the same name restores the Tune experiment from storage instead of starting new trials
-    again = submit_job(cluster.dashboard, REPO, [*sweep.split(), "--resume"])
-    assert again.returncode == 0, again.stdout[-4000:]
-    assert "sweep s3sweep: resuming from" in again.stdout and "sweep s3sweep: 3 trials" in again.stdout
-    assert len(c.search_runs([experiment_id(tracking)], "tags.`p2p.sweep` = 's3sweep'")) == 4  # no new trial runs
-
-
 @pytest.fixture(scope="module")
 def segmenter(full_run, cluster, data, tracking):
     """jobs.train_segmenter on the cluster: a small U-Net on the real photos, registered as version 1. (Late in the
@@ -478,6 +444,47 @@ def test_why_not_l1_a_blurred_photo_beats_the_generator_on_l1_yet_loses_on_seg_s
     assert l1(blurred) < l1(generated)
     assert seg_miou(blurred) < seg_miou(photos)
     assert kid(blurred) > kid(photos)
+
+
+def test_a_three_trial_sweep_judged_by_seg_score_on_one_cpu_nodes_completes_and_leaks_nothing(
+    segmenter, cluster, data, tracking
+):
+    """After the segmenter is registered: trials are ranked (and ASHA stops them) by seg-score, not val_L1."""
+    sweep = (
+        f"python -m jobs.sweep --config configs/tiny.yaml --num-samples 3 --data {data} --storage s3://e2e/runs "
+        f"--tracking-uri {tracking} --name s3sweep"
+    )
+    r = submit_job(cluster.dashboard, REPO, sweep.split())
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "sweep s3sweep: 3 trials (0 errored)" in r.stdout
+    assert "sweep.lambda_vgg=[1.0, 30.0] is not swept: the VGG loss is off" in r.stdout
+    assert "train it with python -m jobs.train --config s3://e2e/runs/sweeps/s3sweep/best.yaml" in r.stdout
+    assert "generators are judged by val_seg_miou (max) by models:/segmenter-synthetic-city/1" in r.stdout
+    c = mlflow_client(tracking)
+    runs = c.search_runs([experiment_id(tracking)], "tags.`p2p.sweep` = 's3sweep'")
+    parent = [x for x in runs if x.data.tags.get("p2p.stage") == "parent"]
+    trials = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and len(trials) == 3
+    assert {x.info.status for x in runs} == {"FINISHED"}
+    import ray
+
+    with ray.init(address=cluster.gcs_address, log_to_driver=False):
+        leaked = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert not leaked, leaked
+    # the best config, read from the storage it was written to, is what jobs.train --config takes
+    from orchestration.config import load_config
+
+    best = load_config("s3://e2e/runs/sweeps/s3sweep/best.yaml")
+    chosen = max(trials, key=lambda t: t.data.metrics["val_seg_miou"])  # each trial's last reported value
+    assert best.model.lambda_feat == pytest.approx(float(chosen.data.params["lambda_feat"]))
+    by_l1 = min(trials, key=lambda t: t.data.metrics["val_L1"])
+    if by_l1.info.run_id != chosen.info.run_id:  # they disagree: the header says which metric chose
+        assert f"val_seg_miou={chosen.data.metrics['val_seg_miou']:.4f}" in r.stdout
+    # --resume on the same name restores the Tune experiment from storage instead of starting new trials
+    again = submit_job(cluster.dashboard, REPO, [*sweep.split(), "--resume"])
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert "sweep s3sweep: resuming from" in again.stdout and "sweep s3sweep: 3 trials" in again.stdout
+    assert len(c.search_runs([experiment_id(tracking)], "tags.`p2p.sweep` = 's3sweep'")) == 4  # no new trial runs
 
 
 def test_every_mlflow_run_ended_and_no_secret_reached_a_ray_log_or_mlflow(full_run, cluster, tracking, s3):
