@@ -1,7 +1,8 @@
 """The reference the GPU work is measured against: the training step written the straightforward way.
 
 What the official pix2pixHD code does each iteration, on the same networks and losses as `model.step.TrainStep`:
-G forward; D on the detached fake; D on the real image; D on the fake for G (D's parameters keep
+G forward; D on the detached fake (with its label map, through the image pool when pool_size > 0); D on the real
+image (a separate call: with batch norm, its own statistics); D on the fake for G (D's parameters keep
 requires_grad, so G's backward also computes D weight gradients that are then zeroed); LSGAN + feature
 matching + VGG (F.l1_loss on fp32 copies); G's Adam step, then D's. Optional plain bf16 autocast, with one-hot
 labels in fp32 as the original feeds them. Same constructor (same seed, same initial weights) as TrainStep, so
@@ -37,7 +38,7 @@ class ReferenceStep(TrainStep):
         )
         with self._autocast():
             fake = self.G(self.generator_input(x))
-            pred_fake_pool = self.D(torch.cat([x.label, fake.detach()], 1))
+            pred_fake_pool = self.D(self.pool.query(torch.cat([x.label, fake.detach()], 1)))
             loss_D_fake = gan_loss(pred_fake_pool, False, opt.gan_mode)
             pred_real = self.D(torch.cat([x.label, x.image], 1))
             loss_D_real = gan_loss(pred_real, True, opt.gan_mode)

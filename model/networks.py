@@ -29,12 +29,11 @@ def downsample_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def init_weights(module: nn.Module) -> None:
-    """Conv weights N(0, 0.02); batch-norm weight N(1, 0.02); biases 0."""
+    """As the reference's weights_init: conv weights N(0, 0.02), conv biases left at PyTorch's default
+    (uniform in +-1/sqrt(fan_in)); batch-norm weight N(1, 0.02), bias 0."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
@@ -169,6 +168,12 @@ class LocalEnhancer(Recomputable, nn.Module):
     def enhancer_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("model.")]
 
+    def outermost_parameters(self) -> list[nn.Parameter]:
+        """The full-resolution enhancer's (`model{n}_*`): what the reference trains while `niter_fix_global`
+        holds the rest fixed (with two enhancers, the inner one is fixed too)."""
+        prefix = f"model{self.n_local_enhancers}_"
+        return [p for name, p in self.named_parameters() if name.startswith(prefix)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pyramid = [x]
         for _ in range(self.n_local_enhancers):
@@ -222,7 +227,11 @@ class MultiscaleDiscriminator(nn.Module):
         self.n_layers = n_layers
         self.scales = nn.ModuleList(NLayerDiscriminator(input_nc, ndf, n_layers, norm) for _ in range(num_D))
 
-    def forward(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, split: int | None = None) -> list[list[torch.Tensor]]:
+        """`split`: run x[:split] and x[split:] apart (each its own batch statistics) and join the outputs."""
+        if split is not None:
+            a, b = self.forward(x[:split]), self.forward(x[split:])
+            return [[torch.cat([fa, fb]) for fa, fb in zip(sa, sb, strict=True)] for sa, sb in zip(a, b, strict=True)]
         outs = []
         for k, d in enumerate(self.scales):
             if k > 0:

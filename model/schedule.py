@@ -17,7 +17,8 @@ def lr_at(epoch: int, lr: float, niter: int, niter_decay: int) -> float:
 
 
 class ImagePool:
-    """A buffer of earlier generated images; D sees a mix of new and old fakes (Shrivastava et al. 2017).
+    """A buffer of earlier generated images; D sees a mix of new and old fakes (Shrivastava et al. 2017). The
+    step pools each fake with its label map (channels concatenated), so an old fake comes back with its own label.
 
     Each incoming image fills the pool while it is not full; after that, with probability 1/2 it is swapped
     with a random stored image (which is returned instead). pool_size 0 returns the input unchanged.

@@ -165,7 +165,8 @@ class TrainStep:
         self.E_run = self._wrap(self.E) if self.E is not None else None
 
     def set_trainable(self, trainable: str) -> None:
-        """'all': every G (+E) parameter; 'local': only the local enhancer's (G1 frozen, `niter_fix_global`).
+        """'all': every G (+E) parameter; 'local': only the outermost local enhancer's (`niter_fix_global`: G1, and
+        with two enhancers the inner one, frozen, as in the reference).
 
         One Adam holds every parameter throughout: frozen parameters get no gradient and Adam skips them,
         so switching 'local' -> 'all' keeps the enhancer's moments and step counts.
@@ -177,9 +178,11 @@ class TrainStep:
         if trainable == "local" and not isinstance(self.G, LocalEnhancer):
             raise ValueError("trainable='local' freezes the global generator inside a LocalEnhancer; netG is 'global'")
         if isinstance(self.G, LocalEnhancer):
-            for p in self.G.global_parameters():
-                p.requires_grad_(trainable == "all")
-                p.grad = None
+            trained = {id(p) for p in self.G.outermost_parameters()}
+            for p in self.G.parameters():
+                if id(p) not in trained:
+                    p.requires_grad_(trainable == "all")
+                    p.grad = None
         self.trainable = trainable
         self._rewrap()
 
@@ -242,14 +245,12 @@ class TrainStep:
         self.opt_D.zero_grad(set_to_none=True)
         with self._autocast():
             fake = self.G_run(self.generator_input(x))
-            fake_for_D = self.pool.query(fake.detach())
-            d_in = torch.cat(
-                [
-                    torch.cat([x.label, fake_for_D.to(x.label.dtype)], 1),
-                    torch.cat([x.label, x.image.to(x.label.dtype)], 1),
-                ]
-            )
-            d_out = self.D_run(d_in.contiguous(memory_format=self.memory_format))
+            # the (label, fake) pair is pooled, as the reference does: D sees an old fake with its own label map
+            fake_pair = self.pool.query(torch.cat([x.label, fake.detach().to(x.label.dtype)], 1))
+            d_in = torch.cat([fake_pair, torch.cat([x.label, x.image.to(x.label.dtype)], 1)])
+            # batch norm: fake and real normalised apart (the reference's two D calls); instance norm cannot tell
+            split = n if self.opt.norm == "batch" else None
+            d_out = self.D_run(d_in.contiguous(memory_format=self.memory_format), split=split)
             pred_fake_pool = [[f[:n] for f in scale] for scale in d_out]
             pred_real = [[f[n:] for f in scale] for scale in d_out]
             loss_D_fake = gan_loss(pred_fake_pool, False, self.opt.gan_mode)

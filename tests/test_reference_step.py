@@ -10,12 +10,23 @@ from tests.conftest import tiny_batch, tiny_options
 from tests.test_losses import write_fake_vgg19
 
 
-@pytest.mark.parametrize("netG", ["global", "local"])
-def test_optimised_step_matches_the_reference_step(tmp_path, netG):
+@pytest.mark.parametrize(
+    "netG,options",
+    [
+        ("global", {}),
+        ("local", {}),
+        # the pool hands D an earlier fake with ITS label map (the reference pools the pair)
+        ("global", {"pool_size": 2}),
+        # batch norm: D normalises the fake and the real batch apart (the reference's separate D calls)
+        ("global", {"norm": "batch"}),
+    ],
+    ids=["global", "local", "image-pool", "batch-norm"],
+)
+def test_optimised_step_matches_the_reference_step(tmp_path, netG, options):
     write_fake_vgg19(tmp_path / "vgg.pth")
-    opt = tiny_options(netG=netG, ngf=4 if netG == "local" else 8, vgg_weights=str(tmp_path / "vgg.pth"))
+    opt = tiny_options(netG=netG, ngf=4 if netG == "local" else 8, vgg_weights=str(tmp_path / "vgg.pth"), **options)
     ours, ref = TrainStep(opt, seed=5), ReferenceStep(opt, seed=5)
-    for k in range(3):
+    for k in range(5 if options.get("pool_size") else 3):
         batch = tiny_batch(opt, seed=k)
         a, b = ours.step(batch), ref.step(batch)
         for name in a:

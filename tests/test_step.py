@@ -89,6 +89,23 @@ def test_local_then_all_trains_only_the_enhancer_and_keeps_its_adam_state():
     assert all(s.opt_G.state[p]["step"].item() == 1 for p in s.G.global_parameters())
 
 
+def test_with_two_enhancers_the_fixed_phase_trains_only_the_outermost_one():
+    """The reference's niter_fix_global trains the parameters named model{n_local_enhancers}_*: with two
+    enhancers, the inner one stays fixed with G1."""
+    opt = tiny_options(netG="local", ngf=4, n_local_enhancers=2, n_downsample_global=1)
+    s = TrainStep(opt)
+    batch = tiny_batch(opt)
+    s.set_trainable("local")
+    g0 = snapshot(s.G)
+    s.step(batch)
+    moved = changed(g0, s.G)
+    assert moved and all(k.startswith("model2_") for k in moved), sorted(moved)
+    s.set_trainable("all")
+    g1 = snapshot(s.G)
+    s.step(batch)
+    assert {k.split(".")[0] for k in changed(g1, s.G)} >= {"model", "model1_1", "model1_2", "model2_1", "model2_2"}
+
+
 def test_local_trainable_needs_a_local_enhancer(opt):
     with pytest.raises(ValueError, match="netG is 'global'"):
         TrainStep(opt).set_trainable("local")
