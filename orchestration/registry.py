@@ -32,11 +32,12 @@ from orchestration import checkpoint
 from orchestration.config import Config, ConfigError, from_dict
 from orchestration.run_state import RunState
 from orchestration.tracking import RUN_TAG, STAGE_TAG, configure_mlflow_client, ensure_experiment, filter_value
+from serving import pyfunc
 
 ALIAS = "champion"
 METRIC = "val_L1"  # lower is better; what versions are judged by without a segmenter or feature network
 JUDGED_METRIC, JUDGED_VALUE, JUDGED_BY = "judged.metric", "judged.value", "judged.by"
-MODEL_DIR = Path(__file__).resolve().parents[1] / "model"
+PROJECT = Path(__file__).resolve().parents[1]
 FINAL_STAGE = 3
 
 
@@ -140,7 +141,6 @@ def register(
     configure_mlflow_client()
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -167,23 +167,22 @@ def register(
 
     k = FINAL_STAGE
     bundle = build_bundle(cfg, state, k, data_uri)
-    h, w = (2 * cfg.stage_model(k).size_multiple,) * 2
-    example = np.zeros((2, 2, h, w), np.int64)
-    signature = infer_signature(example, bundle(torch.from_numpy(example)).numpy())
+    m = cfg.stage_model(k).size_multiple
+    example = np.zeros((1, 2, m, 2 * m), np.int64)
 
     exp = ensure_experiment(client, f"pix2pixhd-{cfg.dataset}", tracking_uri)
     parent = client.search_runs(
         [exp], f"tags.`{RUN_TAG}` = {filter_value(run_id)} and tags.`{STAGE_TAG}` = 'parent'", max_results=1
     )
     parent_id = parent[0].info.run_id if parent else None
-    with mlflow.start_run(run_id=parent_id, experiment_id=exp, run_name=run_id):
-        info = mlflow.pytorch.log_model(
-            bundle,
+    with mlflow.start_run(run_id=parent_id, experiment_id=exp, run_name=run_id), tempfile.TemporaryDirectory() as tmp:
+        info = mlflow.pyfunc.log_model(
             name="generator",
-            serialization_format="pickle",
-            code_paths=[str(MODEL_DIR)],
+            loader_module=pyfunc.__name__,
+            data_path=str(pyfunc.save(bundle, Path(tmp) / "generator")),
+            code_paths=[str(PROJECT / "model"), str(PROJECT / "serving")],
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
-            signature=signature,
+            signature=_signature(),
             input_example=example,
         )
         mlflow_run_id = mlflow.active_run().info.run_id
@@ -292,6 +291,17 @@ class ModelNotFound(LookupError):
     """A model URI that names nothing, or a registry that cannot be reached; one line that says which."""
 
 
+def _signature():
+    """Label and instance ids of any batch and size in, images out (the size multiple is checked per request)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, 2, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
+    )
+
+
 def load_generator(model_uri: str, tracking_uri: str | None = None) -> Pix2PixHDGenerator:
     configure_mlflow_client()
     import mlflow
@@ -302,7 +312,9 @@ def load_generator(model_uri: str, tracking_uri: str | None = None) -> Pix2PixHD
         mlflow.set_registry_uri(tracking_uri)
     where = tracking_uri or mlflow.get_tracking_uri()
     try:
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        with tempfile.TemporaryDirectory(prefix="p2p-model-") as tmp:
+            folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+            return _load_files(folder, model_uri)
     except MlflowException as e:
         text = str(e.message if hasattr(e, "message") else e).strip()
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
@@ -315,3 +327,17 @@ def load_generator(model_uri: str, tracking_uri: str | None = None) -> Pix2PixHD
         ) from None
     except OSError as e:  # connection errors raised outside MLflow's REST client
         raise ModelNotFound(f"{model_uri}: cannot reach the registry at {where} ({type(e).__name__})") from None
+
+
+def _load_files(folder: Path, model_uri: str) -> Pix2PixHDGenerator:
+    """A downloaded version's generator from its weights and options; a version registered as a pickle (before
+    the pyfunc without pickle) is refused rather than unpickled."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(folder / "MLmodel")).flavors.get("python_function", {})
+    if flavor.get("loader_module") != pyfunc.__name__:
+        raise ModelNotFound(
+            f"{model_uri}: registered as a pickle (loading it would run code stored with it); register its checkpoint "
+            f"again to get a version of weights and options: python -m jobs.register --run RUN_ID --storage ..."
+        )
+    return pyfunc.load(folder / flavor["data"])

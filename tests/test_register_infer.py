@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -161,3 +162,136 @@ def test_an_output_path_that_cannot_be_written_is_named_before_the_model_loads(r
     assert r.returncode == 2 and f"--out {a_file} is a file" in r.stderr
     r = infer(registered, a_file / "below", model=missing)
     assert r.returncode == 2 and f"--out {a_file / 'below'}: cannot write there" in r.stderr
+
+
+NO_PICKLE = """
+import pickle, sys
+import cloudpickle, mlflow, numpy as np, torch
+
+def refuse(*args, **kwargs):
+    raise RuntimeError("unpickling is forbidden here")
+
+class Refused:
+    def __init__(self, *args, **kwargs):
+        refuse()
+
+pickle.load = pickle.loads = cloudpickle.load = cloudpickle.loads = refuse
+pickle.Unpickler = Refused
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+print(model.predict(np.zeros((1, 2, 64, 128), np.int64)).shape)
+"""
+
+
+def test_the_registered_model_loads_with_unpickling_forbidden(registered):
+    """A version is weights (tensors, read with weights_only) and options (JSON): nothing is unpickled."""
+    r = subprocess.run(
+        [sys.executable, "-c", NO_PICKLE, registered["tracking"], f"models:/{MODEL}@champion"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "(1, 3, 64, 128)"
+
+
+@pytest.fixture(scope="module")
+def served(registered):
+    """`mlflow models serve` of the champion on 127.0.0.1 (this environment: --env-manager local)."""
+    import os
+    import urllib.request
+
+    port = free_port()
+    bin_dir = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH: this environment's
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["tracking"], "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion"]
+    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"mlflow models serve did not come up:\n{proc.stdout.read()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_mlflow_serves_the_champion_at_any_multiple_size_as_jobs_infer_renders_it(served, registered, tmp_path):
+    """The version's signature leaves batch, height and width open (it used to pin them to a 16x16 example): a
+    64x128 map is answered with the image jobs.infer writes for it."""
+    src = registered["src"]
+    from data.layouts import stem_of
+
+    label_file, inst_file = (sorted((src / d).glob("*.png"))[0] for d in ("train_label", "train_inst"))
+    stem = stem_of(label_file)
+    assert stem_of(inst_file) == stem
+    label = np.asarray(Image.open(label_file)).astype(np.int64)
+    inst = np.asarray(Image.open(inst_file)).astype(np.int64)
+    status, body = post(served, {"inputs": np.stack([label, inst])[None].tolist()})
+    assert status == 200, body
+    served_image = np.asarray(body["predictions"], np.float32)
+    assert served_image.shape == (1, 3, 64, 128)
+    r = infer(registered, tmp_path / "out", "--instances", str(src / "train_inst"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rendered = np.asarray(Image.open(tmp_path / "out" / f"{stem}_synthesized.png")).astype(np.float32)
+    as_png = np.clip(np.round((served_image[0].transpose(1, 2, 0) + 1) * 127.5), 0, 255)
+    assert np.abs(as_png - rendered).max() <= 1
+    # another size, a batch of two
+    status, body = post(served, {"inputs": np.zeros((2, 2, 32, 64), np.int64).tolist()})
+    assert status == 200 and np.asarray(body["predictions"]).shape == (2, 3, 32, 64)
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (np.zeros((1, 2, 30, 64), np.int64), "the maps are 30x64 (height x width); this generator needs multiples of"),
+        (np.full((1, 2, 32, 64), 99, np.int64), "label ids [99] are outside 0..34"),
+        (np.zeros((1, 3, 32, 64), np.int64), "does not match expected shape (-1, 2, -1, -1)"),  # MLflow's check
+    ],
+    ids=["size", "label-id", "channels"],
+)
+def test_a_bad_request_is_a_400_that_names_the_problem(served, inputs, message):
+    status, body = post(served, {"inputs": inputs.tolist()})
+    assert status == 400 and message in body["message"], body
+
+
+def test_a_version_registered_as_a_pickle_is_refused_not_unpickled(registered, tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(registered["tracking"])
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="generator", serialization_format="pickle")
+    mlflow.register_model(info.model_uri, "pickled-generator")
+    r = infer(registered, tmp_path / "out", model="models:/pickled-generator/1")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "models:/pickled-generator/1: registered as a pickle (loading it would run code stored with it)" in r.stderr
+    assert "python -m jobs.register" in r.stderr

@@ -1,0 +1,95 @@
+"""The registered generator as an MLflow pyfunc without pickle (what `mlflow models serve -m models:/...` runs).
+
+A model version holds `generator/data/`: `weights.pt` (state dicts and the feature clusters: tensors only, read
+with `torch.load(weights_only=True)`, which refuses any other object) and `options.json` (the pix2pixHD options).
+MLflow calls this module's `_load_pyfunc(path)` (the version's `loader_module`); the networks are built by
+`model/` from the options. No object is unpickled.
+
+Request (MLflow's scoring protocol): `{"inputs": [[label ids (H x W)], [instance ids (H x W)]]]` — one int
+tensor (B, 2, H, W), H and W any multiples of the generator's `size_multiple` (2^downsamplings) — answered with
+`{"predictions": ...}`, the images (B, 3, H, W) in [-1, 1]. A wrong shape, dtype, size or label id is HTTP 400
+with a message that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.bundle import Pix2PixHDGenerator
+from model.networks import build_encoder, build_generator
+from model.options import ModelOptions
+
+WEIGHTS, OPTIONS = "weights.pt", "options.json"
+
+
+def save(bundle: Pix2PixHDGenerator, folder: Path) -> Path:
+    """The generator as files: tensors and JSON only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"G": bundle.G.state_dict(), "clusters": bundle.clusters.detach().cpu()}
+    if bundle.E is not None:
+        state["E"] = bundle.E.state_dict()
+    torch.save(state, folder / WEIGHTS)
+    (folder / OPTIONS).write_text(json.dumps(bundle.options, indent=1, sort_keys=True))
+    return folder
+
+
+def load(folder: str | Path) -> Pix2PixHDGenerator:
+    folder = Path(folder)
+    options = json.loads((folder / OPTIONS).read_text())
+    opt = ModelOptions(**options)
+    state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+    G = build_generator(opt)
+    G.load_state_dict(state["G"])
+    E = None
+    if opt.instance_feat:
+        E = build_encoder(opt)
+        E.load_state_dict(state["E"])
+    clusters = state.get("clusters")
+    return Pix2PixHDGenerator(asdict(opt), G.eval(), E, clusters if clusters is not None and clusters.numel() else None)
+
+
+def check_request(x: np.ndarray, opt: ModelOptions) -> None:
+    """A request's maps as the generator needs them, else ValueError naming what is wrong and what fits."""
+    if x.ndim != 4 or x.shape[1] != 2:
+        raise ValueError(
+            f"inputs have shape {tuple(x.shape)}; expected (batch, 2, height, width): label ids, then instance ids"
+        )
+    if not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"inputs are {x.dtype}; label and instance maps are integer ids")
+    m = opt.size_multiple
+    h, w = x.shape[2:]
+    if h % m or w % m or h == 0 or w == 0:
+        fit = f"{max(m, round(h / m) * m)}x{max(m, round(w / m) * m)}"
+        raise ValueError(f"the maps are {h}x{w} (height x width); this generator needs multiples of {m} (e.g. {fit})")
+    labels = x[:, 0]
+    if labels.min() < 0 or labels.max() >= opt.label_nc:
+        bad = sorted({int(v) for v in np.unique(labels) if v < 0 or v >= opt.label_nc})[:8]
+        raise ValueError(f"label ids {bad} are outside 0..{opt.label_nc - 1}, the ids this generator knows")
+
+
+class GeneratorModel:
+    """What MLflow's pyfunc wraps: predict(int array (B, 2, H, W)) -> float32 images (B, 3, H, W)."""
+
+    def __init__(self, bundle: Pix2PixHDGenerator):
+        self.bundle = bundle.eval()
+
+    def predict(self, model_input, params: dict | None = None) -> np.ndarray:
+        x = np.asarray(model_input)
+        try:
+            check_request(x, self.bundle.opt)
+        except ValueError as e:
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException.invalid_parameter_value(str(e)) from None
+        with torch.no_grad():
+            return self.bundle(torch.from_numpy(x.astype(np.int64))).float().numpy()
+
+
+def _load_pyfunc(path: str) -> GeneratorModel:
+    """MLflow's loader_module entry point: `path` is the version's data folder."""
+    return GeneratorModel(load(path))
