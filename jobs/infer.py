@@ -28,6 +28,7 @@ from orchestration.config import ConfigError
 from orchestration.registry import ModelNotFound, load_generator
 from orchestration.tracking import resolve_tracking_uri
 from orchestration.visuals import to_uint8
+from serving.pyfunc import parse_styles
 
 
 def list_maps(uri: str) -> dict[str, storage.Location]:
@@ -102,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
+    p.add_argument(
+        "--styles",
+        default="",
+        help="instance features: JSON instance id -> cluster index or feature vector, e.g. '{\"26002\": 3}'",
+    )
+    p.add_argument("--seed", type=int, default=0, help="instance features: the seed of each instance's random style")
+    p.add_argument("--style-mode", choices=("random", "largest"), help="instance features: styles not given")
     a = p.parse_args(argv)
     try:
         out = Path(a.out)
@@ -111,13 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         missing = sorted(set(labels) - set(instances)) if instances else []
         if missing:
             raise FileNotFoundError(f"{labels[missing[0]]} has no instance map in {a.instances} (stem '{missing[0]}')")
+        styles = parse_styles(a.styles)
         sizes = check_pairs(labels, instances)
         G = load_generator(a.model, resolve_tracking_uri(a.tracking_uri, ray_job=False)).to(a.device)
         check_model_accepts(G, sizes, labels)
         for stem, loc in labels.items():
             label = read_ids(loc)
             inst = read_ids(instances[stem]) if stem in instances else label
-            image = G(torch.from_numpy(np.stack([label, inst])[None]))[0]
+            x = torch.from_numpy(np.stack([label, inst])[None])
+            image = G.render(x, styles, a.seed, a.style_mode)[0]
             Image.fromarray(to_uint8(image)).save(out / f"{stem}_synthesized.png")
             print(f"{loc} -> {out / f'{stem}_synthesized.png'} ({label.shape[1]}x{label.shape[0]})")
     except (FileNotFoundError, ValueError, storage.StorageError, ConfigError, ModelNotFound) as e:

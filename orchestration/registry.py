@@ -12,6 +12,7 @@ everything it needs is in the run's run.json and its final checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 
 from data import storage
-from data.pipeline import read_samples
-from model.bundle import Pix2PixHDGenerator, feature_clusters
+from data.pipeline import to_model_batch
+from model.bundle import Pix2PixHDGenerator
 from model.networks import build_encoder, build_generator
+from model.styles import cluster, instance_features
 from orchestration import checkpoint
 from orchestration.config import Config, ConfigError, from_dict
 from orchestration.run_state import RunState
@@ -57,30 +59,35 @@ def build_bundle(cfg: Config, state: dict, k: int, data_uri: str) -> Pix2PixHDGe
     opt = cfg.stage_model(k)
     G = build_generator(opt)
     G.load_state_dict(state["G"])
-    E, clusters = None, None
     if opt.instance_feat:
         E = build_encoder(opt)
         E.load_state_dict(state["E"])
-        clusters = _clusters(cfg, k, E, data_uri)
-    return Pix2PixHDGenerator(asdict(opt), G.eval(), E, clusters)
+        clusters, counts = _clusters(cfg, k, E, data_uri)
+        return Pix2PixHDGenerator(asdict(opt), G.eval(), E, clusters, counts)
+    return Pix2PixHDGenerator(asdict(opt), G.eval())
 
 
 @torch.no_grad()
-def _clusters(cfg: Config, k: int, E, data_uri: str, n: int = 64) -> torch.Tensor:
-    """E's instance features over up to n training samples, clustered per class (paper: k-means, k=10)."""
+def _clusters(cfg: Config, k: int, E, data_uri: str, log=print) -> tuple[torch.Tensor, torch.Tensor]:
+    """E's features of every instance larger than 1/64 of its image over the whole training split, clustered per
+    class with k-means++ (model/styles.py, as the reference). Streams the split: memory holds the vectors only."""
+    from data.pipeline import iter_local_batches
     from orchestration.worker import pipeline_config
 
-    samples = read_samples(data_uri, cfg.data.train_split, pipeline_config(cfg, k), n)
-    feats = E.eval()(samples["image"], samples["inst"])  # instance-wise means
-    per_class: dict[int, list[torch.Tensor]] = {}
-    for b in range(feats.shape[0]):
-        inst = samples["inst"][b]
-        for i in inst.unique().tolist():
-            y, x = (inst == i).nonzero()[0].tolist()
-            cls = i // 1000 if i >= 1000 else i
-            per_class.setdefault(cls, []).append(feats[b, :, y, x])
-    stacked = {c: torch.stack(v) for c, v in per_class.items()}
-    return feature_clusters(stacked, cfg.model.label_nc, cfg.model.feat_num)
+    per_class: dict[int, list] = {}
+    pcfg = dataclasses.replace(pipeline_config(cfg, k), instance_output="ids", batch_size=8)
+    seen, t0 = 0, time.perf_counter()
+    for batch in iter_local_batches(data_uri, cfg.data.train_split, pcfg):
+        b = to_model_batch(batch, pcfg, 0, train=False)
+        for c, vector in instance_features(E.eval()(b["image"], b["inst"]), b["inst"]):
+            per_class.setdefault(c, []).append(vector)
+        seen += len(b["label"])
+    kept = sum(len(v) for v in per_class.values())
+    log(
+        f"registry: {kept} instances (larger than 1/64 of the image) of {seen} training samples clustered per class "
+        f"in {time.perf_counter() - t0:.0f}s"
+    )
+    return cluster(per_class, cfg.model.label_nc, cfg.model.feat_num)
 
 
 def register_run(
@@ -294,11 +301,14 @@ class ModelNotFound(LookupError):
 def _signature():
     """Label and instance ids of any batch and size in, images out (the size multiple is checked per request)."""
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, 2, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
+        params=ParamSchema(
+            [ParamSpec("seed", "long", 0), ParamSpec("style_mode", "string", ""), ParamSpec("styles", "string", "")]
+        ),
     )
 
 

@@ -5,10 +5,12 @@ with `torch.load(weights_only=True)`, which refuses any other object) and `optio
 MLflow calls this module's `_load_pyfunc(path)` (the version's `loader_module`); the networks are built by
 `model/` from the options. No object is unpickled.
 
-Request (MLflow's scoring protocol): `{"inputs": [[label ids (H x W)], [instance ids (H x W)]]]` — one int
-tensor (B, 2, H, W), H and W any multiples of the generator's `size_multiple` (2^downsamplings) — answered with
-`{"predictions": ...}`, the images (B, 3, H, W) in [-1, 1]. A wrong shape, dtype, size or label id is HTTP 400
-with a message that names it.
+Request (MLflow's scoring protocol): `{"inputs": [[label ids (H x W)], [instance ids (H x W)]]], "params": {...}}`
+— one int tensor (B, 2, H, W), H and W any multiples of the generator's `size_multiple` (2^downsamplings) —
+answered with `{"predictions": ...}`, the images (B, 3, H, W) in [-1, 1]. Optional params, for generators with
+instance features: `seed` (the random style of each instance), `style_mode` ("random" or "largest"), `styles`
+(a JSON object: instance id -> cluster index of its class, or a feature vector). A wrong shape, dtype, size,
+label id or style is HTTP 400 with a message that names it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ WEIGHTS, OPTIONS = "weights.pt", "options.json"
 def save(bundle: Pix2PixHDGenerator, folder: Path) -> Path:
     """The generator as files: tensors and JSON only."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {"G": bundle.G.state_dict(), "clusters": bundle.clusters.detach().cpu()}
+    state = {
+        "G": bundle.G.state_dict(),
+        "clusters": bundle.clusters.detach().cpu(),
+        "cluster_counts": bundle.cluster_counts.detach().cpu(),
+    }
     if bundle.E is not None:
         state["E"] = bundle.E.state_dict()
     torch.save(state, folder / WEIGHTS)
@@ -49,8 +55,9 @@ def load(folder: str | Path) -> Pix2PixHDGenerator:
     if opt.instance_feat:
         E = build_encoder(opt)
         E.load_state_dict(state["E"])
-    clusters = state.get("clusters")
-    return Pix2PixHDGenerator(asdict(opt), G.eval(), E, clusters if clusters is not None and clusters.numel() else None)
+    if E is None:
+        return Pix2PixHDGenerator(asdict(opt), G.eval())
+    return Pix2PixHDGenerator(asdict(opt), G.eval(), E, state["clusters"], state["cluster_counts"])
 
 
 def check_request(x: np.ndarray, opt: ModelOptions) -> None:
@@ -79,15 +86,34 @@ class GeneratorModel:
         self.bundle = bundle.eval()
 
     def predict(self, model_input, params: dict | None = None) -> np.ndarray:
+        params = params or {}
         x = np.asarray(model_input)
         try:
             check_request(x, self.bundle.opt)
+            styles = parse_styles(params.get("styles") or "")
+            mode = params.get("style_mode") or None
+            with torch.no_grad():
+                out = self.bundle.render(torch.from_numpy(x.astype(np.int64)), styles, int(params.get("seed", 0)), mode)
         except ValueError as e:
             from mlflow.exceptions import MlflowException
 
             raise MlflowException.invalid_parameter_value(str(e)) from None
-        with torch.no_grad():
-            return self.bundle(torch.from_numpy(x.astype(np.int64))).float().numpy()
+        return out.float().numpy()
+
+
+def parse_styles(text: str) -> dict[int, int | list[float]]:
+    """`{"26002": 3, "26005": [0.1, -0.4, 0.2]}` (JSON: instance id -> cluster index or feature vector)."""
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("not an object")
+        return {int(k): v for k, v in raw.items()}
+    except ValueError as e:
+        raise ValueError(
+            f"styles {text[:100]!r} are not a JSON object of instance id -> cluster index or feature vector ({e})"
+        ) from None
 
 
 def _load_pyfunc(path: str) -> GeneratorModel:

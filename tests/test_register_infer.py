@@ -284,6 +284,21 @@ def test_a_bad_request_is_a_400_that_names_the_problem(served, inputs, message):
     assert status == 400 and message in body["message"], body
 
 
+def test_styles_and_seed_are_request_params(served):
+    """The signature declares seed, style_mode and styles; this generator has no instance features, so styles for
+    it are refused by name, and the seed changes nothing."""
+    maps = np.zeros((1, 2, 32, 64), np.int64).tolist()
+    one, two = (
+        post(served, {"inputs": maps, "params": {"seed": 1}}),
+        post(served, {"inputs": maps, "params": {"seed": 2}}),
+    )
+    assert one[0] == two[0] == 200 and one[1] == two[1]
+    status, body = post(served, {"inputs": maps, "params": {"styles": '{"0": 1}'}})
+    assert status == 400 and "this generator has no instance features" in body["message"], body
+    status, body = post(served, {"inputs": maps, "params": {"styles": "red"}})
+    assert status == 400 and "are not a JSON object of instance id" in body["message"], body
+
+
 def test_a_version_registered_as_a_pickle_is_refused_not_unpickled(registered, tmp_path):
     import mlflow
 
