@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from data import storage
-from data.pipeline import to_model_batch
 from model.bundle import Pix2PixHDGenerator
 from model.networks import build_encoder, build_generator
 from model.styles import cluster, instance_features
@@ -55,14 +54,14 @@ def manifest_sha256(data_uri: str, split: str) -> str:
     return hashlib.sha256(storage.read_bytes(storage.resolve(data_uri).join(split, "manifest.json"))).hexdigest()
 
 
-def build_bundle(cfg: Config, state: dict, k: int, data_uri: str) -> Pix2PixHDGenerator:
+def build_bundle(cfg: Config, state: dict, k: int, data_uri: str, log=print) -> Pix2PixHDGenerator:
     opt = cfg.stage_model(k)
     G = build_generator(opt)
     G.load_state_dict(state["G"])
     if opt.instance_feat:
         E = build_encoder(opt)
         E.load_state_dict(state["E"])
-        clusters, counts = _clusters(cfg, k, E, data_uri)
+        clusters, counts = _clusters(cfg, k, E, data_uri, log)
         return Pix2PixHDGenerator(asdict(opt), G.eval(), E, clusters, counts)
     return Pix2PixHDGenerator(asdict(opt), G.eval())
 
@@ -77,8 +76,7 @@ def _clusters(cfg: Config, k: int, E, data_uri: str, log=print) -> tuple[torch.T
     per_class: dict[int, list] = {}
     pcfg = dataclasses.replace(pipeline_config(cfg, k), instance_output="ids", batch_size=8)
     seen, t0 = 0, time.perf_counter()
-    for batch in iter_local_batches(data_uri, cfg.data.train_split, pcfg):
-        b = to_model_batch(batch, pcfg, 0, train=False)
+    for b in iter_local_batches(data_uri, cfg.data.train_split, pcfg):  # model tensors: image (B, 3, H, W)
         for c, vector in instance_features(E.eval()(b["image"], b["inst"]), b["inst"]):
             per_class.setdefault(c, []).append(vector)
         seen += len(b["label"])

@@ -128,3 +128,28 @@ def test_two_styles_for_one_car_change_that_car_most_and_the_seed_reproduces():
     assert change[dilated].mean() > 2.5 * change[~dilated].mean()
     same = bundle.render(x, styles={26002: 0}, seed=2)  # another seed redraws the other instances' styles
     assert not torch.equal(a, same)
+
+
+def test_a_generator_with_instance_features_registers_its_clusters_and_serves_them_without_pickle(tmp_path):
+    """build_bundle clusters E's features over the whole training split (here 6 scenes); the files the registry
+    stores (weights with weights_only, options) give back the same generator, clusters and counts included."""
+    from data.shards import PrepareOptions, prepare
+    from data.synthetic.write import write_city
+    from model.step import TrainStep
+    from orchestration.config import load_config
+    from orchestration.registry import build_bundle
+    from serving import pyfunc
+
+    src = write_city(tmp_path / "src", count=6, height=64, width=128, workers=1)
+    prepare(PrepareOptions("flat", str(src), str(tmp_path / "data"), workers=1), log=lambda m: None)
+    cfg = load_config("configs/tiny.yaml", ["model.instance_feat=true"])
+    state = TrainStep(cfg.stage_model(3)).state_dict()
+    lines = []
+    bundle = build_bundle(cfg, state, 3, str(tmp_path / "data"), log=lines.append)
+    assert "of 6 training samples clustered per class" in lines[0]
+    assert bundle.cluster_counts.sum() > 0 and bundle.cluster_counts.max() <= 10
+    loaded = pyfunc.load(pyfunc.save(bundle, tmp_path / "files"))
+    assert torch.equal(loaded.clusters, bundle.clusters) and torch.equal(loaded.cluster_counts, bundle.cluster_counts)
+    x = torch.stack([torch.full((1, 64, 128), 7), torch.full((1, 64, 128), 7)], 1)
+    x[:, 0, 40:56, 20:60], x[:, 1, 40:56, 20:60] = 26, 26001
+    assert torch.equal(loaded.render(x, seed=4), bundle.render(x, seed=4))
