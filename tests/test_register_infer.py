@@ -28,11 +28,12 @@ def cli(*args, timeout=300, cwd=None):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A run whose stage 3 finished (an untrained generator), the dataset it names, and a sqlite registry."""
+    """A run whose stage 3 finished (an untrained generator with instance features), the dataset it names, and a
+    sqlite registry."""
     tmp = tmp_path_factory.mktemp("finished")
     src = write_city(tmp / "src", count=4, height=64, width=128, workers=1)
     prepare(PrepareOptions("flat", str(src), str(tmp / "data"), workers=1), log=lambda m: None)
-    cfg = load_config("configs/tiny.yaml")
+    cfg = load_config("configs/tiny.yaml", ["model.instance_feat=true"])  # E and per-object styles
     storage_uri = str(tmp / "runs")
     for run_id, done in (("r1", True), ("half", False)):
         state = RunState(run_root(storage_uri, run_id))
@@ -247,26 +248,29 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 def test_mlflow_serves_the_champion_at_any_multiple_size_as_jobs_infer_renders_it(served, registered, tmp_path):
     """The version's signature leaves batch, height and width open (it used to pin them to a 16x16 example): a
-    64x128 map is answered with the image jobs.infer writes for it."""
-    src = registered["src"]
+    64x128 map with a style for its road and a seed is answered with the image jobs.infer writes for them."""
     from data.layouts import stem_of
 
+    src = registered["src"]
     label_file, inst_file = (sorted((src / d).glob("*.png"))[0] for d in ("train_label", "train_inst"))
     stem = stem_of(label_file)
     assert stem_of(inst_file) == stem
     label = np.asarray(Image.open(label_file)).astype(np.int64)
     inst = np.asarray(Image.open(inst_file)).astype(np.int64)
-    status, body = post(served, {"inputs": np.stack([label, inst])[None].tolist()})
+    params = {"styles": '{"7": 1}', "seed": 3}
+    status, body = post(served, {"inputs": np.stack([label, inst])[None].tolist(), "params": params})
     assert status == 200, body
     served_image = np.asarray(body["predictions"], np.float32)
     assert served_image.shape == (1, 3, 64, 128)
-    r = infer(registered, tmp_path / "out", "--instances", str(src / "train_inst"))
+    r = infer(
+        registered, tmp_path / "out", "--instances", str(src / "train_inst"), "--styles", '{"7": 1}', "--seed", "3"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rendered = np.asarray(Image.open(tmp_path / "out" / f"{stem}_synthesized.png")).astype(np.float32)
     as_png = np.clip(np.round((served_image[0].transpose(1, 2, 0) + 1) * 127.5), 0, 255)
     assert np.abs(as_png - rendered).max() <= 1
     # another size, a batch of two
-    status, body = post(served, {"inputs": np.zeros((2, 2, 32, 64), np.int64).tolist()})
+    status, body = post(served, {"inputs": np.full((2, 2, 32, 64), 7, np.int64).tolist()})
     assert status == 200 and np.asarray(body["predictions"]).shape == (2, 3, 32, 64)
 
 
@@ -285,16 +289,21 @@ def test_a_bad_request_is_a_400_that_names_the_problem(served, inputs, message):
 
 
 def test_styles_and_seed_are_request_params(served):
-    """The signature declares seed, style_mode and styles; this generator has no instance features, so styles for
-    it are refused by name, and the seed changes nothing."""
-    maps = np.zeros((1, 2, 32, 64), np.int64).tolist()
-    one, two = (
-        post(served, {"inputs": maps, "params": {"seed": 1}}),
-        post(served, {"inputs": maps, "params": {"seed": 2}}),
-    )
-    assert one[0] == two[0] == 200 and one[1] == two[1]
-    status, body = post(served, {"inputs": maps, "params": {"styles": '{"0": 1}'}})
-    assert status == 400 and "this generator has no instance features" in body["message"], body
+    """The road (instance 7) draws one of its class's styles from the seed; a style named explicitly is the same
+    whatever the seed; a style past the class's clusters is refused by name."""
+    maps = np.full((1, 2, 32, 64), 7, np.int64).tolist()
+
+    def image(params):
+        status, body = post(served, {"inputs": maps, "params": params})
+        assert status == 200, body
+        return np.asarray(body["predictions"])
+
+    by_seed = [image({"seed": s}) for s in range(6)]
+    assert any(not np.array_equal(by_seed[0], other) for other in by_seed[1:])  # 6 draws, >= 2 road styles
+    assert np.array_equal(image({"seed": 1, "styles": '{"7": 0}'}), image({"seed": 2, "styles": '{"7": 0}'}))
+    assert np.array_equal(image({"style_mode": "largest", "seed": 1}), image({"styles": '{"7": 0}'}))
+    status, body = post(served, {"inputs": maps, "params": {"styles": '{"7": 10}'}})
+    assert status == 400 and "style 10 for instance 7: class 7 has" in body["message"], body
     status, body = post(served, {"inputs": maps, "params": {"styles": "red"}})
     assert status == 400 and "are not a JSON object of instance id" in body["message"], body
 
