@@ -4,7 +4,9 @@
         --out DIR [--device cpu|cuda] [--tracking-uri URI]
 
 Label maps: single-channel PNGs of class ids (e.g. *_gtFine_labelIds.png), any size the network accepts
-(a multiple of 2^(downsamplings)); instance maps pair with them by stem. Writes <stem>_synthesized.png.
+(a multiple of 2^(downsamplings)); instance maps pair with them by stem. Writes <stem>_synthesized.png, and for
+a generator with instance features a style sheet per class (styles_<id>_<name>.png: the first map rendered with
+each of the class's styles) so one sees what style k looks like before choosing it with --styles.
 Everything is checked before the first image is written: the output folder, every label / instance pair (mode,
 size, ids), then the model (one line when it or its server cannot be found) and the sizes it accepts.
 """
@@ -95,6 +97,28 @@ def check_model_accepts(G, sizes: dict[str, tuple], labels: dict[str, storage.Lo
             raise ValueError(f"{labels[stem]} holds label id {top}; this generator knows ids 0..{opt.label_nc - 1}")
 
 
+def write_style_sheets(G, x: torch.Tensor, out: Path) -> list[Path]:
+    """For each class with style clusters that has instances in `x` (1, 2, H, W): the map rendered once per
+    style, every instance of that class in that style (the others in their largest cluster's), side by side."""
+    from data.labels import LABEL_SETS
+    from model.styles import instance_class
+    from orchestration.visuals import grid, save_png, titled
+
+    names = next((s.names for s in LABEL_SETS.values() if s.label_nc == G.opt.label_nc), None)
+    written = []
+    ids = x[0, 1].unique().tolist()
+    for c in sorted({instance_class(i) for i in ids}):
+        n = int(G.cluster_counts[c]) if c < len(G.cluster_counts) else 0
+        if n == 0:
+            continue
+        mine = [i for i in ids if instance_class(i) == c]
+        tiles = [to_uint8(G.render(x, {i: k for i in mine}, mode="largest")[0]) for k in range(n)]
+        name = names[c] if names else f"class {c}"
+        sheet = titled(grid([tiles]), [f"{name}: style {k}" for k in range(n)], x.shape[-1])
+        written.append(save_png(sheet, out / f"styles_{c:03d}_{name.replace(' ', '-')}.png"))
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="e.g. models:/pix2pixhd-cityscapes@champion")
@@ -123,13 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         sizes = check_pairs(labels, instances)
         G = load_generator(a.model, resolve_tracking_uri(a.tracking_uri, ray_job=False)).to(a.device)
         check_model_accepts(G, sizes, labels)
-        for stem, loc in labels.items():
+        for n, (stem, loc) in enumerate(labels.items()):
             label = read_ids(loc)
             inst = read_ids(instances[stem]) if stem in instances else label
             x = torch.from_numpy(np.stack([label, inst])[None])
             image = G.render(x, styles, a.seed, a.style_mode)[0]
             Image.fromarray(to_uint8(image)).save(out / f"{stem}_synthesized.png")
             print(f"{loc} -> {out / f'{stem}_synthesized.png'} ({label.shape[1]}x{label.shape[0]})")
+            if n == 0 and G.opt.instance_feat:
+                sheets = write_style_sheets(G, x, out)
+                print(f"style sheets (each class's styles on {stem}): {', '.join(p.name for p in sheets)}")
     except (FileNotFoundError, ValueError, storage.StorageError, ConfigError, ModelNotFound) as e:
         print(f"infer: error: {e}", file=sys.stderr)
         return 2

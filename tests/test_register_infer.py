@@ -100,10 +100,12 @@ def infer(registered, out, *extra, model=f"models:/{MODEL}@champion", tracking=N
     return cli(*f"jobs.infer --model {model} --labels {labels} --out {out} --tracking-uri {tracking}".split(), *extra)
 
 
-def test_infer_renders_every_label_map(registered, tmp_path):
+def test_infer_renders_every_label_map_and_a_style_sheet_per_class(registered, tmp_path):
     r = infer(registered, tmp_path / "out", "--instances", str(registered["src"] / "train_inst"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list((tmp_path / "out").glob("*_synthesized.png"))) == 4
+    road = Image.open(tmp_path / "out" / "styles_007_road.png")  # one tile (128 wide) per road style, titled
+    assert road.width > 2 * 128 and "style sheets (each class's styles on" in r.stdout
 
 
 @pytest.mark.parametrize(
