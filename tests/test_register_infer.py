@@ -321,3 +321,23 @@ def test_a_version_registered_as_a_pickle_is_refused_not_unpickled(registered, t
     assert r.returncode == 2, r.stderr[-3000:]
     assert "models:/pickled-generator/1: registered as a pickle (loading it would run code stored with it)" in r.stderr
     assert "python -m jobs.register" in r.stderr
+
+
+def test_jobs_export_writes_an_onnx_graph_that_onnxruntime_runs_like_pytorch(registered, tmp_path):
+    """The champion (with instance features: `features` is a second input) as ONNX with dynamic batch, height and
+    width; onnxruntime at the traced size and at twice it matches PyTorch within 1e-4 (the job checks it)."""
+    import onnxruntime as ort
+
+    out = tmp_path / "generator.onnx"
+    r = cli(
+        *f"jobs.export --model models:/{MODEL}@champion --out {out}".split(), "--tracking-uri", registered["tracking"]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "onnxruntime matches PyTorch within" in r.stdout
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    assert set(inputs) == {"maps", "features"} and inputs["maps"][1] == 2
+    assert all(isinstance(d, str) for d in (inputs["maps"][0], inputs["maps"][2], inputs["maps"][3]))  # dynamic
+    maps = np.full((3, 2, 64, 128), 7, np.int64)
+    (images,) = session.run(None, {"maps": maps, "features": np.zeros((3, 3, 64, 128), np.float32)})
+    assert images.shape == (3, 3, 64, 128)
