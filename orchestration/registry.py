@@ -54,14 +54,18 @@ def manifest_sha256(data_uri: str, split: str) -> str:
     return hashlib.sha256(storage.read_bytes(storage.resolve(data_uri).join(split, "manifest.json"))).hexdigest()
 
 
-def build_bundle(cfg: Config, state: dict, k: int, data_uri: str, log=print) -> Pix2PixHDGenerator:
+def build_bundle(cfg: Config, state: dict, k: int, data_uri: str, log=print, clusters=None) -> Pix2PixHDGenerator:
+    """The generator of a checkpoint's `state`; with instance features, `clusters` (centres, counts) from
+    jobs.cluster_features, else E's features clustered here over the training split."""
     opt = cfg.stage_model(k)
     G = build_generator(opt)
     G.load_state_dict(state["G"])
     if opt.instance_feat:
         E = build_encoder(opt)
         E.load_state_dict(state["E"])
-        clusters, counts = _clusters(cfg, k, E, data_uri, log)
+        if clusters is not None:
+            log("registry: using the clusters jobs.cluster_features stored for this checkpoint")
+        clusters, counts = clusters if clusters is not None else _clusters(cfg, k, E, data_uri, log)
         return Pix2PixHDGenerator(asdict(opt), G.eval(), E, clusters, counts)
     return Pix2PixHDGenerator(asdict(opt), G.eval())
 
@@ -106,9 +110,14 @@ def register_run(
     retry = (
         f"python -m jobs.register --run {run_id} --storage {root.uri.rsplit('/', 1)[0]} --tracking-uri {tracking_uri}"
     )
+    from orchestration.feature_clusters import stored_clusters
+
+    stored = stored_clusters(root, final["checkpoint"])
     for attempt in range(1, attempts + 1):
         try:
-            result = register(run_id, cfg, final["checkpoint"], data_uri, judgement(state), tracking_uri, log)
+            result = register(
+                run_id, cfg, final["checkpoint"], data_uri, judgement(state), tracking_uri, log, clusters=stored
+            )
             break
         except Exception as e:  # noqa: BLE001 - reported in full below; the model is safe in storage
             cause = "".join(traceback.format_exception(e)).rstrip()
@@ -140,6 +149,7 @@ def register(
     judged: dict | None,
     tracking_uri: str,
     log=print,
+    clusters=None,
 ) -> dict:
     """Log the generator of `final_checkpoint` to the curriculum's parent run, create a tagged version (unless
     one exists for this checkpoint), maybe move the alias. `cfg`: the run's config (None: the checkpoint's)."""
@@ -171,7 +181,7 @@ def register(
         state = state or checkpoint.fetch(final_checkpoint, tmp)
 
     k = FINAL_STAGE
-    bundle = build_bundle(cfg, state, k, data_uri)
+    bundle = build_bundle(cfg, state, k, data_uri, log, clusters)
     m = cfg.stage_model(k).size_multiple
     example = np.zeros((1, 2, m, 2 * m), np.int64)
 

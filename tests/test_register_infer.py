@@ -341,3 +341,39 @@ def test_jobs_export_writes_an_onnx_graph_that_onnxruntime_runs_like_pytorch(reg
     maps = np.full((3, 2, 64, 128), 7, np.int64)
     (images,) = session.run(None, {"maps": maps, "features": np.zeros((3, 3, 64, 128), np.float32)})
     assert images.shape == (3, 3, 64, 128)
+
+
+def test_cluster_features_runs_on_ray_over_the_whole_split_and_registration_stores_its_clusters(registered):
+    """jobs.cluster_features: E over every training sample in Ray Data actors, the 1/64 rule, k-means++ per class,
+    peak memory reported; jobs.register then puts exactly those clusters into the version's weights."""
+    import mlflow
+
+    cfg = load_config("configs/tiny.yaml", ["model.instance_feat=true"])
+    state = RunState(run_root(registered["storage"], "styled"))
+    state.update(run_id="styled", data_uri=str(registered["tmp"] / "data"), config=cfg.to_dict())
+    ckpt = checkpoint.save(
+        registered["tmp"] / "runs" / "styled" / "stage3" / "checkpoint_0",
+        TrainStep(cfg.stage_model(3), seed=7),
+        stage=3,
+        epoch=1,
+        global_step=1,
+        lr=1e-4,
+        config=cfg.to_dict(),
+    )
+    state.record(3, checkpoint=str(ckpt), epochs=1, global_step=1, metrics={"val_L1": 0.9})
+    env_run = cli(*f"jobs.cluster_features --run styled --storage {registered['storage']}".split(), timeout=600)
+    assert env_run.returncode == 0, env_run.stderr[-3000:]
+    out = env_run.stdout
+    assert "instances larger than 1/64 of their image in 4 samples, clustered into" in out, out[-2000:]
+    assert "peak memory: driver" in out and "encoder actor" in out
+    stored = torch.load(registered["tmp"] / "runs" / "styled" / "clusters" / "stage3.pt", weights_only=True)
+    assert stored["meta"]["checkpoint"] == str(ckpt) and stored["cluster_counts"].sum() > 0
+    r = register(registered, run_id="styled")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "using the clusters jobs.cluster_features stored for this checkpoint" in r.stdout + r.stderr
+    c = MlflowClient(tracking_uri=registered["tracking"], registry_uri=registered["tracking"])
+    (version,) = [v for v in c.search_model_versions(f"name = '{MODEL}'") if v.tags.get("run_id") == "styled"]
+    mlflow.set_tracking_uri(registered["tracking"])
+    loaded = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version.version}")._model_impl.bundle
+    assert torch.equal(loaded.clusters, stored["clusters"])
+    assert torch.equal(loaded.cluster_counts, stored["cluster_counts"])
