@@ -1,7 +1,25 @@
+import os
+
 import pytest
 import torch
 
 from model.options import ModelOptions
+
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def mlflow_uris_do_not_leak():
+    """mlflow.set_tracking_uri / set_registry_uri also write MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into
+    os.environ, which every later subprocess inherits: Ray nodes a later test starts then track into this test's
+    store (a cluster job without a tracking URI was no longer refused). Restored after each test."""
+    saved = {k: os.environ.get(k) for k in MLFLOW_URI_VARIABLES}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def tiny_options(**overrides) -> ModelOptions:
