@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.services import RayCluster
+from tests.services import RayCluster, submit_with_client
 
 REPO = Path(__file__).resolve().parents[1]
 ENDED = ("FAILED", "SUCCEEDED", "STOPPED")
@@ -66,7 +66,8 @@ def node_loss_and_return(
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard)
-    job = client.submit_job(
+    job = submit_with_client(
+        client,
         entrypoint=" ".join(cmd),
         runtime_env={"working_dir": str(REPO)},
         submission_id=f"elastic-{uuid.uuid4().hex[:6]}",

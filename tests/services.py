@@ -304,15 +304,36 @@ def job_env(dashboard: str) -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": dashboard}
 
 
+NO_AGENT = "No available agent to submit job"  # the head's job agent not registered yet (a loaded host, a new head)
+
+
 def submit_job(dashboard: str, workdir: Path, entrypoint: list[str], wait: bool = True, timeout: float = 900):
-    """`ray job submit` as a user runs it. With wait, returns the finished CompletedProcess (logs in stdout)."""
+    """`ray job submit` as a user runs it. With wait, returns the finished CompletedProcess (logs in stdout).
+    Refused with NO_AGENT (nothing was started), it is submitted again, for up to a minute."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "job", "submit", "--address", dashboard, "--working-dir", str(workdir)]
     if not wait:
         cmd.append("--no-wait")
-    return subprocess.run(
-        [*cmd, "--", *entrypoint], env=job_env(dashboard), capture_output=True, text=True, timeout=timeout
-    )
+    deadline = time.monotonic() + 60
+    while True:
+        r = subprocess.run(
+            [*cmd, "--", *entrypoint], env=job_env(dashboard), capture_output=True, text=True, timeout=timeout
+        )
+        if r.returncode == 0 or NO_AGENT not in r.stdout + r.stderr or time.monotonic() > deadline:
+            return r
+        time.sleep(2)
+
+
+def submit_with_client(client, **kwargs) -> str:
+    """JobSubmissionClient.submit_job, submitted again while the head answers NO_AGENT (for up to a minute)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as e:
+            if NO_AGENT not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 @contextmanager

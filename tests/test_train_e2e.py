@@ -20,7 +20,7 @@ import torch
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
 from orchestration import checkpoint
-from tests.services import make_bucket, mlflow_server, ray_cluster, s3_environment, submit_job
+from tests.services import make_bucket, mlflow_server, ray_cluster, s3_environment, submit_job, submit_with_client
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -148,8 +148,11 @@ def job_in_stage1_epoch2(cluster, cmd, name):
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard)
-    job = client.submit_job(
-        entrypoint=" ".join(cmd), runtime_env={"working_dir": str(REPO)}, submission_id=f"{name}-{uuid.uuid4().hex[:6]}"
+    job = submit_with_client(
+        client,
+        entrypoint=" ".join(cmd),
+        runtime_env={"working_dir": str(REPO)},
+        submission_id=f"{name}-{uuid.uuid4().hex[:6]}",
     )
     deadline = time.monotonic() + 300
     while "[stage 1] epoch 2/" not in client.get_job_logs(job):
