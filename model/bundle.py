@@ -34,8 +34,6 @@ class Pix2PixHDGenerator(nn.Module):
         self.E = E
         self.style_mode = style_mode
         self.register_buffer("clusters", clusters if clusters is not None else torch.zeros(0))
-        if cluster_counts is None and clusters is not None and clusters.numel():  # every centre is a style
-            cluster_counts = (clusters.abs().sum(2) > 0).sum(1)
         self.register_buffer("cluster_counts", cluster_counts if cluster_counts is not None else torch.zeros(0))
 
     @property

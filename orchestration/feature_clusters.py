@@ -9,6 +9,7 @@ one batch at a time. The job reports both peaks.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import resource
@@ -87,8 +88,7 @@ def cluster_run(
     E = build_encoder(opt)
     E.load_state_dict(ckpt["E"])
     manifest = shards.load_manifest(data_uri, cfg.data.train_split)
-    pcfg = pipeline_config(cfg, 3)
-    pcfg = PipelineConfig(pcfg.geometry, instance_output="ids", batch_size=8, verify="size")
+    pcfg = dataclasses.replace(pipeline_config(cfg, 3), instance_output="ids", batch_size=8, verify="size")
     if not ray.is_initialized():
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"))
