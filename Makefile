@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: lint
+# The editor's browser test drives Debian's chromium through Playwright (Playwright's own browser download is not
+# reachable from here); installed with apt when missing (as root, e.g. in CI).
+browser:
+	@command -v chromium >/dev/null || { \
+	  command -v apt-get >/dev/null && export DEBIAN_FRONTEND=noninteractive && \
+	  { apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
+	  { echo "the editor's browser test needs chromium: apt-get install chromium (as root)"; exit 1; }
+
+test: lint browser
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image
 
+from data import storage
 from data.labels import CELEBAMASK_PARTS, CITYSCAPES, FACES, LabelSet
 
 LAYOUTS = ("flat", "cityscapes", "celebamask")
@@ -254,3 +256,17 @@ def encode_png(array: np.ndarray) -> bytes:
 
 def decode_png_ids(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def list_maps(uri: str) -> dict[str, storage.Location]:
+    """The image files of a folder or URI (not recursive) by stem, sorted."""
+    loc = storage.resolve(uri)
+    storage.check_reachable(loc)
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} does not exist") from None
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise FileNotFoundError(f"{uri} holds no PNG/JPEG label maps")
+    return {stem_of(Path(f)): storage.Location(loc.fs, f, loc.join(Path(f).name).uri) for f in files}

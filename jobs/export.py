@@ -67,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bundle = load_generator(a.model, resolve_tracking_uri(a.tracking_uri, ray_job=False))
-        m = bundle.opt.size_multiple
-        height, width = a.height or 2 * m, a.width or 4 * m
-        if height % m or width % m:
-            raise ValueError(f"--height {height} --width {width}: this generator needs multiples of {m}")
+        opt = bundle.opt
+        height, width = a.height or opt.min_size, a.width or 2 * opt.min_size
+        if opt.fit_size(height, width):
+            raise ValueError(
+                f"--height {height} --width {width}: this generator needs multiples of {opt.size_multiple}, at least "
+                f"{opt.min_size}"
+            )
         path = export_onnx(bundle, Path(a.out), height, width)
         worst = check_onnx(bundle, path, height, width)
     except (ValueError, ConfigError, ModelNotFound) as e:

@@ -14,47 +14,29 @@ size, ids), then the model (one line when it or its server cannot be found) and 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 from PIL import Image
 
 from data import storage
-from data.layouts import IMAGE_EXTS, stem_of
+from data.layouts import list_maps
 from orchestration.config import ConfigError
 from orchestration.registry import ModelNotFound, load_generator
 from orchestration.tracking import resolve_tracking_uri
 from orchestration.visuals import to_uint8
+from serving.maps import MapError, decode_ids
 from serving.pyfunc import parse_styles
-
-
-def list_maps(uri: str) -> dict[str, storage.Location]:
-    loc = storage.resolve(uri)
-    storage.check_reachable(loc)
-    try:
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{uri} does not exist") from None
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_EXTS))
-    if not files:
-        raise FileNotFoundError(f"{uri} holds no PNG/JPEG label maps")
-    return {stem_of(Path(f)): storage.Location(loc.fs, f, loc.join(Path(f).name).uri) for f in files}
 
 
 def read_ids(loc: storage.Location) -> np.ndarray:
     try:
-        img = Image.open(io.BytesIO(storage.read_bytes(loc)))
-        img.load()
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{loc}: cannot decode image ({type(e).__name__}: {e})") from None
-    if img.mode not in ("L", "P", "I", "I;16"):
-        raise ValueError(f"{loc}: expected a single-channel id map, got a {img.mode} image")
-    return np.asarray(img).astype(np.int64)
+        return decode_ids(storage.read_bytes(loc), str(loc))
+    except MapError as e:
+        raise ValueError(str(e)) from None
 
 
 def check_out(out: Path) -> None:
@@ -88,11 +70,13 @@ def check_pairs(labels: dict[str, storage.Location], instances: dict[str, storag
 
 def check_model_accepts(G, sizes: dict[str, tuple], labels: dict[str, storage.Location]) -> None:
     opt = G.opt
-    m = opt.size_multiple
     for stem, (h, w, top) in sizes.items():
-        if h % m or w % m:
-            fit = f"{max(m, round(w / m) * m)}x{max(m, round(h / m) * m)}"
-            raise ValueError(f"{labels[stem]} is {w}x{h}; this generator needs multiples of {m} (e.g. {fit})")
+        fit = opt.fit_size(h, w)
+        if fit:
+            raise ValueError(
+                f"{labels[stem]} is {w}x{h}; this generator needs multiples of {opt.size_multiple}, at least "
+                f"{opt.min_size} (e.g. {fit[1]}x{fit[0]})"
+            )
         if opt.label_nc and top >= opt.label_nc:
             raise ValueError(f"{labels[stem]} holds label id {top}; this generator knows ids 0..{opt.label_nc - 1}")
 
@@ -133,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         help="instance features: JSON instance id -> cluster index or feature vector, e.g. '{\"26002\": 3}'",
     )
     p.add_argument("--seed", type=int, default=0, help="instance features: the seed of each instance's random style")
-    p.add_argument("--style-mode", choices=("random", "largest"), help="instance features: styles not given")
+    p.add_argument(
+        "--style-mode",
+        choices=("random", "largest"),
+        help="instance features: the style of instances not in --styles (default: the model's style_mode)",
+    )
     a = p.parse_args(argv)
     try:
         out = Path(a.out)

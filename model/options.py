@@ -13,11 +13,13 @@ GanMode = Literal["lsgan", "vanilla", "hinge"]
 NetG = Literal["global", "local"]
 Norm = Literal["instance", "batch"]
 Trainable = Literal["all", "local"]
+StyleMode = Literal["random", "largest"]
 
 _CHOICES = {
     "netG": ("global", "local"),
     "norm": ("instance", "batch"),
     "gan_mode": ("lsgan", "vanilla", "hinge"),
+    "style_mode": ("random", "largest"),
 }
 
 
@@ -41,6 +43,9 @@ class ModelOptions:
     # encoder
     nef: int = 16
     n_downsample_E: int = 4
+    # at generation, an instance without a chosen style gets a random centre of its class's clusters (the
+    # reference's behaviour; a seed makes it repeatable) or the centre of its class's largest cluster
+    style_mode: StyleMode = "random"
     # discriminator
     num_D: int = 2
     n_layers_D: int = 3
@@ -114,3 +119,16 @@ class ModelOptions:
         """Height and width must be multiples of this for G to return an image of the input's size."""
         local = self.n_local_enhancers if self.netG == "local" else 0
         return 2 ** (self.n_downsample_global + local)
+
+    @property
+    def min_size(self) -> int:
+        """The smallest height and width G takes: its residual blocks pad by reflection at 1/size_multiple of the
+        input size, which needs 2 pixels there."""
+        return 2 * self.size_multiple
+
+    def fit_size(self, h: int, w: int) -> tuple[int, int] | None:
+        """None when G takes h x w; else the nearest size it takes (multiples of size_multiple, >= min_size)."""
+        m = self.size_multiple
+        if h % m == 0 and w % m == 0 and min(h, w) >= self.min_size:
+            return None
+        return max(self.min_size, round(h / m) * m), max(self.min_size, round(w / m) * m)

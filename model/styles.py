@@ -120,3 +120,19 @@ def _check_style(instance_id: int, style, present: set[int], counts: torch.Tenso
         raise ValueError(f"instance {instance_id} is of class {c}, which has no style clusters (none was clustered)")
     if not 0 <= style < n:
         raise ValueError(f"style {style} for instance {instance_id}: class {c} has {n} styles (0..{n - 1})")
+
+
+def change_near(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, dilate: int = 4) -> dict[str, float]:
+    """How much of the change between images `a` and `b` (3, H, W) lies near `mask` (H, W, bool): `share` of the
+    absolute pixel change inside the mask dilated by `dilate` px, that region's `area` (share of the image), and
+    `density`: change per pixel inside over change per pixel outside."""
+    change = (a.float() - b.float()).abs().sum(0)
+    k = 2 * dilate + 1
+    near = torch.nn.functional.max_pool2d(mask.float()[None, None], k, stride=1, padding=dilate)[0, 0] > 0
+    total = float(change.sum())
+    inside, outside = float(change[near].mean()), float(change[~near].mean()) if (~near).any() else 0.0
+    return {
+        "share": float(change[near].sum()) / total if total else 0.0,
+        "area": float(near.float().mean()),
+        "density": inside / outside if outside else float("inf"),
+    }

@@ -4,7 +4,8 @@
 2. the three-stage curriculum on local Ray (2 CPU workers), checkpoints in a local folder
 3. MLflow tracking (MLFLOW_TRACKING_URI, else a local sqlite store); the generator registered and pulled back
    through models:/pix2pixhd-synthetic-city@champion
-4. a PNG grid of held-out scenes: label | stage-1 output | final output (from the pulled model) | real
+4. a PNG grid of held-out scenes: label | stage-1 output | final output (from the pulled model) | real, and the
+   editing figure: one car in two of its styles (styles.png)
 5. seg-score on the held-out scenes, by the synthetic-city segmenter the demo trains first (or reuses: one registered
    from the same scenes with the same settings): the real photos, the stage-1, the final and an untrained generator
 """
@@ -17,20 +18,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data.labels import CITYSCAPES
 from data.pipeline import read_samples
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
-from model.inference import generate
-from model.networks import build_generator
 from orchestration import checkpoint
 from orchestration.config import load_config
 from orchestration.curriculum import RunPlan, RunResult, experiment_name, run
 from orchestration.registry import load_generator
 from orchestration.tracking import resolve_tracking_uri
-from orchestration.visuals import comparison_rows, grid, save_png
+from orchestration.visuals import comparison_rows, grid, save_png, titled, to_uint8
 from orchestration.worker import pipeline_config
 
 
@@ -44,6 +44,7 @@ class DemoSettings:
     # configs/tiny.yaml is sized for tests; the demo trains longer so the picture shows something (~4 min on
     # 2 cores). Many samples and few epochs: each epoch restarts the data pipeline, which costs seconds.
     overrides: tuple[str, ...] = (
+        "model.instance_feat=true",  # E and per-object styles: the registered model is one the editor can restyle
         "segmenter.width=12",
         "segmenter.depth=3",
         "segmenter.epochs=8",
@@ -57,33 +58,79 @@ class DemoSettings:
     )
 
 
-def generator_from(uri: str, cfg, k: int) -> torch.nn.Module:
+def stage_generator(uri: str, cfg, k: int, data_uri: str):
+    """Stage k's checkpoint as the registry would hold it (with instance features: its E's styles clustered)."""
+    from orchestration.registry import build_bundle
+
     with tempfile.TemporaryDirectory() as tmp:
         state = checkpoint.fetch(uri, tmp)
-    g = build_generator(cfg.stage_model(k))
-    g.load_state_dict(state["G"])
-    return g.eval()
+    return build_bundle(cfg, state, k, data_uri, log=lambda *a: None).eval()
 
 
-def stage_comparison(cfg, data_uri: str, result: RunResult, tracking_uri: str, n: int = 4):
+def stage_comparison(cfg, data_uri: str, result: RunResult, pulled, n: int = 4):
     """Rows of label | stage-1 output (upsampled) | final output | real, on held-out samples. The final output is
-    rendered by the generator pulled back from the registry (models:/...@champion)."""
+    rendered by `pulled`, the generator pulled back from the registry."""
     split = cfg.data.val_split or cfg.data.train_split
     held = read_samples(data_uri, split, dataclasses.replace(pipeline_config(cfg, 3), instance_output="ids"), n)
-    pulled = load_generator(result.registry["uri"], tracking_uri)
     final = pulled(torch.stack([held["label"].long(), held["inst"]], 1))
-    half = read_samples(data_uri, split, pipeline_config(cfg, 1), n)
-    coarse = generate(
-        generator_from(result.stages[1]["checkpoint"], cfg, 1),
-        cfg.stage_model(1),
-        half["label"],
-        inst=half.get("inst"),
-        edges=half.get("edges"),
+    half = read_samples(data_uri, split, dataclasses.replace(pipeline_config(cfg, 1), instance_output="ids"), n)
+    coarse = stage_generator(result.stages[1]["checkpoint"], cfg, 1, data_uri)(
+        torch.stack([half["label"].long(), half["inst"]], 1)
     )
     coarse = torch.nn.functional.interpolate(coarse, size=final.shape[-2:], mode="nearest")
     rows = comparison_rows(CITYSCAPES, held["label"], coarse, final, held["image"])
     l1 = {"stage 1": (coarse - held["image"]).abs().mean().item(), "final": (final - held["image"]).abs().mean().item()}
     return rows, l1
+
+
+def two_styles(pulled, cfg, data_uri: str, out: Path, n: int = 16) -> dict | None:
+    """The editing figure (paper Fig. 8): the largest car of the held-out scenes rendered in the two of its class's
+    styles that lie farthest apart, every other instance's style from the same seed. Writes styles.png (label |
+    style a | style b | change, darker = more) and returns how much of the change lies near that car."""
+    from model.styles import change_near, instance_class
+
+    if not pulled.opt.instance_feat:
+        return None
+    split = cfg.data.val_split or cfg.data.train_split
+    held = read_samples(data_uri, split, dataclasses.replace(pipeline_config(cfg, 3), instance_output="ids"), n)
+    car = CITYSCAPES.names.index("car")
+    if int(pulled.cluster_counts[car]) < 2:
+        print("[demo] the car class has fewer than 2 styles: no editing figure")
+        return None
+    sizes = [
+        (int((held["inst"][i] == j).sum()), i, j)
+        for i in range(len(held["inst"]))
+        for j in held["inst"][i].unique().tolist()
+        if instance_class(j) == car
+    ]
+    if not sizes:
+        return None
+    _, i, car_id = max(sizes)
+    centres = pulled.clusters[car, : int(pulled.cluster_counts[car])]
+    far = torch.cdist(centres, centres)
+    a, b = divmod(int(far.argmax()), len(centres))
+    x = torch.stack([held["label"][i].long(), held["inst"][i]])[None]
+    first, second = (pulled.render(x, {car_id: k}, seed=0)[0] for k in (a, b))
+    same = torch.equal(first, pulled.render(x, {car_id: a}, seed=0)[0])
+    near = change_near(first, second, held["inst"][i] == car_id, dilate=4)
+    change = (first - second).abs().sum(0)
+    heat = (255 - (change / change.max().clamp_min(1e-8) * 255)).round().to(torch.uint8).numpy()
+    tiles = [
+        CITYSCAPES.colorize(held["label"][i].numpy()),
+        to_uint8(first),
+        to_uint8(second),
+        np.repeat(heat[..., None], 3, 2),
+    ]
+    titles = ["label", f"car {car_id}: style {a}", f"car {car_id}: style {b}", "change"]
+    k = max(1, 256 // x.shape[-1])  # small scenes are shown larger (nearest neighbour)
+    tiles = [t.repeat(k, 0).repeat(k, 1) for t in tiles]
+    path = save_png(titled(grid([tiles]), titles, k * x.shape[-1]), out / "styles.png")
+    print(
+        f"[demo] two styles ({a}, {b}) for car {car_id}: {near['share']:.0%} of the change lies within 4 px of it "
+        f"({near['area']:.0%} of the image, {near['density']:.1f}x the change per pixel elsewhere); the same seed "
+        f"renders {'the same image' if same else 'ANOTHER image'}; {path}"
+    )
+    return {**near, "reproduces": same, "styles": (a, b), "instance": car_id, "path": str(path)}
 
 
 def demo_segmenter(cfg, data_uri: str, out: Path, tracking_uri: str) -> str:
@@ -177,9 +224,11 @@ def run_demo(s: DemoSettings) -> Path:
     if result.registry is None:
         raise RuntimeError(f"the generator was not registered in {tracking_uri}; see the messages above")
     print(f"[demo] pulling {result.registry['uri']} back from the registry")
-    rows, l1 = stage_comparison(cfg, data_uri, result, tracking_uri)
+    pulled = load_generator(result.registry["uri"], tracking_uri)
+    rows, l1 = stage_comparison(cfg, data_uri, result, pulled)
     path = save_png(grid(rows), out / "demo.png")
     print(f"[demo] held-out L1 to the real image: stage 1 {l1['stage 1']:.3f}, final {l1['final']:.3f}")
+    two_styles(pulled, cfg, data_uri, out)
     text, _ = seg_score_table(cfg, data_uri, result, segmenter_uri, tracking_uri, out)
     print(f"[demo] {text}")
     print(f"[demo] run {run_id} in {out / 'runs' / run_id}; per-epoch images under stage*/images/")

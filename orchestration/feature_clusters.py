@@ -21,6 +21,7 @@ import torch
 
 from data import shards, storage
 from data.pipeline import PipelineConfig, build_dataset, to_model_batch
+from data.transforms import Geometry
 from evaluation.modules import pack_module, unpack_module
 from model.networks import build_encoder
 from model.styles import MIN_SHARE, cluster, instance_features
@@ -65,9 +66,6 @@ def cluster_run(
     root: storage.Location, data_uri: str | None, workers: int = 1, cpus: float = 1.0, gpus: float = 0.0, log=print
 ) -> dict:
     """Cluster E's features of the run's final checkpoint over its training split; write {root}/clusters/stage3.pt."""
-    import ray
-    import ray.data
-
     from orchestration.worker import pipeline_config
 
     state = RunState(root)
@@ -87,17 +85,66 @@ def cluster_run(
     opt = cfg.stage_model(3)
     E = build_encoder(opt)
     E.load_state_dict(ckpt["E"])
-    manifest = shards.load_manifest(data_uri, cfg.data.train_split)
     pcfg = dataclasses.replace(pipeline_config(cfg, 3), instance_output="ids", batch_size=8, verify="size")
+    found = cluster_split(E, opt, data_uri, cfg.data.train_split, pcfg, final["checkpoint"], workers, cpus, gpus, log)
+    buf = io.BytesIO()
+    torch.save({"clusters": found.pop("clusters"), "cluster_counts": found.pop("cluster_counts"), "meta": found}, buf)
+    out = root.join(*FILE.split("/"))
+    storage.write_bytes_atomic(out, buf.getvalue())
+    log(f"cluster_features: written to {out.uri}")
+    return {**found, "uri": out.uri}
+
+
+def cluster_version(
+    spec: str, tracking_uri: str, data_uri: str | None, split: str, workers: int, cpus: float, gpus: float, log=print
+) -> dict:
+    """Cluster a registered version's E over `split` of `data_uri` (default: the data it was registered from), as
+    stored (stage 3's full resolution), and register the result as a new version: the same weights with these
+    clusters. The alias is left where it is."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from orchestration.registry import ModelNotFound, load_generator, register_clusters
+    from orchestration.segmenter_registry import pinned_version
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        name, version = pinned_version(client, spec)
+        data_uri = data_uri or client.get_model_version(name, version).tags.get("data_uri")
+    except MlflowException as e:
+        raise ModelNotFound(f"{spec}: not in the registry at {tracking_uri} ({e.message[:200]})") from None
+    if not data_uri:
+        raise ConfigError(
+            f"{spec} (version {version}) does not record its data (registered before 2026-11-27): pass --data URI"
+        )
+    bundle = load_generator(f"models:/{name}/{version}", tracking_uri)
+    opt = bundle.opt
+    if not opt.instance_feat:
+        raise ConfigError(f"{spec} (version {version}) has no instance features (instance_feat): no styles to cluster")
+    geometry = Geometry(resize_or_crop="none", size_multiple=opt.size_multiple, no_flip=True)
+    pcfg = PipelineConfig(geometry, instance_output="ids", batch_size=8, verify="size")
+    found = cluster_split(bundle.E, opt, data_uri, split, pcfg, f"models:/{name}/{version}", workers, cpus, gpus, log)
+    return register_clusters(client, name, version, bundle, found, tracking_uri, log)
+
+
+def cluster_split(
+    E, opt, data_uri: str, split: str, pcfg: PipelineConfig, source: str, workers, cpus, gpus, log=print
+) -> dict:
+    """E's features of every instance larger than 1/64 of its image over the whole split, in Ray Data actors;
+    k-means++ per class in the driver. Returns the clusters with what they were made from and the peak memory."""
+    import ray
+    import ray.data
+
+    manifest = shards.load_manifest(data_uri, split)
     if not ray.is_initialized():
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"))
     total = manifest["sample_count"]
     log(
-        f"clustering E's instance features of {final['checkpoint']} over {total} samples of {data_uri} "
-        f"'{cfg.data.train_split}' ({workers} actor(s), {cpus} CPU / {gpus} GPU each)"
+        f"clustering E's instance features of {source} over {total} samples of {data_uri} '{split}' "
+        f"({workers} actor(s), {cpus} CPU / {gpus} GPU each)"
     )
-    rows = build_dataset(data_uri, cfg.data.train_split, pcfg).map_batches(
+    rows = build_dataset(data_uri, split, pcfg).map_batches(
         EncodeInstances,
         fn_constructor_kwargs={"encoder": pack_module(E.eval()), "pcfg": pcfg},
         batch_size=8,
@@ -119,24 +166,24 @@ def cluster_run(
             shown = time.perf_counter()
     centres, counts = cluster(per_class, opt.label_nc, opt.feat_num)
     kept = sum(len(v) for v in per_class.values())
-    meta = {
-        "checkpoint": final["checkpoint"],
-        "data": data_uri,
-        "instances": kept,
-        "min_share": MIN_SHARE,
-        "per_class": {int(c): int(n) for c, n in enumerate(counts.tolist()) if n},
-    }
-    buf = io.BytesIO()
-    torch.save({"clusters": centres, "cluster_counts": counts, "meta": meta}, buf)
-    out = root.join(*FILE.split("/"))
-    storage.write_bytes_atomic(out, buf.getvalue())
     took = time.perf_counter() - t0
     log(
         f"cluster_features: {kept} instances larger than 1/64 of their image in {total} samples, clustered into "
         f"{int(counts.sum())} styles over {int((counts > 0).sum())} classes in {took:.0f}s; peak memory: driver "
-        f"{_peak_rss_mib():.0f} MiB, encoder actor {actor_peak:.0f} MiB; written to {out.uri}"
+        f"{_peak_rss_mib():.0f} MiB, encoder actor {actor_peak:.0f} MiB"
     )
-    return {**meta, "uri": out.uri, "driver_peak_mib": _peak_rss_mib(), "actor_peak_mib": actor_peak}
+    return {
+        "clusters": centres,
+        "cluster_counts": counts,
+        "checkpoint": source,
+        "data": data_uri,
+        "split": split,
+        "instances": kept,
+        "min_share": MIN_SHARE,
+        "per_class": {int(c): int(n) for c, n in enumerate(counts.tolist()) if n},
+        "driver_peak_mib": _peak_rss_mib(),
+        "actor_peak_mib": actor_peak,
+    }
 
 
 def stored_clusters(root: storage.Location, checkpoint_uri: str) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -182,15 +182,34 @@ def register(
 
     k = FINAL_STAGE
     bundle = build_bundle(cfg, state, k, data_uri, log, clusters)
-    m = cfg.stage_model(k).size_multiple
-    example = np.zeros((1, 2, m, 2 * m), np.int64)
-
     exp = ensure_experiment(client, f"pix2pixhd-{cfg.dataset}", tracking_uri)
     parent = client.search_runs(
         [exp], f"tags.`{RUN_TAG}` = {filter_value(run_id)} and tags.`{STAGE_TAG}` = 'parent'", max_results=1
     )
-    parent_id = parent[0].info.run_id if parent else None
-    with mlflow.start_run(run_id=parent_id, experiment_id=exp, run_name=run_id), tempfile.TemporaryDirectory() as tmp:
+    tags = {
+        "run_id": run_id,
+        "checkpoint": final_checkpoint,
+        "config_hash": cfg.hash(),
+        "data_uri": data_uri,
+        "data_manifest_sha256": manifest_sha256(data_uri, cfg.data.train_split),
+    }
+    if judged is not None:
+        tags |= judgement_tags(judged)
+    version = _log_version(client, name, bundle, exp, parent[0].info.run_id if parent else None, run_id, tags)
+    moved, reason = _maybe_move_alias(client, name, version, judged)
+    shown = f"{judged['metric']} {judged['value']:.4f}" if judged else "not judged"
+    log(f"registered {name} version {version} ({shown}); {_alias_line(client, name, version, moved, reason)}")
+    return _result(name, version, moved, final_checkpoint)
+
+
+def _log_version(client, name: str, bundle: Pix2PixHDGenerator, exp: str, run_id: str | None, run_name: str, tags):
+    """Log `bundle` as a pyfunc of weights and options into MLflow run `run_id` (None: a new one named `run_name`)
+    and create a version of `name` with `tags` (set in the same call); returns the version once it is READY."""
+    import mlflow
+
+    m = bundle.opt.min_size
+    example = np.zeros((1, 2, m, 2 * m), np.int64)
+    with mlflow.start_run(run_id=run_id, experiment_id=exp, run_name=run_name), tempfile.TemporaryDirectory() as tmp:
         info = mlflow.pyfunc.log_model(
             name="generator",
             loader_module=pyfunc.__name__,
@@ -203,24 +222,36 @@ def register(
         mlflow_run_id = mlflow.active_run().info.run_id
     if not client.search_registered_models(f"name = {filter_value(name)}"):
         client.create_registered_model(name, description="pix2pixHD generator: label ids + instance ids -> image")
-    tags = {
-        "run_id": run_id,
-        "checkpoint": final_checkpoint,
-        "config_hash": cfg.hash(),
-        "data_manifest_sha256": manifest_sha256(data_uri, cfg.data.train_split),
-    }
-    if judged is not None:
-        tags |= judgement_tags(judged)
     logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to..."
     version = client.create_model_version(name, info.model_uri, run_id=mlflow_run_id, tags=tags, model_id=info.model_id)
     _wait_ready(client, name, version.version)
-    moved, reason = _maybe_move_alias(client, name, version.version, judged)
-    shown = f"{judged['metric']} {judged['value']:.4f}" if judged else "not judged"
+    return version.version
+
+
+def register_clusters(client, name: str, version: str, bundle: Pix2PixHDGenerator, found: dict, tracking_uri, log):
+    """A new version of `name`: version `version`'s weights with the clusters `found` (feature_clusters). Not
+    judged (its styles differ from the judged version's): the alias stays; the log says how to move it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    source = client.get_model_version(name, version)
+    styled = Pix2PixHDGenerator(bundle.options, bundle.G, bundle.E, found["clusters"], found["cluster_counts"])
+    tags = {k: v for k, v in source.tags.items() if k in ("run_id", "checkpoint", "config_hash")}
+    tags |= {
+        "clusters_of": f"{name}/{version}",
+        "data_uri": found["data"],
+        "data_manifest_sha256": manifest_sha256(found["data"], found["split"]),
+        "clusters_instances": str(found["instances"]),
+    }
+    exp = client.get_run(source.run_id).info.experiment_id
+    new = _log_version(client, name, styled, exp, source.run_id, name, tags)
     log(
-        f"registered {name} version {version.version} ({shown}); "
-        f"{_alias_line(client, name, version.version, moved, reason)}"
+        f"registered {name} version {new}: version {version}'s weights with {int(found['cluster_counts'].sum())} "
+        f"styles from {found['instances']} instances of {found['data']} '{found['split']}'; the '{ALIAS}' alias "
+        f"is unchanged (to serve it: MlflowClient().set_registered_model_alias('{name}', '{ALIAS}', '{new}'))"
     )
-    return _result(name, version.version, moved, final_checkpoint)
+    return {"name": name, "version": new, "uri": f"models:/{name}/{new}", **found}
 
 
 def _result(name: str, version: str, moved: bool, final_checkpoint: str) -> dict:

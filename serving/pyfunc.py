@@ -6,7 +6,7 @@ MLflow calls this module's `_load_pyfunc(path)` (the version's `loader_module`);
 `model/` from the options. No object is unpickled.
 
 Request (MLflow's scoring protocol): `{"inputs": [[label ids (H x W)], [instance ids (H x W)]]], "params": {...}}`
-— one int tensor (B, 2, H, W), H and W any multiples of the generator's `size_multiple` (2^downsamplings) —
+— one int tensor (B, 2, H, W), H and W any multiples of the generator's `size_multiple` (2^downsamplings), at least twice it —
 answered with `{"predictions": ...}`, the images (B, 3, H, W) in [-1, 1]. Optional params, for generators with
 instance features: `seed` (the random style of each instance), `style_mode` ("random" or "largest"), `styles`
 (a JSON object: instance id -> cluster index of its class, or a feature vector). A wrong shape, dtype, size,
@@ -68,11 +68,13 @@ def check_request(x: np.ndarray, opt: ModelOptions) -> None:
         )
     if not np.issubdtype(x.dtype, np.integer):
         raise ValueError(f"inputs are {x.dtype}; label and instance maps are integer ids")
-    m = opt.size_multiple
     h, w = x.shape[2:]
-    if h % m or w % m or h == 0 or w == 0:
-        fit = f"{max(m, round(h / m) * m)}x{max(m, round(w / m) * m)}"
-        raise ValueError(f"the maps are {h}x{w} (height x width); this generator needs multiples of {m} (e.g. {fit})")
+    fit = opt.fit_size(h, w)
+    if fit:
+        raise ValueError(
+            f"the maps are {h}x{w} (height x width); this generator needs multiples of {opt.size_multiple}, at least "
+            f"{opt.min_size} (e.g. {fit[0]}x{fit[1]})"
+        )
     labels = x[:, 0]
     if labels.min() < 0 or labels.max() >= opt.label_nc:
         bad = sorted({int(v) for v in np.unique(labels) if v < 0 or v >= opt.label_nc})[:8]

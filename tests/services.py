@@ -365,3 +365,35 @@ def mlflow_server(tmp_dir: Path, s3_endpoint: str, bucket: str, port: int | None
     url = f"http://127.0.0.1:{port}"
     with serving(cmd, env, tmp_dir / f"mlflow-{port}.log", f"{url}/health", timeout=120):
         yield url
+
+
+def finished_run(
+    tmp: Path, run_id: str, stage: int = 3, seed: int = 0, overrides=("model.instance_feat=true",)
+) -> Path:
+    """A run of configs/tiny.yaml recorded as finished up to `stage` without training (the generator as
+    initialised from `seed`), on the dataset at tmp/data (written first when missing: 4 procedural scenes,
+    128x64). Its storage is tmp/runs; returns the checkpoint."""
+    from data.shards import PrepareOptions, prepare
+    from data.synthetic.write import write_city
+    from model.step import TrainStep
+    from orchestration import checkpoint
+    from orchestration.config import load_config
+    from orchestration.run_state import RunState, run_root
+
+    if not (tmp / "data").exists():
+        src = write_city(tmp / "src", count=4, height=64, width=128, workers=1)
+        prepare(PrepareOptions("flat", str(src), str(tmp / "data"), workers=1), log=lambda m: None)
+    cfg = load_config("configs/tiny.yaml", list(overrides))
+    state = RunState(run_root(str(tmp / "runs"), run_id))
+    state.update(run_id=run_id, data_uri=str(tmp / "data"), config=cfg.to_dict())
+    ckpt = checkpoint.save(
+        tmp / "runs" / run_id / f"stage{stage}" / "checkpoint_0",
+        TrainStep(cfg.stage_model(stage), seed=seed),
+        stage=stage,
+        epoch=1,
+        global_step=1,
+        lr=1e-4,
+        config=cfg.to_dict(),
+    )
+    state.record(stage, checkpoint=str(ckpt), epochs=1, global_step=1, metrics={"val_L1": 0.5})
+    return ckpt

@@ -92,3 +92,24 @@ def test_the_rayjob_entrypoint_is_a_valid_jobs_train_command(monkeypatch):
     assert plan.cfg.workers == (4, 8) and plan.cfg.train.checkpoint_every_steps == 500
     assert plan.data_uri.startswith("s3://") and plan.storage_uri.startswith("s3://") and plan.tracking_uri
     assert plan.cfg == load_config(a.config, a.set)
+
+
+def test_the_serve_config_builds_the_application_jobs_serve_builds():
+    """docker/serve.yaml's import_path and args make the same Serve application as jobs.serve (not deployed: no
+    GPU cluster here; the application graph is built and its deployments' options checked)."""
+    import importlib
+
+    from orchestration.serve import ServeSettings
+
+    config = yaml.safe_load((DOCKER / "serve.yaml").read_text())
+    (app,) = config["applications"]
+    module, name = app["import_path"].split(":")
+    built = getattr(importlib.import_module(module), name)(app["args"])
+    editor = built._bound_deployment
+    generator = editor.init_args[0]._bound_deployment
+    assert editor.name == "Editor" and generator.name == "Generator"
+    assert (
+        generator.ray_actor_options["num_gpus"] == 1
+        and generator._deployment_config.autoscaling_config.max_replicas == 4
+    )
+    assert ServeSettings(**app["args"]).reload_s == 30

@@ -11,13 +11,11 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from data.shards import PrepareOptions, prepare
-from data.synthetic.write import write_city
 from model.step import TrainStep
 from orchestration import checkpoint
 from orchestration.config import load_config
 from orchestration.run_state import RunState, run_root
-from tests.services import free_port
+from tests.services import finished_run, free_port
 
 MODEL = "pix2pixhd-synthetic-city"
 
@@ -31,24 +29,9 @@ def finished(tmp_path_factory):
     """A run whose stage 3 finished (an untrained generator with instance features), the dataset it names, and a
     sqlite registry."""
     tmp = tmp_path_factory.mktemp("finished")
-    src = write_city(tmp / "src", count=4, height=64, width=128, workers=1)
-    prepare(PrepareOptions("flat", str(src), str(tmp / "data"), workers=1), log=lambda m: None)
-    cfg = load_config("configs/tiny.yaml", ["model.instance_feat=true"])  # E and per-object styles
-    storage_uri = str(tmp / "runs")
-    for run_id, done in (("r1", True), ("half", False)):
-        state = RunState(run_root(storage_uri, run_id))
-        state.update(run_id=run_id, data_uri=str(tmp / "data"), config=cfg.to_dict())
-        k = 3 if done else 1
-        ckpt = checkpoint.save(
-            tmp / "runs" / run_id / f"stage{k}" / "checkpoint_0",
-            TrainStep(cfg.stage_model(k)),
-            stage=k,
-            epoch=1,
-            global_step=1,
-            lr=1e-4,
-            config=cfg.to_dict(),
-        )
-        state.record(k, checkpoint=str(ckpt), epochs=1, global_step=1, metrics={"val_L1": 0.5})
+    finished_run(tmp, "r1")
+    finished_run(tmp, "half", stage=1)
+    src, storage_uri = tmp / "src", str(tmp / "runs")
     return {"storage": storage_uri, "tracking": f"sqlite:///{tmp}/mlflow.db", "src": src, "tmp": tmp}
 
 
@@ -280,10 +263,11 @@ def test_mlflow_serves_the_champion_at_any_multiple_size_as_jobs_infer_renders_i
     "inputs, message",
     [
         (np.zeros((1, 2, 30, 64), np.int64), "the maps are 30x64 (height x width); this generator needs multiples of"),
+        (np.zeros((1, 2, 8, 16), np.int64), "needs multiples of 8, at least 16 (e.g. 16x16)"),  # G's residual pads
         (np.full((1, 2, 32, 64), 99, np.int64), "label ids [99] are outside 0..34"),
         (np.zeros((1, 3, 32, 64), np.int64), "does not match expected shape (-1, 2, -1, -1)"),  # MLflow's check
     ],
-    ids=["size", "label-id", "channels"],
+    ids=["size", "too-small", "label-id", "channels"],
 )
 def test_a_bad_request_is_a_400_that_names_the_problem(served, inputs, message):
     status, body = post(served, {"inputs": inputs.tolist()})
@@ -314,7 +298,8 @@ def test_a_version_registered_as_a_pickle_is_refused_not_unpickled(registered, t
     import mlflow
 
     mlflow.set_tracking_uri(registered["tracking"])
-    with mlflow.start_run():
+    exp = mlflow.create_experiment("pickles", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns
+    with mlflow.start_run(experiment_id=exp):
         info = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="generator", serialization_format="pickle")
     mlflow.register_model(info.model_uri, "pickled-generator")
     r = infer(registered, tmp_path / "out", model="models:/pickled-generator/1")
@@ -377,3 +362,23 @@ def test_cluster_features_runs_on_ray_over_the_whole_split_and_registration_stor
     loaded = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version.version}")._model_impl.bundle
     assert torch.equal(loaded.clusters, stored["clusters"])
     assert torch.equal(loaded.cluster_counts, stored["cluster_counts"])
+    champion = c.get_model_version_by_alias(MODEL, "champion").version
+
+    # a registered version: clustered again over the data it records, registered as a new version, alias kept
+    again = cli(
+        *f"jobs.cluster_features --model models:/{MODEL}/{version.version}".split(),
+        "--tracking-uri",
+        registered["tracking"],
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    new = c.get_model_version(MODEL, again.stdout.strip().rsplit("/", 1)[1])
+    assert new.tags["clusters_of"] == f"{MODEL}/{version.version}" and new.tags["checkpoint"] == str(ckpt)
+    assert "alias is unchanged" in again.stdout + again.stderr
+    assert c.get_model_version_by_alias(MODEL, "champion").version == champion
+    reclustered = mlflow.pyfunc.load_model(f"models:/{MODEL}/{new.version}")._model_impl.bundle
+    assert torch.equal(reclustered.clusters, stored["clusters"])  # the same E over the same split: the same styles
+    missing = cli(
+        "jobs.cluster_features", "--model", "models:/no-such-model/1", "--tracking-uri", registered["tracking"]
+    )
+    assert missing.returncode == 2 and "cluster_features: error: models:/no-such-model/1" in missing.stderr

@@ -7,7 +7,7 @@ import torch
 
 from model.bundle import Pix2PixHDGenerator
 from model.networks import build_encoder, build_generator
-from model.styles import cluster, feature_map, instance_class, instance_features
+from model.styles import change_near, cluster, feature_map, instance_class, instance_features
 from tests.conftest import tiny_options
 
 
@@ -103,8 +103,8 @@ def test_non_integer_maps_are_refused():
         bundle(torch.zeros(1, 2, 32, 64))
 
 
-def styled_bundle() -> Pix2PixHDGenerator:
-    opt = tiny_options(label_nc=35, instance_feat=True, feat_num=3)
+def styled_bundle(**options) -> Pix2PixHDGenerator:
+    opt = tiny_options(label_nc=35, instance_feat=True, feat_num=3, **options)
     torch.manual_seed(0)
     centres, counts = centres_and_counts()
     centres = centres * 2 - 0.5  # styles far apart
@@ -121,11 +121,8 @@ def test_two_styles_for_one_car_change_that_car_most_and_the_seed_reproduces():
     a = bundle.render(x, styles={26002: 0}, seed=1)
     b = bundle.render(x, styles={26002: 2}, seed=1)
     assert torch.equal(a, bundle.render(x, styles={26002: 0}, seed=1))
-    change = (a - b).abs().sum(1)[0]
-    car = (inst[0] == 26002).float()
-    dilated = torch.nn.functional.max_pool2d(car[None, None], 9, stride=1, padding=4)[0, 0] > 0
-    assert change.sum() > 0
-    assert change[dilated].mean() > 2.5 * change[~dilated].mean()
+    near = change_near(a[0], b[0], inst[0] == 26002, dilate=4)
+    assert near["share"] > 0 and near["density"] > 2.5
     same = bundle.render(x, styles={26002: 0}, seed=2)  # another seed redraws the other instances' styles
     assert not torch.equal(a, same)
 
@@ -153,3 +150,37 @@ def test_a_generator_with_instance_features_registers_its_clusters_and_serves_th
     x = torch.stack([torch.full((1, 64, 128), 7), torch.full((1, 64, 128), 7)], 1)
     x[:, 0, 40:56, 20:60], x[:, 1, 40:56, 20:60] = 26, 26001
     assert torch.equal(loaded.render(x, seed=4), bundle.render(x, seed=4))
+
+
+def test_change_near_a_mask_is_measured_inside_its_dilation():
+    a, b = torch.zeros(3, 10, 10), torch.zeros(3, 10, 10)
+    b[:, 4, 4] = 1.0  # a change of 3 at one pixel inside the mask
+    b[0, 0, 9] = 1.0  # a change of 1 far away
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[4, 4] = True
+    got = change_near(a, b, mask, dilate=1)
+    assert got["share"] == pytest.approx(0.75) and got["area"] == pytest.approx(0.09)
+    assert got["density"] == pytest.approx((3 / 9) / (1 / 91))
+
+
+def test_the_default_style_mode_is_the_models_option():
+    """model.style_mode: how instances without a chosen style are styled unless a request says otherwise."""
+    x = torch.stack([torch.where(street() >= 1000, street() // 1000, street()), street()], 1)
+    random, largest = styled_bundle(), styled_bundle(style_mode="largest")
+    assert random.style_mode == "random" and largest.style_mode == "largest"
+    assert torch.equal(largest.render(x, seed=3), random.render(x, seed=3, mode="largest"))
+    assert not torch.equal(largest.render(x, seed=3), random.render(x, seed=3))
+    with pytest.raises(ValueError, match="option style_mode='first' is not one of random, largest"):
+        tiny_options(style_mode="first")
+
+
+def test_render_many_batches_requests_of_one_size_and_gives_what_render_gives():
+    bundle = styled_bundle()
+    inst = street()
+    x = torch.stack([torch.where(inst >= 1000, inst // 1000, inst), inst], 1)
+    small = x[..., :32, :32].contiguous()
+    requests = [(x, {26002: 1}, 3, None), (small, None, 1, "largest"), (x, {26002: 2}, 3, None)]
+    got = bundle.render_many(requests)
+    for (inputs, styles, seed, mode), image in zip(requests, got, strict=True):
+        torch.testing.assert_close(image, bundle.render(inputs, styles, seed, mode), atol=1e-5, rtol=0)
+    assert got[1].shape[-2:] == (32, 32) and not torch.equal(got[0], got[2])

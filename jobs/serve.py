@@ -1,0 +1,107 @@
+"""Serve the registry's generator and the editor on Ray Serve.
+
+    python -m jobs.serve --model models:/pix2pixhd-synthetic-city@champion [--tracking-uri URI]
+        [--host 127.0.0.1 --port 8000] [--replicas N [--max-replicas M]] [--cpus C --gpus G] [--max-batch B]
+        [--reload-s S] [--labels DIR --instances DIR]
+
+Then open http://HOST:PORT/ (the editor) or POST /render (see serving/editor_api.py). On a running cluster
+(RAY_ADDRESS set) it deploys there and returns once the application is running; on a machine without one it
+starts local Ray and serves until Ctrl-C / SIGTERM. A new version under the alias is picked up within --reload-s
+seconds, without a restart. Exit status: 0 served (or deployed), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from dataclasses import fields
+
+from orchestration.serve import ServeSettings
+
+
+def parse(argv: list[str] | None) -> tuple[ServeSettings, argparse.Namespace]:
+    d = ServeSettings()
+    p = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=d.model, help=f"models:/NAME@ALIAS or models:/NAME/VERSION (default {d.model})")
+    p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to be reachable from other machines)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=d.replicas, help="Generator replicas (the minimum when autoscaled)")
+    p.add_argument("--max-replicas", type=int, default=d.max_replicas, help="> --replicas: autoscale up to this")
+    p.add_argument("--target-ongoing-requests", type=float, default=d.target_ongoing_requests)
+    p.add_argument("--cpus", type=float, default=d.cpus, help="CPUs per Generator replica")
+    p.add_argument("--gpus", type=float, default=d.gpus, help="GPUs per Generator replica")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="requests of one size rendered together")
+    p.add_argument("--reload-s", type=float, default=d.reload_s, help="how often to look for a new alias target")
+    p.add_argument("--labels", help="label maps the editor offers to open (folder or URI)")
+    p.add_argument("--instances", help="their instance maps (paired by stem)")
+    a = p.parse_args(argv)
+    names = {f.name for f in fields(ServeSettings)}
+    values = {k: v for k, v in vars(a).items() if k in names}
+    for key in ("replicas", "max_batch"):
+        if values[key] < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if values["cpus"] <= 0 and values["gpus"] <= 0:
+        p.error("--cpus or --gpus must be > 0")
+    return ServeSettings(**values), a
+
+
+def main(argv: list[str] | None = None) -> int:
+    s, a = parse(argv)
+    import ray
+    from ray import serve
+
+    from orchestration.registry import ModelNotFound
+    from orchestration.serve import build, load_samples
+    from orchestration.tracking import resolve_tracking_uri
+
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    try:
+        s.tracking_uri = resolve_tracking_uri(s.tracking_uri, ray_job=on_cluster)
+        load_samples(s)  # a wrong --labels folder is named here, not in a replica's log
+        check_model(s)
+    except (FileNotFoundError, ValueError, ModelNotFound) as e:
+        print(f"serve: error: {e}", file=sys.stderr)
+        return 2
+    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_config=ray.LoggingConfig(log_level="WARNING"))
+    serve.start(http_options={"host": a.host, "port": a.port})
+    t0 = time.perf_counter()
+    serve.run(build(s), name="pix2pixhd-editor", route_prefix="/")
+    print(
+        f"serving {s.model} at http://{a.host}:{a.port}/ (editor), POST /render; ready in {time.perf_counter() - t0:.0f}s"
+    )
+    sys.stdout.flush()
+    if on_cluster:
+        return 0
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def check_model(s: ServeSettings) -> None:
+    """The model URI resolves in the registry (before replicas start and fail in their logs)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from orchestration.registry import ModelNotFound
+    from orchestration.segmenter_registry import pinned_version
+
+    client = MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.tracking_uri)
+    try:
+        pinned_version(client, s.model)
+    except MlflowException as e:
+        raise ModelNotFound(f"{s.model}: not in the registry at {s.tracking_uri} ({e.message[:200]})") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The editor's HTTP API (FastAPI), independent of where the generator runs: `build_api(renderer)`.
+
+    GET  /                 the editor page (serving/editor/: plain HTML and JS modules, no build step, no CDN)
+    GET  /classes          the model and its label set: ids, names, colours, which are things, styles per class
+    GET  /styles/{class}   one thumbnail per style cluster of the class (PNG data URLs)
+    GET  /samples          label maps to start from; GET /samples/{name}: its label and instance PNGs
+    POST /render           {"label": PNG, "instances": PNG, "styles": {"26001": 2}, "seed": 0, "style_mode": null}
+                           (PNGs base64) -> image/png
+
+Every response names the model version in `X-Model-Version`; /render also says its time in `X-Render-Ms`. Bad
+input is a 4xx whose JSON `detail` names the problem: a map that is not a PNG, a wrong size, an unknown label id,
+a style that does not fit, a body over the size limit (413).
+
+`renderer` (see `Renderer`) does the model's work; orchestration/serve.py gives one backed by Ray Serve replicas.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from fastapi import Request  # at module level: FastAPI resolves the routes' (string) annotations here
+
+from model.options import ModelOptions
+from serving.maps import MAX_PIXELS, MapError, decode_ids
+
+EDITOR = Path(__file__).parent / "editor"
+MAX_BODY = 16 * 1024 * 1024  # bytes of one request: two base64 PNGs of the largest maps fit
+
+
+class Renderer(Protocol):
+    async def info(self) -> dict: ...  # model, options, label_nc, size_multiple, instance_feat, cluster_counts
+
+    async def render(self, maps: np.ndarray, styles: dict, seed: int, mode: str | None) -> tuple[bytes, str]: ...
+
+    async def style_tiles(self, class_id: int) -> tuple[list[bytes], str]: ...
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]] | None = None):
+    """The FastAPI app; `samples`: name -> (label PNG, instance PNG or None), the maps the editor can open."""
+    from fastapi import FastAPI
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+
+    from data.labels import LABEL_SETS
+
+    app = FastAPI(title="pix2pixHD editor", docs_url="/api")
+    samples = samples or {}
+    seen = {"model": ""}
+
+    @app.middleware("http")
+    async def model_header(request: Request, call_next):
+        if request.method == "POST":
+            size = request.headers.get("content-length")
+            if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+                read = 0  # drained (to a bound), so that the client reads the answer instead of a reset connection
+                async for part in request.stream():
+                    read += len(part)
+                    if read > 4 * MAX_BODY:
+                        break
+                return _error(RequestError(f"the request body is {size} bytes; the limit is {MAX_BODY}", 413))
+        response = await call_next(request)
+        response.headers.setdefault("X-Model-Version", seen["model"])
+        return response
+
+    async def info() -> dict:
+        i = await renderer.info()
+        seen["model"] = i["model"]
+        return i
+
+    @app.exception_handler(RequestError)
+    async def bad_request(_request, e: RequestError):
+        return _error(e)
+
+    def _error(e: RequestError):
+        return JSONResponse({"detail": str(e)}, status_code=e.status, headers={"X-Model-Version": seen["model"]})
+
+    @app.get("/classes")
+    async def classes():
+        i = await info()
+        labels = next((s for s in LABEL_SETS.values() if s.label_nc == i["label_nc"]), None)
+        counts = i["cluster_counts"] or [0] * i["label_nc"]
+        return {
+            "model": i["model"],
+            "label_set": labels.name if labels else None,
+            "size_multiple": i["size_multiple"],
+            "min_size": ModelOptions(**i["options"]).min_size,
+            "instance_feat": i["instance_feat"],
+            "max_pixels": MAX_PIXELS,
+            "classes": [
+                {
+                    "id": c,
+                    "name": labels.names[c] if labels else f"class {c}",
+                    "color": "#" + bytes(int(v) for v in labels.colors[c]).hex() if labels else "#808080",
+                    "thing": bool(labels and c in labels.instance_classes),
+                    "styles": int(counts[c]),
+                }
+                for c in range(i["label_nc"])
+            ],
+        }
+
+    @app.get("/styles/{class_id}")
+    async def styles(class_id: int):
+        i = await info()
+        if not 0 <= class_id < i["label_nc"]:
+            raise RequestError(f"class {class_id} is not one of this model's (0..{i['label_nc'] - 1})", 404)
+        tiles, model = await renderer.style_tiles(class_id)
+        if not tiles:
+            why = "has no instance features" if not i["instance_feat"] else f"has no style clusters for {class_id}"
+            raise RequestError(f"{model} {why}", 404)
+        urls = [f"data:image/png;base64,{base64.b64encode(t).decode()}" for t in tiles]
+        return {"model": model, "class": class_id, "styles": [{"index": k, "thumbnail": u} for k, u in enumerate(urls)]}
+
+    @app.get("/samples")
+    async def sample_names():
+        return {"samples": sorted(samples)}
+
+    @app.get("/samples/{name}")
+    async def sample(name: str):
+        if name not in samples:
+            raise RequestError(f"no sample named {name!r}; GET /samples lists them", 404)
+        label, inst = samples[name]
+        return {"label": base64.b64encode(label).decode(), "instances": inst and base64.b64encode(inst).decode()}
+
+    @app.post("/render")
+    async def render(request: Request):
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            raise RequestError(f"the request body is {len(body)} bytes; the limit is {MAX_BODY}", 413)
+        t0 = time.perf_counter()
+        maps, styles, seed, mode = parse_render(body, await info())
+        png, model = await renderer.render(maps, styles, seed, mode)
+        seen["model"] = model
+        ms = (time.perf_counter() - t0) * 1000
+        return Response(png, media_type="image/png", headers={"X-Model-Version": model, "X-Render-Ms": f"{ms:.0f}"})
+
+    @app.get("/")
+    async def page():
+        return FileResponse(EDITOR / "index.html")
+
+    app.mount("/editor", StaticFiles(directory=EDITOR), name="editor")
+    return app
+
+
+def parse_render(body: bytes, info: dict) -> tuple[np.ndarray, dict, int, str | None]:
+    """A /render body -> (maps (1, 2, H, W) int64, styles, seed, style mode), else RequestError naming the field."""
+    from serving.pyfunc import check_request
+
+    try:
+        req = json.loads(body)
+    except ValueError as e:
+        raise RequestError(f"the body is not JSON ({e})") from None
+    if not isinstance(req, dict) or "label" not in req:
+        raise RequestError('the body is a JSON object {"label": PNG (base64), "instances": PNG, "styles", "seed"}')
+    label = _map(req["label"], "label")
+    inst = _map(req["instances"], "instances") if req.get("instances") else label
+    if inst.shape != label.shape:
+        raise RequestError(
+            f"instances are {inst.shape[1]}x{inst.shape[0]}, the label map {label.shape[1]}x{label.shape[0]}"
+        )
+    maps = np.stack([label, inst])[None]
+    try:
+        check_request(maps, ModelOptions(**info["options"]))
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    styles = req.get("styles") or {}
+    if not isinstance(styles, dict):
+        raise RequestError(f"styles must be an object of instance id -> cluster index or vector, got {styles!r:.80}")
+    try:
+        styles = {int(k): v for k, v in styles.items()}
+    except ValueError:
+        raise RequestError(f"styles keys are instance ids (integers), got {list(styles)[:5]}") from None
+    seed = req.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise RequestError(f"seed must be an integer, got {seed!r:.40}")
+    mode = req.get("style_mode")
+    if mode not in (None, "random", "largest"):
+        raise RequestError(f"style_mode {mode!r:.40} is not 'random' or 'largest'")
+    if styles and not info["instance_feat"]:
+        raise RequestError(f"{info['model']} has no instance features: it takes no styles")
+    return maps, styles, seed, mode
+
+
+def _map(value, what: str) -> np.ndarray:
+    if not isinstance(value, str):
+        raise RequestError(f"{what} must be a base64-encoded PNG string")
+    if value.startswith("data:"):
+        value = value.split(",", 1)[-1]
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{what} is not valid base64") from None
+    try:
+        return decode_ids(data, what)
+    except MapError as e:
+        raise RequestError(str(e), e.status) from None

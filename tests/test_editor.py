@@ -1,0 +1,301 @@
+"""The editor on Ray Serve (`python -m jobs.serve`, started on 127.0.0.1 with its own local Ray): the render API
+answers what the registry's model renders, bad input is a 4xx naming the problem while the server keeps serving,
+concurrent renders all succeed, a new champion is served without a restart, and the page works in a real browser
+(Playwright driving Debian's chromium)."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from serving.maps import encode_ids
+from tests.services import finished_run, free_port, serving
+
+MODEL = "pix2pixhd-synthetic-city"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # the browser test's screenshots
+CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+
+
+def register(store: dict, run_id: str) -> str:
+    cmd = [sys.executable, "-m", "jobs.register", "--run", run_id, "--storage", str(store["tmp"] / "runs")]
+    r = subprocess.run([*cmd, "--tracking-uri", store["tracking"]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().splitlines()[-1].split()[2].rstrip(":")  # "NAME version N: URI"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A registry (sqlite) whose champion is an untrained instance-feature generator with its clusters."""
+    tmp = tmp_path_factory.mktemp("editor")
+    finished_run(tmp, "r1", seed=0)
+    s = {"tmp": tmp, "tracking": f"sqlite:///{tmp}/mlflow.db", "src": tmp / "src"}
+    s["version"] = register(s, "r1")
+    return s
+
+
+@pytest.fixture(scope="module")
+def editor(store):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_tmp = tempfile.mkdtemp(prefix="p2p-serve-")  # Ray's socket paths must stay under 108 bytes
+    env |= {"RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "jobs.serve", "--model", f"models:/{MODEL}@champion"]
+    cmd += ["--tracking-uri", store["tracking"], "--host", "127.0.0.1", "--port", str(port), "--reload-s", "1"]
+    cmd += [
+        "--cpus",
+        "0.5",
+        "--labels",
+        str(store["src"] / "train_label"),
+        "--instances",
+        str(store["src"] / "train_inst"),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with serving(cmd, env, store["tmp"] / "serve.log", f"{url}/classes", timeout=240):
+            yield url
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def request(url: str, body: bytes | None = None, headers: dict | None = None):
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def png64(ids: np.ndarray) -> str:
+    return base64.b64encode(encode_ids(ids)).decode()
+
+
+def street(h: int = 64, w: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    label = np.full((h, w), 23)  # sky
+    label[h // 2 :] = 7  # road
+    inst = label.copy()
+    label[h // 2 + 4 : h // 2 + 20, w // 4 : w // 4 + 32] = 26
+    inst[label == 26] = 26001
+    return label, inst
+
+
+def render(url: str, label, inst=None, **fields):
+    body = {"label": png64(label), **({"instances": png64(inst)} if inst is not None else {}), **fields}
+    return request(f"{url}/render", json.dumps(body).encode())
+
+
+def image_of(body: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
+
+
+def test_render_answers_what_the_registry_model_renders_and_names_the_version(editor, store):
+    from orchestration.registry import load_generator
+    from orchestration.visuals import to_uint8
+
+    status, headers, classes = request(f"{editor}/classes")
+    assert status == 200, classes
+    info = json.loads(classes)
+    assert info["model"] == f"{MODEL}/{store['version']}" == headers["x-model-version"]
+    car = info["classes"][26]
+    assert car["name"] == "car" and car["thing"] and car["color"] == "#00008e" and car["styles"] >= 1
+    label, inst = street()
+    status, headers, body = render(editor, label, inst, styles={"26001": 0}, seed=5)
+    assert status == 200, body
+    assert headers["content-type"] == "image/png" and headers["x-model-version"] == info["model"]
+    assert int(headers["x-render-ms"]) >= 0
+    bundle = load_generator(f"models:/{MODEL}/{store['version']}", store["tracking"])
+    x = torch.from_numpy(np.stack([label, inst])[None])
+    expected = to_uint8(bundle.render(x, {26001: 0}, 5)[0]).astype(int)
+    assert np.abs(image_of(body) - expected).max() <= 1
+    # other sizes: any multiple the generator takes
+    status, _, big = render(editor, *street(128, 256))
+    assert status == 200 and image_of(big).shape == (128, 256, 3)
+    status, _, styles = request(f"{editor}/styles/26")
+    assert status == 200
+    tiles = json.loads(styles)["styles"]
+    assert len(tiles) == car["styles"] and tiles[0]["thumbnail"].startswith("data:image/png;base64,")
+    status, _, page = request(f"{editor}/")
+    assert status == 200 and b"pix2pixHD editor" in page
+
+
+def _corrupt_png() -> str:
+    data = bytearray(encode_ids(street()[0]))
+    data[60:80] = b"\x00" * 20  # inside IDAT: the header reads, the pixels do not
+    return base64.b64encode(bytes(data)).decode()
+
+
+def _rgb_png() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (128, 64)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"label": png64(street(66, 128)[0])}, 400, "the maps are 66x128 (height x width); this generator needs "),
+        ({"label": png64(np.full((64, 128), 40))}, 400, "label ids [40] are outside 0..34"),
+        ({"label": base64.b64encode(b"GIF89a not a map").decode()}, 400, "label: not a PNG image"),
+        ({"label": _corrupt_png()}, 400, "label: a damaged PNG"),
+        ({"label": _rgb_png()}, 400, "label: a RGB PNG; a map is one channel of ids"),
+        ({"label": "%%%"}, 400, "label is not valid base64"),
+        ({"label": png64(street()[0]), "instances": png64(street()[1]), "styles": {"26001": 99}}, 400, "style 99"),
+        ({"label": png64(street()[0]), "instances": png64(street()[1]), "styles": {"26077": 0}}, 400, "26077"),
+        ({"label": png64(street()[0]), "instances": png64(street(64, 64)[1])}, 400, "instances are 64x64"),
+        ({"labels": "x"}, 400, 'the body is a JSON object {"label"'),
+    ],
+    ids=["size", "class-id", "not-png", "damaged-png", "rgb-png", "base64", "style", "instance", "pair", "fields"],
+)
+def test_bad_input_is_a_4xx_that_names_it_and_the_server_keeps_serving(editor, body, status, message):
+    got, headers, answer = request(f"{editor}/render", json.dumps(body).encode())
+    assert got == status, answer
+    assert message in json.loads(answer)["detail"], answer
+    assert headers["x-model-version"].startswith(MODEL)
+    assert render(editor, *street())[0] == 200
+
+
+def test_an_oversize_upload_is_refused_before_it_is_read(editor):
+    got, _, answer = request(f"{editor}/render", b"{" + b" " * (17 * 1024 * 1024) + b"}")
+    assert got == 413 and "the limit is 16777216" in json.loads(answer)["detail"]
+    huge = np.zeros((4096, 4096), np.uint8)  # 16.7 M pixels, a small PNG: refused by its header, not decoded
+    got, _, answer = render(editor, huge)
+    assert got == 413 and "larger than this server takes" in json.loads(answer)["detail"]
+    assert render(editor, *street())[0] == 200
+
+
+def test_concurrent_renders_at_512x256_all_succeed_and_agree(editor):
+    label, inst = street(256, 512)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda seed: render(editor, label, inst, seed=seed % 2), range(16)))
+    assert [a[0] for a in answers] == [200] * 16
+    images = [image_of(a[2]) for a in answers]
+    for i, image in enumerate(images):  # batched or not, one seed gives one image
+        assert np.abs(image - images[i % 2]).max() <= 1
+
+
+def test_a_new_champion_is_served_without_a_restart(editor, store):
+    label, inst = street()
+    before = render(editor, label, inst, seed=1)
+    finished_run(store["tmp"], "r2", seed=1)
+    new = register(store, "r2")
+    client = MlflowClient(tracking_uri=store["tracking"], registry_uri=store["tracking"])
+    client.set_registered_model_alias(MODEL, "champion", new)
+    try:
+        import time
+
+        deadline = time.monotonic() + 30
+        while True:  # --reload-s 1: the next requests after a second see it
+            after = render(editor, label, inst, seed=1)
+            if after[1]["x-model-version"] == f"{MODEL}/{new}" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert after[1]["x-model-version"] == f"{MODEL}/{new}"
+        assert np.abs(image_of(after[2]) - image_of(before[2])).max() > 10  # other weights, another image
+        assert json.loads(request(f"{editor}/classes")[2])["model"] == f"{MODEL}/{new}"
+    finally:
+        client.set_registered_model_alias(MODEL, "champion", store["version"])
+
+
+# ---- the page in a real browser ---------------------------------------------------------------------------------
+FETCH_B64 = """async (selector) => {
+  const el = document.querySelector(selector);
+  const bytes = new Uint8Array(await (await fetch(el.src || el.href)).arrayBuffer());
+  let s = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}"""
+
+
+def fetched(page, selector: str) -> np.ndarray:
+    """The PNG an element shows or links to (the rendered image, the label / instance map downloads)."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(page.evaluate(FETCH_B64, selector))))).astype(int)
+
+
+def renders(page) -> int:
+    return int(page.evaluate("Number(document.body.dataset.renders || 0)"))
+
+
+def rendered_after(page, n: int) -> np.ndarray:
+    done = "n => Number(document.body.dataset.renders || 0) > n && document.body.dataset.busy === '0'"
+    page.wait_for_function(done, arg=n, timeout=60_000)
+    page.wait_for_timeout(300)  # the downloads are re-encoded beside the render
+    return fetched(page, "#image")[..., :3]
+
+
+def test_in_a_browser_paint_a_car_render_and_restyle_it(editor):
+    """Debian's chromium through Playwright: a blank street, a car painted on the road (the image changes inside
+    the stroke), then that car given two of its styles (the change lies on the car). Screenshots: test-artifacts/."""
+    from playwright.sync_api import sync_playwright
+
+    from model.styles import change_near
+
+    assert Path(CHROMIUM).exists(), f"no chromium at {CHROMIUM}: apt-get install chromium (see the README's Tests)"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(editor)
+            page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+            n = renders(page)
+            page.select_option("#open", "blank:128x256")
+            before = rendered_after(page, n)
+            assert before.shape == (128, 256, 3)
+
+            page.click("#classes li[data-id='26']")  # car
+            page.evaluate("document.getElementById('size').value = 16")
+            box = page.locator("#label").bounding_box()
+            scale = box["width"] / 256
+            at = lambda x, y: (box["x"] + x * scale, box["y"] + y * scale)  # noqa: E731 - map px -> page px
+            n = renders(page)
+            page.mouse.move(*at(70, 96))
+            page.mouse.down()
+            for x in range(70, 140, 5):
+                page.mouse.move(*at(x, 96))
+            page.mouse.up()
+            painted = rendered_after(page, n)
+            label, inst = fetched(page, "#download-label"), fetched(page, "#download-instances")
+            car = inst == 26000
+            assert car.sum() > 800 and (label[car] == 26).all() and (label[~car] != 26).all()
+            change = np.abs(painted - before).sum(2)
+            assert change[car].mean() > 30 and change[car].mean() > 2 * change[~car].mean()  # untrained: 2.9x
+            page.screenshot(path=str(ARTIFACTS / "editor-painted.png"))
+
+            page.check("input[name=tool][value=select]")
+            page.mouse.click(*at(100, 96))
+            page.wait_for_selector("#thumbnails img")
+            styles = page.locator("#thumbnails img").count()
+            assert styles >= 2, "the car class needs two styles for this test"
+            shots = []
+            for k in (0, styles - 1):
+                n = renders(page)
+                page.click(f"#thumbnails img[data-style='{k}']")
+                shots.append(rendered_after(page, n))
+                assert f"style {k} of {styles}" in page.inner_text("#object")
+            near = change_near(
+                torch.from_numpy(shots[0]).permute(2, 0, 1),
+                torch.from_numpy(shots[1]).permute(2, 0, 1),
+                torch.from_numpy(car),
+                dilate=4,
+            )
+            assert near["share"] > 0 and near["density"] > 2.5, near
+            page.screenshot(path=str(ARTIFACTS / "editor-styled.png"))
+            assert page.inner_text("#model").startswith(f"{MODEL}/") and not errors, errors
+        finally:
+            browser.close()
