@@ -29,6 +29,12 @@ def parse(argv: list[str] | None) -> tuple[ServeSettings, argparse.Namespace]:
     p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to be reachable from other machines)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--proxy-location",
+        choices=("EveryNode", "HeadOnly"),
+        default="EveryNode",
+        help="HTTP proxies on every node (behind a load balancer) or on the head only",
+    )
     p.add_argument("--replicas", type=int, default=d.replicas, help="Generator replicas (the minimum when autoscaled)")
     p.add_argument("--max-replicas", type=int, default=d.max_replicas, help="> --replicas: autoscale up to this")
     p.add_argument("--target-ongoing-requests", type=float, default=d.target_ongoing_requests)
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_config=ray.LoggingConfig(log_level="WARNING"))
-    serve.start(http_options={"host": a.host, "port": a.port})
+    serve.start(http_options={"host": a.host, "port": a.port}, proxy_location=a.proxy_location)
     t0 = time.perf_counter()
     serve.run(build(s), name="pix2pixhd-editor", route_prefix="/")
     print(

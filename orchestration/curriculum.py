@@ -59,6 +59,10 @@ class RunPlan:
     tracking_uri: str | None = None  # None: no tracking (resolve_tracking_uri gives the embedded default)
     register: bool = True  # register the generator after stage 3
 
+    def __post_init__(self) -> None:
+        # absolute: Train workers run in their staging folder, where a relative path names nothing
+        self.data_uri = storage.resolve(self.data_uri).uri
+
 
 def default_run_id(cfg: Config) -> str:
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"

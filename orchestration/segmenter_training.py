@@ -46,6 +46,10 @@ class SegmenterPlan:
     storage_uri: str
     tracking_uri: str | None  # None: trained and saved, not registered
 
+    def __post_init__(self) -> None:
+        # absolute: Train workers run in their staging folder, where a relative path names nothing
+        self.data_uri = storage.resolve(self.data_uri).uri
+
 
 def pipeline_config(cfg: Config) -> PipelineConfig:
     """The curriculum's pipeline settings at stage 3's geometry, without instance maps, the segmenter's batch."""

@@ -70,6 +70,9 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         Image.fromarray(array).save(tmp, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's file is owner-only)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -82,3 +82,16 @@ def test_empty_and_non_mapping_files_are_refused(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match=r"list.yaml: expected a mapping of sections"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_plans_hold_absolute_data_uris(tmp_path, monkeypatch):
+    """Train workers run in their staging folder: a relative dataset path (make demo's outputs/demo/data) named
+    nothing there and the segmenter's validation failed; plans make local URIs absolute, S3 ones stay."""
+    from orchestration.curriculum import RunPlan
+    from orchestration.segmenter_training import SegmenterPlan
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"))
+    assert RunPlan(cfg, "r", [1], "outputs/data", "runs").data_uri == str(tmp_path / "outputs" / "data")
+    assert SegmenterPlan(cfg, "outputs/data", "runs", None).data_uri == str(tmp_path / "outputs" / "data")
+    assert SegmenterPlan(cfg, "s3://bucket/data", "runs", None).data_uri == "s3://bucket/data"

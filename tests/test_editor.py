@@ -39,8 +39,14 @@ def register(store: dict, run_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A registry (sqlite) whose champion is an untrained instance-feature generator with its clusters."""
+    """A registry (sqlite) whose champion is an untrained instance-feature generator with its clusters. With
+    EDITOR_TRACKING_URI (and EDITOR_SOURCE, a folder with train_label/ and train_inst/), another registry's champion
+    instead, e.g. make demo's for the README's screenshot:
+    EDITOR_TRACKING_URI=sqlite:///$PWD/outputs/mlflow/mlflow.db EDITOR_SOURCE=outputs/demo/source pytest -k browser"""
     tmp = tmp_path_factory.mktemp("editor")
+    if os.environ.get("EDITOR_TRACKING_URI"):
+        source = Path(os.environ.get("EDITOR_SOURCE", "outputs/demo/source")).resolve()
+        return {"tmp": tmp, "tracking": os.environ["EDITOR_TRACKING_URI"], "src": source, "version": None}
     finished_run(tmp, "r1", seed=0)
     s = {"tmp": tmp, "tracking": f"sqlite:///{tmp}/mlflow.db", "src": tmp / "src"}
     s["version"] = register(s, "r1")
@@ -254,31 +260,34 @@ def test_in_a_browser_paint_a_car_render_and_restyle_it(editor):
             page.goto(editor)
             page.wait_for_selector("body[data-ready='1']", timeout=60_000)
             n = renders(page)
-            page.select_option("#open", "blank:128x256")
+            h, w = (int(v) for v in os.environ.get("EDITOR_BLANK", "128x256").split("x"))  # the model's scale
+            opened = os.environ.get("EDITOR_OPEN")  # a sample's name (not the first) instead of a blank street
+            page.select_option("#open", opened or f"blank:{h}x{w}")
             before = rendered_after(page, n)
-            assert before.shape == (128, 256, 3)
+            h, w = before.shape[:2]
+            assert opened or before.shape == (h, w, 3)
+            ids_before = set(np.unique(fetched(page, "#download-instances")).tolist())
 
             page.click("#classes li[data-id='26']")  # car
-            page.evaluate("document.getElementById('size').value = 16")
+            page.evaluate(f"document.getElementById('size').value = {w // 16}")
             box = page.locator("#label").bounding_box()
-            scale = box["width"] / 256
-            at = lambda x, y: (box["x"] + x * scale, box["y"] + y * scale)  # noqa: E731 - map px -> page px
+            at = lambda fx, fy: (box["x"] + fx * box["width"], box["y"] + fy * box["height"])  # noqa: E731 - map share -> page px
             n = renders(page)
-            page.mouse.move(*at(70, 96))
+            page.mouse.move(*at(0.27, 0.75))
             page.mouse.down()
-            for x in range(70, 140, 5):
-                page.mouse.move(*at(x, 96))
+            for i in range(15):
+                page.mouse.move(*at(0.27 + 0.02 * i, 0.75))
             page.mouse.up()
             painted = rendered_after(page, n)
             label, inst = fetched(page, "#download-label"), fetched(page, "#download-instances")
-            car = inst == 26000
-            assert car.sum() > 800 and (label[car] == 26).all() and (label[~car] != 26).all()
+            car = np.isin(inst, sorted(set(np.unique(inst[label == 26]).tolist()) - ids_before))  # the new car
+            assert car.sum() > h * w / 40 and (label[car] == 26).all()
             change = np.abs(painted - before).sum(2)
             assert change[car].mean() > 30 and change[car].mean() > 2 * change[~car].mean()  # untrained: 2.9x
             page.screenshot(path=str(ARTIFACTS / "editor-painted.png"))
 
             page.check("input[name=tool][value=select]")
-            page.mouse.click(*at(100, 96))
+            page.mouse.click(*at(0.4, 0.75))
             page.wait_for_selector("#thumbnails img")
             styles = page.locator("#thumbnails img").count()
             assert styles >= 2, "the car class needs two styles for this test"

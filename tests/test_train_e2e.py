@@ -285,6 +285,41 @@ def test_infer_pulls_the_champion_in_a_fresh_process(full_run, tracking, tmp_pat
     assert all(np.asarray(Image.open(p)).shape == (64, 128, 3) for p in outs)
 
 
+def test_jobs_serve_deploys_the_champion_on_the_cluster_and_renders(full_run, cluster, tracking):
+    """`ray job submit -- python -m jobs.serve`: the job returns once the application runs on the cluster; POST
+    /render answers a PNG from the champion named in X-Model-Version; `serve shutdown` frees the CPUs again."""
+    import base64
+    import urllib.request
+
+    import numpy as np
+
+    from serving.maps import encode_ids
+    from tests.services import free_port, job_env
+
+    port = free_port()
+    serve = f"python -m jobs.serve --model models:/{MODEL}@champion --tracking-uri {tracking} --port {port}"
+    r = submit_job(cluster.dashboard, REPO, [*serve.split(), "--cpus", "0.3", "--proxy-location", "HeadOnly"])
+    try:
+        assert r.returncode == 0 and f"serving models:/{MODEL}@champion at http://127.0.0.1:{port}/" in r.stdout, (
+            r.stdout[-3000:] + r.stderr[-2000:]
+        )
+        label = np.full((64, 128), 7)
+        label[40:56, 20:60] = 26
+        body = json.dumps({"label": base64.b64encode(encode_ids(label)).decode()}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/render", data=body)) as answer:
+            png, version = answer.read(), answer.headers["X-Model-Version"]
+        champion = mlflow_client(tracking).get_model_version_by_alias(MODEL, "champion").version
+        assert version == f"{MODEL}/{champion}" and png.startswith(b"\x89PNG")
+    finally:
+        serve_bin = str(Path(sys.executable).with_name("serve"))
+        subprocess.run(
+            [serve_bin, "shutdown", "-y", "--address", cluster.dashboard],
+            env=job_env(cluster.dashboard),
+            capture_output=True,
+            timeout=120,
+        )
+
+
 def test_a_worse_run_does_not_take_the_alias(full_run, cluster, data, tracking):
     c = mlflow_client(tracking)
     champion = c.get_model_version_by_alias(MODEL, "champion")

@@ -3,7 +3,7 @@
 import { decodeIds, encodeIds } from "./png.js";
 
 const $ = (id) => document.getElementById(id);
-const BLANK = [[128, 256], [256, 512]]; // height, width: multiples every model here accepts (checked on load)
+const BLANK = [[64, 128], [128, 256], [256, 512]]; // height, width: multiples every model here accepts (checked on load)
 const UNDO_DEPTH = 50;
 
 const state = {
@@ -329,9 +329,10 @@ async function main() {
   showClasses();
   const select = $("open"), m = state.info.size_multiple;
   for (const [h, w] of BLANK) {
-    if (h % m || w % m) continue;
+    if (h % m || w % m || Math.min(h, w) < state.info.min_size) continue;
     select.add(new Option(`blank ${w}x${h}`, `blank:${h}x${w}`));
   }
+  const blanks = select.options.length;
   for (const name of (await (await api("/samples")).json()).samples) select.add(new Option(name, name));
   select.onchange = () => open(select.value);
   $("file").onchange = (e) => e.target.files[0] && openFile(e.target.files[0]);
@@ -350,7 +351,7 @@ async function main() {
     if (e.key === "z") { e.preventDefault(); restore(state.undo, state.redo); }
     if (e.key === "y") { e.preventDefault(); restore(state.redo, state.undo); }
   });
-  await open(select.options[select.options.length > BLANK.length ? BLANK.length : 0].value);
+  await open(select.options[select.options.length > blanks ? blanks : 0].value);
   document.body.dataset.ready = "1";
 }
 
