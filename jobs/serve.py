@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from orchestration.registry import ModelNotFound
+    from orchestration.registry import ModelNotFound, resolve_version
     from orchestration.serve import build, load_samples
     from orchestration.tracking import resolve_tracking_uri
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s.tracking_uri = resolve_tracking_uri(s.tracking_uri, ray_job=on_cluster)
         load_samples(s)  # a wrong --labels folder is named here, not in a replica's log
-        check_model(s)
+        resolve_version(s.model, s.tracking_uri)  # named here, not in a replica's log
     except (FileNotFoundError, ValueError, ModelNotFound) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
@@ -92,21 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     serve.shutdown()
     ray.shutdown()
     return 0
-
-
-def check_model(s: ServeSettings) -> None:
-    """The model URI resolves in the registry (before replicas start and fail in their logs)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from orchestration.registry import ModelNotFound
-    from orchestration.segmenter_registry import pinned_version
-
-    client = MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.tracking_uri)
-    try:
-        pinned_version(client, s.model)
-    except MlflowException as e:
-        raise ModelNotFound(f"{s.model}: not in the registry at {s.tracking_uri} ({e.message[:200]})") from None
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ class ModelOptions:
     beta1: float = 0.5
     niter: int = 100
     niter_decay: int = 100
+    # At the end of niter_fix_global the reference builds a new Adam for G (and E): every moment starts afresh.
+    # True keeps the enhancer's moments instead (one Adam throughout; what this project did before 2026-11-27).
+    keep_adam_after_fix_global: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():

@@ -168,8 +168,9 @@ class TrainStep:
         """'all': every G (+E) parameter; 'local': only the outermost local enhancer's (`niter_fix_global`: G1, and
         with two enhancers the inner one, frozen, as in the reference).
 
-        One Adam holds every parameter throughout: frozen parameters get no gradient and Adam skips them,
-        so switching 'local' -> 'all' keeps the enhancer's moments and step counts.
+        Switching 'local' -> 'all' starts G's (and E's) Adam afresh, as the reference builds a new one there; with
+        `keep_adam_after_fix_global` the enhancer keeps its moments and step counts (frozen parameters got no
+        gradient, so Adam holds no state for them either way).
         """
         if trainable not in ("all", "local"):
             raise ValueError(f"trainable={trainable!r} is not one of all, local")
@@ -183,6 +184,8 @@ class TrainStep:
                 if id(p) not in trained:
                     p.requires_grad_(trainable == "all")
                     p.grad = None
+        if self.trainable == "local" and trainable == "all" and not self.opt.keep_adam_after_fix_global:
+            self.opt_G.state.clear()  # the reference's new Adam (same lr, betas)
         self.trainable = trainable
         self._rewrap()
 

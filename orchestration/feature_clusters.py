@@ -102,21 +102,17 @@ def cluster_version(
     stored (stage 3's full resolution), and register the result as a new version: the same weights with these
     clusters. The alias is left where it is."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    from orchestration.registry import ModelNotFound, load_generator, register_clusters
-    from orchestration.segmenter_registry import pinned_version
+    from orchestration.registry import load_generator, register_clusters, resolve_version
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        name, version = pinned_version(client, spec)
-        data_uri = data_uri or client.get_model_version(name, version).tags.get("data_uri")
-    except MlflowException as e:
-        raise ModelNotFound(f"{spec}: not in the registry at {tracking_uri} ({e.message[:200]})") from None
+    mv = resolve_version(spec, tracking_uri)
+    name, version = mv.name, mv.version
+    data_uri = data_uri or mv.tags.get("data_uri")
     if not data_uri:
         raise ConfigError(
             f"{spec} (version {version}) does not record its data (registered before 2026-11-27): pass --data URI"
         )
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     bundle = load_generator(f"models:/{name}/{version}", tracking_uri)
     opt = bundle.opt
     if not opt.instance_feat:

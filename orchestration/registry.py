@@ -351,6 +351,25 @@ def _signature():
     )
 
 
+def resolve_version(spec: str, tracking_uri: str):
+    """The ModelVersion that models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS names now; a URI of
+    another form, one that names nothing, or a registry that does not answer is a one-line ModelNotFound."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from orchestration.segmenter_registry import pinned_version
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        return client.get_model_version(*pinned_version(client, spec))
+    except MlflowException as e:
+        raise ModelNotFound(
+            f"{spec}: not in the registry at {tracking_uri} ({e.message.splitlines()[0][:200]})"
+        ) from None
+    except ValueError as e:  # a malformed URI (EvaluationError)
+        raise ModelNotFound(str(e)) from None
+
+
 def load_generator(model_uri: str, tracking_uri: str | None = None) -> Pix2PixHDGenerator:
     configure_mlflow_client()
     import mlflow

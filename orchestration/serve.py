@@ -69,17 +69,14 @@ class Generator:
     def _refresh(self, force: bool = False) -> None:
         """Load the version the model URI names now, if it is not the one loaded. Registry trouble after the first
         load keeps the loaded version serving (logged)."""
-        from mlflow import MlflowClient
-
-        from orchestration.registry import load_generator
-        from orchestration.segmenter_registry import pinned_version
+        from orchestration.registry import load_generator, resolve_version
 
         if not force and time.monotonic() - self.checked < self.s.reload_s:
             return
         self.checked = time.monotonic()
         try:
-            client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-            name, version = pinned_version(client, self.s.model)
+            mv = resolve_version(self.s.model, self.tracking_uri)
+            name, version = mv.name, mv.version
             if f"{name}/{version}" == self.version:
                 return
             bundle = load_generator(f"models:/{name}/{version}", self.tracking_uri).to(self.device).eval()

@@ -64,8 +64,11 @@ def test_d_update_is_the_d_loss_on_the_detached_fake_and_the_real(opt):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_local_then_all_trains_only_the_enhancer_and_keeps_its_adam_state():
-    opt = tiny_options(netG="local", ngf=4)
+@pytest.mark.parametrize("keep", [False, True], ids=["reference-new-adam", "keep-adam"])
+def test_local_then_all_trains_only_the_enhancer_then_adam_starts_afresh_as_the_reference(keep):
+    """niter_fix_global trains the enhancer alone; at its end the reference builds a new Adam (every moment and
+    step count starts again); `keep_adam_after_fix_global` keeps the enhancer's instead."""
+    opt = tiny_options(netG="local", ngf=4, keep_adam_after_fix_global=keep)
     s = TrainStep(opt)
     batch = tiny_batch(opt)
     s.set_trainable("local")
@@ -84,7 +87,8 @@ def test_local_then_all_trains_only_the_enhancer_and_keeps_its_adam_state():
     g1 = snapshot(s.G)
     s.step(batch)
     assert any(k.startswith("model.") for k in changed(g1, s.G))
-    assert [s.opt_G.state[p]["step"].item() for p in enh] == [v + 1 for v in steps_before]
+    expected = [v + 1 for v in steps_before] if keep else [1] * len(enh)
+    assert [s.opt_G.state[p]["step"].item() for p in enh] == expected
     assert not torch.equal(s.opt_G.state[enh[0]]["exp_avg"], exp_avg_before)
     assert all(s.opt_G.state[p]["step"].item() == 1 for p in s.G.global_parameters())
 
