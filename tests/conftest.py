@@ -12,7 +12,8 @@ MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 def mlflow_uris_do_not_leak():
     """mlflow.set_tracking_uri / set_registry_uri also write MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into
     os.environ, which every later subprocess inherits: Ray nodes a later test starts then track into this test's
-    store (a cluster job without a tracking URI was no longer refused). Restored after each test."""
+    store (a cluster job without a tracking URI was no longer refused). Restored after each test, and MLflow's
+    in-process URIs unset."""
     saved = {k: os.environ.get(k) for k in MLFLOW_URI_VARIABLES}
     yield
     for k, v in saved.items():
@@ -20,6 +21,16 @@ def mlflow_uris_do_not_leak():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    # ... and in this process: a registry URI set by one test (load_generator sets both) sent a later test's
+    # mlflow.register_model / load_model to the other test's store
+    import sys
+
+    if "mlflow" in sys.modules:
+        import mlflow.tracking._model_registry.utils as registry_uri
+        import mlflow.tracking._tracking_service.utils as tracking_uri
+
+        tracking_uri._tracking_uri = None
+        registry_uri._registry_uri = None
 
 
 def tiny_options(**overrides) -> ModelOptions:

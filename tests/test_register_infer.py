@@ -298,6 +298,7 @@ def test_a_version_registered_as_a_pickle_is_refused_not_unpickled(registered, t
     import mlflow
 
     mlflow.set_tracking_uri(registered["tracking"])
+    mlflow.set_registry_uri(registered["tracking"])
     exp = mlflow.create_experiment("pickles", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns
     with mlflow.start_run(experiment_id=exp):
         info = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="generator", serialization_format="pickle")
@@ -359,6 +360,7 @@ def test_cluster_features_runs_on_ray_over_the_whole_split_and_registration_stor
     c = MlflowClient(tracking_uri=registered["tracking"], registry_uri=registered["tracking"])
     (version,) = [v for v in c.search_model_versions(f"name = '{MODEL}'") if v.tags.get("run_id") == "styled"]
     mlflow.set_tracking_uri(registered["tracking"])
+    mlflow.set_registry_uri(registered["tracking"])
     loaded = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version.version}")._model_impl.bundle
     assert torch.equal(loaded.clusters, stored["clusters"])
     assert torch.equal(loaded.cluster_counts, stored["cluster_counts"])
