@@ -4,6 +4,7 @@ secrets come from, and the RayJob's entrypoint through jobs.train's own argument
 
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -52,6 +53,11 @@ def test_the_image_installs_what_the_services_run():
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert "psycopg2-binary" in dockerfile  # mlflow server with a PostgreSQL store
     assert "rayproject/ray:2.60.0" in dockerfile  # the Ray of the nodes is the Ray of the clients (pyproject)
+    pyproject = tomllib.loads((DOCKER.parent / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = set(re.findall(r"^COPY (\w+) \1$", dockerfile, re.M))
+    assert packages <= copied, f"the image lacks {packages - copied}: jobs importing them fail on the nodes"
+    assert "editor/*.js" in str(pyproject["tool"]["setuptools"]["package-data"]["serving"])  # the page ships
 
 
 def kuberay(name):
