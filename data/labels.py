@@ -126,3 +126,8 @@ FACES = LabelSet(
 )
 
 LABEL_SETS = {s.name: s for s in (CITYSCAPES, FACES)}
+
+
+def label_set_of(label_nc: int) -> LabelSet | None:
+    """The known label set with `label_nc` classes (a model records only its class count), or None."""
+    return next((s for s in LABEL_SETS.values() if s.label_nc == label_nc), None)

@@ -84,11 +84,12 @@ def check_model_accepts(G, sizes: dict[str, tuple], labels: dict[str, storage.Lo
 def write_style_sheets(G, x: torch.Tensor, out: Path) -> list[Path]:
     """For each class with style clusters that has instances in `x` (1, 2, H, W): the map rendered once per
     style, every instance of that class in that style (the others in their largest cluster's), side by side."""
-    from data.labels import LABEL_SETS
+    from data.labels import label_set_of
     from model.styles import instance_class
     from orchestration.visuals import grid, save_png, titled
 
-    names = next((s.names for s in LABEL_SETS.values() if s.label_nc == G.opt.label_nc), None)
+    labels = label_set_of(G.opt.label_nc)
+    names = labels.names if labels else None
     written = []
     ids = x[0, 1].unique().tolist()
     for c in sorted({instance_class(i) for i in ids}):

@@ -118,7 +118,7 @@ class Generator:
 
     async def style_tiles(self, class_id: int) -> tuple[list[bytes], str]:
         """Each style of the class rendered on a thumbnail (its object on road, or the class alone)."""
-        from data.labels import LABEL_SETS
+        from data.labels import label_set_of
         from orchestration.visuals import to_uint8
         from serving.maps import encode_rgb
 
@@ -128,7 +128,7 @@ class Generator:
         if not opt.instance_feat or int(bundle.cluster_counts[class_id]) == 0:
             return [], self.version
         if class_id not in self.tiles:
-            labels = next((s for s in LABEL_SETS.values() if s.label_nc == opt.label_nc), None)
+            labels = label_set_of(opt.label_nc)
             thing = bool(labels and class_id in labels.instance_classes)
             background = labels.names.index("road") if labels and "road" in labels.names else class_id
             x = torch.from_numpy(_tile_map(class_id, thing, background, opt.size_multiple))

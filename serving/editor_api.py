@@ -53,7 +53,7 @@ def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]]
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
 
-    from data.labels import LABEL_SETS
+    from data.labels import label_set_of
 
     app = FastAPI(title="pix2pixHD editor", docs_url="/api")
     samples = samples or {}
@@ -89,7 +89,7 @@ def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]]
     @app.get("/classes")
     async def classes():
         i = await info()
-        labels = next((s for s in LABEL_SETS.values() if s.label_nc == i["label_nc"]), None)
+        labels = label_set_of(i["label_nc"])
         counts = i["cluster_counts"] or [0] * i["label_nc"]
         return {
             "model": i["model"],
