@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean browser
+.PHONY: demo test lint bench clean system-deps
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,15 +21,18 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# The editor's browser test drives Debian's chromium through Playwright (Playwright's own browser download is not
-# reachable from here); installed with apt when missing (as root, e.g. in CI).
-browser:
-	@command -v chromium >/dev/null || { \
-	  command -v apt-get >/dev/null && export DEBIAN_FRONTEND=noninteractive && \
-	  { apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
-	  { echo "the editor's browser test needs chromium: apt-get install chromium (as root)"; exit 1; }
+# What the tests need from Debian beside the venv, installed with apt when missing (as root, e.g. in CI): chromium
+# (the editor's browser tests drive it through Playwright, whose own browser download is not reachable from here)
+# and PostgreSQL (the MLflow server's store on the test bed of docker/compose.yaml, tests/compose_bed.py).
+system-deps:
+	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
+	  ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	  [ -z "$$missing" ] || { \
+	    command -v apt-get >/dev/null && export DEBIAN_FRONTEND=noninteractive && \
+	    { apt-get install -y -q $$missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; }; }; } || \
+	  { echo "the tests need$$missing: apt-get install$$missing (as root)"; exit 1; }
 
-test: lint browser
+test: lint system-deps
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed

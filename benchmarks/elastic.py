@@ -3,14 +3,14 @@
     python -m benchmarks.elastic [--every 0 3] [--samples 72] [--epochs 30] [--kill-at 13]
 
 For each `train.checkpoint_every_steps` value, and once more with a preemption notice (`ray drain-node`) before
-the node goes: a fresh two-node cluster on 127.0.0.1 (1 CPU each, Ray's default failure detection, moto's S3
+the node goes: a fresh two-node cluster on 127.0.0.1 (2 CPUs each, Ray's default failure detection, moto's S3
 server), stage 1 of configs/tiny.yaml on [1, 2] workers (spread: one per node), 8 steps an epoch, a checkpoint at
 each epoch's end as by default; after step 13 (epoch 2's fifth) the worker node's processes are killed, and
 started again once the stage trains at 1 worker. Printed per row: seconds from the node stopping to the next
 step at 1 worker (Ray's node-death detection, the worker-group restart, the checkpoint load), seconds from the
 node starting to the next step at 2 workers (the resize check, every 3 s here, and the restart), the steps
 trained twice after each resize (those since the last checkpoint), and the seconds the stage still trained after
-growing back. Same scenario as tests/test_elastic.py, which runs it on fewer samples with fast failure detection.
+growing back. tests/test_cluster.py runs the scenario on the test bed's hosts (a link cut instead of a kill).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from pathlib import Path
 
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
-from tests.elastic_scenario import node_loss_and_return
+from tests.elastic_scenario import elastic_cmd, node_loss_and_return
 from tests.services import apply_env, make_bucket, moto_s3_server, ray_cluster, s3_environment
-from tests.test_elastic import elastic_cmd
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare(PrepareOptions("flat", str(src), "s3://elastic/data", val_fraction=0.1), log=lambda m: None)
         for every, notice in [*((e, False) for e in a.every), (0, True)]:
             name = f"bench-{every}-{'notice' if notice else 'kill'}"
-            with ray_cluster(tmp / f"r{len(rows)}", s3_environment(s3), head_cpus=1, worker_cpus=[1]) as cluster:
+            with ray_cluster(tmp / f"r{len(rows)}", s3_environment(s3), head_cpus=2, worker_cpus=[2]) as cluster:
                 cmd = elastic_cmd(name, every, "--set", f"stage1.niter={a.epochs}")
                 # mid-epoch: 5 steps after the epoch-1 checkpoint (8 steps an epoch at 72 samples)
                 r = node_loss_and_return(cluster, cmd, notice, log=lambda m: print(f"  {m}"), after_step=a.kill_at)

@@ -154,12 +154,19 @@ def build_dataset(uri: str, split: str, cfg: PipelineConfig):
     locs = manifest.shard_locations
     # Shard order is shuffled per execution (= per epoch), deterministically from the seed; a file-level
     # shuffle keeps the pipeline streaming (randomize_block_order would be an all-to-all barrier).
-    ds = ray.data.read_parquet(
-        [loc.path for loc in locs],
-        filesystem=locs[0].fs,
-        num_cpus=cfg.read_cpus,
-        shuffle=FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True),
-    )
+    # read_parquet samples the files and fetches their metadata here, each with a progress bar that, without tqdm,
+    # prints "Run `pip install tqdm`" once per process: off for that, on again for the executions
+    ctx.enable_progress_bars = False
+    try:
+        ds = ray.data.read_parquet(
+            [loc.path for loc in locs],
+            filesystem=locs[0].fs,
+            num_cpus=cfg.read_cpus,
+            shuffle=FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True),
+        )
+    finally:
+        ctx.enable_progress_bars = True
+    ds.context.enable_progress_bars = True  # the dataset copied the context while it was off
     ds = ds.select_columns(columns(manifest))
     return ds.map_batches(
         Decode(cfg.geometry, cfg.instance_output, manifest),

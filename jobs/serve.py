@@ -27,7 +27,11 @@ def parse(argv: list[str] | None) -> tuple[ServeSettings, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=d.model, help=f"models:/NAME@ALIAS or models:/NAME/VERSION (default {d.model})")
     p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to be reachable from other machines)")
+    p.add_argument(
+        "--host",
+        help="HTTP host the proxies bind (default: 0.0.0.0 on a cluster, reachable from outside the nodes, as "
+        "docker/compose.yaml publishes port 8000 of the head; 127.0.0.1 on this machine)",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--proxy-location",
@@ -72,12 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, ModelNotFound) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
+    host = a.host or ("0.0.0.0" if on_cluster else "127.0.0.1")
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_config=ray.LoggingConfig(log_level="WARNING"))
-    serve.start(http_options={"host": a.host, "port": a.port}, proxy_location=a.proxy_location)
+    serve.start(http_options={"host": host, "port": a.port}, proxy_location=a.proxy_location)
     t0 = time.perf_counter()
     serve.run(build(s), name="pix2pixhd-editor", route_prefix="/")
+    shown = ray.util.get_node_ip_address() if host == "0.0.0.0" else host  # this node's (the head's) address
     print(
-        f"serving {s.model} at http://{a.host}:{a.port}/ (editor), POST /render; ready in {time.perf_counter() - t0:.0f}s"
+        f"serving {s.model} at http://{shown}:{a.port}/ (editor), POST /render; ready in {time.perf_counter() - t0:.0f}s"
     )
     sys.stdout.flush()
     if on_cluster:

@@ -104,6 +104,7 @@ def estimate_memory(plan: RunPlan, gpu_gib: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     stop_on_sigterm()
+    plan = None
     try:
         plan = plan_from_args(a)
         if a.estimate_memory is not None:
@@ -115,8 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     except RegistrationError as e:
         print(f"train: error: training finished but {e}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt as e:
-        print(f"train: stopped ({e or 'interrupted'}); resubmit the same --run-id to resume", file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or `ray job stop` (SIGTERM; SystemExit once Ray runs)
+        print(
+            f"train: stopped ({e or 'interrupted'}); run {plan.run_id}'s MLflow runs end KILLED. To resume from its "
+            f"latest checkpoint, submit the same command again (--run-id {plan.run_id})"
+            if plan
+            else f"train: stopped ({e or 'interrupted'})",
+            file=sys.stderr,
+            flush=True,
+        )
         return STOPPED_EXIT
     print(f"run {plan.run_id} done; final checkpoint {results.final['checkpoint']}")
     if results.registry:

@@ -2,7 +2,7 @@
 `segmenter-<dataset>` (what jobs.evaluate and the training's selection metric use by default).
 
     python -m jobs.train_segmenter --config configs/X.yaml [--data URI] [--storage URI] [--tracking-uri URI]
-        [--no-tracking] [--set segmenter.epochs=40 ...]
+        [--no-tracking] [--run-id ID] [--set segmenter.epochs=40 ...]
 
 The network and its schedule are the config's `segmenter:` section; workers, GPUs and CPUs its `train:` section.
 Exit status: 0 trained (and registered); 2 bad input; 130 stopped.
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
     p.add_argument("--no-tracking", action="store_true", help="train and save, do not register")
+    p.add_argument("--run-id", help="resume this earlier segmenter run (same settings); default: a new run")
     a = p.parse_args(argv)
     stop_on_sigterm()
     try:
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             data,
             a.storage or cfg.train.storage or DEFAULT_STORAGE,
             None if a.no_tracking else resolve_tracking_uri(a.tracking_uri),
+            a.run_id,
         )
         result = train(plan)
     except (ConfigError, ManifestError, StorageError, LayoutError, EvaluationError) as e:

@@ -113,6 +113,10 @@ class TrainConfig:
     # Ray may first try the old size until it has marked the node dead)
     worker_start_timeout_s: float = positive(60.0)
     check_resources: bool = True  # refuse requests the cluster's nodes can never hold (off: autoscaling clusters)
+    # a stage whose workers fit the cluster but not what is free now (other jobs, Serve replicas hold the rest):
+    # say so, naming what holds them, and wait for them (a line a minute), or fail at once
+    when_busy: Literal["wait", "fail"] = "wait"
+    busy_timeout_s: float = at_least(0.0, 0.0)  # wait: give up after this long (0: wait as long as it takes)
     ray_logs: Literal["quiet", "info"] = "quiet"  # quiet: Ray's routine INFO lines stay out of the job log
     max_failures: int = at_least(
         -1, 3

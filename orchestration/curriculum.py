@@ -28,6 +28,7 @@ from data.pipeline import build_dataset, execution_options
 from orchestration import checkpoint, resources
 from orchestration.config import Config, ConfigError
 from orchestration.failures import Trainer, fit
+from orchestration.job_log import drop_ray_chatter
 from orchestration.run_state import RunState, run_root
 from orchestration.stopping import run_status
 from orchestration.tracking import MLFLOW_CLIENT_ENV, RUN_TAG, STAGE_TAG, Tracker, send_kept_records, unsent_file
@@ -259,6 +260,13 @@ def stage_trainer(
     )
 
 
+# What the job's worker processes (Train workers and controller, Ray Data tasks) get with train.ray_logs: quiet, so
+# that the job log holds the project's lines: no stack dump of every worker process that `ray job stop` ends
+# ("*** SIGTERM received ... PC: @", Ray's C++ failure-signal handler; crashes still end the job with their error),
+# no c10d warning that a peer's address has no DNS name. train.ray_logs: info brings them back (and job_log's lines).
+QUIET_WORKER_ENV = {"RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+
 def connect_ray(cfg: Config, trial_cpus: float = 0.0, what: str = "the stage") -> None:
     """Join the cluster (RAY_ADDRESS, as under `ray job submit`) or start a local Ray; Ray's routine INFO lines
     (Train's worker-group and checkpoint lines, Ray Data's execution and progress lines) stay out of the job log
@@ -274,6 +282,7 @@ def connect_ray(cfg: Config, trial_cpus: float = 0.0, what: str = "the stage") -
         env = {k: os.environ.get(k, v) for k, v in MLFLOW_CLIENT_ENV.items()}  # a user's own values stay
         env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.worker_start_timeout_s)  # read by fit()
         if quiet:
+            env.update(QUIET_WORKER_ENV)
             env["RAY_DATA_LOG_LEVEL"] = "WARNING"  # Ray Data configures its loggers from it in each process
             logging.getLogger("ray.data").setLevel(logging.WARNING)  # this process configured them on import
             logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)  # "tqdm is not installed"
@@ -284,6 +293,8 @@ def connect_ray(cfg: Config, trial_cpus: float = 0.0, what: str = "the stage") -
             logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
             runtime_env={"env_vars": env} if env else None,
         )
+        if quiet:
+            drop_ray_chatter()
     resources.check(cfg, resources.cluster_nodes(), trial_cpus, what)
 
 
@@ -334,6 +345,7 @@ def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, selection
             heldout_split=val_split or cfg.data.train_split,
             selection=selection,
         )
+        resources.wait_until_free(cfg, f"stage {k}", log)  # others' work (Serve replicas, jobs) may hold them
         t0 = time.perf_counter()
         datasets = stage_datasets(cfg, k, plan.data_uri)
         result = fit(stage_trainer(cfg, k, datasets, context, root, f"stage{k}"), f"stage {k}")

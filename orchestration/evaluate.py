@@ -242,12 +242,12 @@ def evaluate(plan: EvalPlan, log=print) -> dict:
     else:
         segmenter = resolve_segmenter(plan.segmenter, cfg, labels, plan.tracking_uri, plan.class_map, log)
         feature = load_feature_net(plan.inception) if plan.inception else None
-    if segmenter is None:
+    if segmenter is None and plan.networks is None:  # (networks given: the caller chose what to score)
         log(
             "note: no segmenter (--segmenter, or one registered by jobs.train_segmenter): seg-score is unavailable; "
             f"train one: python -m jobs.train_segmenter --config ... --data {plan.data_uri}"
         )
-    if feature is None:
+    if feature is None and plan.networks is None:
         log(
             "note: FID/KID unavailable: give --inception PATH (NVIDIA's TorchScript inception-2015-12-05.pt, or any "
             "TorchScript network mapping uint8 images to one vector each)"

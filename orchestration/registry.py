@@ -202,14 +202,19 @@ def register(
     return _result(name, version, moved, final_checkpoint)
 
 
-def _log_version(client, name: str, bundle: Pix2PixHDGenerator, exp: str, run_id: str | None, run_name: str, tags):
-    """Log `bundle` as a pyfunc of weights and options into MLflow run `run_id` (None: a new one named `run_name`)
-    and create a version of `name` with `tags` (set in the same call); returns the version once it is READY."""
+def _log_version(
+    client, name: str, bundle: Pix2PixHDGenerator, exp: str, run_id: str | None, run_name: str, tags, parent=None
+):
+    """Log `bundle` as a pyfunc of weights and options into MLflow run `run_id` (None: a new one named `run_name`,
+    nested under run `parent` when given) and create a version of `name` with `tags` (set in the same call);
+    returns the version once it is READY."""
     import mlflow
 
     m = bundle.opt.min_size
     example = np.zeros((1, 2, m, 2 * m), np.int64)
-    with mlflow.start_run(run_id=run_id, experiment_id=exp, run_name=run_name), tempfile.TemporaryDirectory() as tmp:
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # "Validating input example ...": routine
+    run = mlflow.start_run(run_id=run_id, experiment_id=exp, run_name=run_name, parent_run_id=parent)
+    with run, tempfile.TemporaryDirectory() as tmp:
         info = mlflow.pyfunc.log_model(
             name="generator",
             loader_module=pyfunc.__name__,
@@ -245,7 +250,9 @@ def register_clusters(client, name: str, version: str, bundle: Pix2PixHDGenerato
         "clusters_instances": str(found["instances"]),
     }
     exp = client.get_run(source.run_id).info.experiment_id
-    new = _log_version(client, name, styled, exp, source.run_id, name, tags)
+    # a run of its own under the version's run: that run (the training's) keeps its name and end time
+    run_name = f"cluster_features {name}/{version}"
+    new = _log_version(client, name, styled, exp, None, run_name, tags, parent=source.run_id)
     log(
         f"registered {name} version {new}: version {version}'s weights with {int(found['cluster_counts'].sum())} "
         f"styles from {found['instances']} instances of {found['data']} '{found['split']}'; the '{ALIAS}' alias "

@@ -3,7 +3,8 @@ on the real validation photos, and register it in MLflow as `segmenter-<dataset>
 
 Same shards and Ray Data pipeline as the curriculum (at stage 3's geometry, no instance maps), same failure policy:
 a worker group that restarts resumes from the latest epoch checkpoint; bad input stops at once. Storage:
-{storage}/segmenters/<dataset>/ (Ray Train's run folder). The registered version is a folder of two files, no
+{storage}/segmenters/<dataset>/<run id>/ (Ray Train's run folder): a new one per job unless `--run-id` names an
+earlier one to resume, which must have been started with the same settings (`settings.json` there says which). The registered version is a folder of two files, no
 pickle: `segmenter.pt` (TorchScript, loadable without this project's code) and `class_map.yaml` (channel i is
 label id i; ids that never occur in the training labels are not scored, nor Cityscapes' ignored ids).
 """
@@ -11,7 +12,9 @@ label id i; ids that never occur in the training labels are not scored, nor City
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ from data.layouts import label_set
 from data.pipeline import PipelineConfig, build_dataset, execution_options, iter_epoch, iter_local_batches, started
 from evaluation.segscore import BUILT_IN, UNSCORED, ClassMap, SegScore
 from model.segmenter import SegmenterOptions, UNetSegmenter
-from orchestration.config import Config, from_dict
+from orchestration.config import Config, ConfigError, check_name, from_dict
 from orchestration.worker import emit, quiet_ray_train_reports, reduce_sum
 from orchestration.worker import pipeline_config as stage_pipeline_config
 
@@ -45,8 +48,12 @@ class SegmenterPlan:
     data_uri: str
     storage_uri: str
     tracking_uri: str | None  # None: trained and saved, not registered
+    run_id: str | None = None  # None: a new run folder (seg-YYYYmmdd-HHMMSS-xxxx); an earlier one's id resumes it
 
     def __post_init__(self) -> None:
+        if self.run_id is None:
+            self.run_id = f"seg-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+        check_name(self.run_id, "--run-id")
         # absolute: Train workers run in their staging folder, where a relative path names nothing
         self.data_uri = storage.resolve(self.data_uri).uri
 
@@ -160,6 +167,39 @@ def export(state: dict, into: Path) -> tuple[Path, ClassMap]:
     return path, cmap
 
 
+def differing_keys(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for k in sorted(set(before) | set(now)):
+        a, b = before.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += differing_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(prefix + k)
+    return keys
+
+
+def claim_run_folder(segmenters: storage.Location, plan: SegmenterPlan, log=print) -> None:
+    """{segmenters}/{run_id}/settings.json: what the run trains. A new run id writes it; an existing one resumes
+    only with the same settings (another width would not load the run's checkpoints)."""
+    settings = {"data_uri": plan.data_uri, "segmenter": dataclasses.asdict(plan.cfg.segmenter)}
+    settings["geometry"] = dataclasses.asdict(plan.cfg.segmenter_geometry())
+    settings = json.loads(json.dumps(settings))  # as stored: tuples are lists
+    loc = segmenters.join(plan.run_id, "settings.json")
+    if storage.exists(loc):
+        before = json.loads(storage.read_bytes(loc))
+        differ = differing_keys(before, settings)
+        if differ:
+            raise ConfigError(
+                f"segmenter run '{plan.run_id}' in {segmenters} was started with other settings ({', '.join(differ)} "
+                f"differ): leave out --run-id for a new run, or give the run's own settings to resume it"
+            )
+        log(f"[segmenter] resuming run {plan.run_id} (same settings)")
+        return
+    storage.write_bytes_atomic(loc, json.dumps(settings, indent=1, sort_keys=True).encode())
+    log(f"[segmenter] run {plan.run_id}: {segmenters.join(plan.run_id)}")
+
+
 def train(plan: SegmenterPlan, log=print) -> dict:
     """Train, export, and (with a tracking URI) register; returns the final metrics and where the model went."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -173,9 +213,13 @@ def train(plan: SegmenterPlan, log=print) -> dict:
     val_split = available_val_split(cfg, plan.data_uri, log)
     if val_split is None:
         log("note: no validation split: the segmenter's mIoU is measured on its training photos")
-    root = storage.resolve(plan.storage_uri).join("segmenters", cfg.dataset)
-    storage.check_writable(root)
+    segmenters = storage.resolve(plan.storage_uri).join("segmenters", cfg.dataset)
+    storage.check_writable(segmenters)
+    claim_run_folder(segmenters, plan, log)
     connect_ray(cfg, what="the segmenter")
+    from orchestration.resources import wait_until_free
+
+    wait_until_free(cfg, "the segmenter", log)
     pcfg = pipeline_config(cfg)
     datasets = {"train": build_dataset(plan.data_uri, cfg.data.train_split, pcfg)}
     t = cfg.train
@@ -197,9 +241,9 @@ def train(plan: SegmenterPlan, log=print) -> dict:
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers[1], use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name="run",
-            storage_path=root.path,
-            storage_filesystem=root.fs,
+            name=plan.run_id,
+            storage_path=segmenters.path,
+            storage_filesystem=segmenters.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=t.max_failures),
             logging_config=LoggingConfig(log_level="WARNING" if t.ray_logs == "quiet" else "INFO"),
@@ -216,7 +260,7 @@ def train(plan: SegmenterPlan, log=print) -> dict:
         out = Path(tmp) / "export"
         out.mkdir()
         path, cmap = export(state, out)
-        checkpoint_uri = ("s3://" if root.is_s3 else "") + result.checkpoint.path
+        checkpoint_uri = ("s3://" if segmenters.is_s3 else "") + result.checkpoint.path
         summary = {"metrics": metrics, "checkpoint": checkpoint_uri, "scored": len(cmap.scored)}
         if plan.tracking_uri:
             from orchestration.segmenter_registry import register_segmenter

@@ -57,6 +57,9 @@ class SweepPlan:
     resume: bool = False
     out: str | None = None  # a local copy of best.yaml (default: outputs/sweeps/NAME/best.yaml off a cluster)
 
+    def __post_init__(self) -> None:
+        self.data_uri = storage.resolve(self.data_uri).uri  # absolute: trials and best.yaml name it wherever they run
+
 
 def trial_config(base: dict, sampled: dict) -> Config:
     """The base configuration with a trial's sampled values applied."""
@@ -74,7 +77,7 @@ def _trial(config: dict, fixed: dict) -> None:
     cfg = trial_config(fixed["base"], config)
     k = fixed["stage"]
     trial = tune.get_context().get_trial_id()
-    root = storage.resolve(fixed["storage"])
+    root = storage.resolve(fixed["storage"]).join(trial)  # a run folder of its own: checkpoints, images, records
     context = StageContext(
         cfg.to_dict(),
         k,
@@ -87,7 +90,7 @@ def _trial(config: dict, fixed: dict) -> None:
         heldout_split=fixed["heldout_split"],
         selection=fixed["selection"],
     )
-    trainer = stage_trainer(cfg, k, fixed["datasets"], context, root, trial, callbacks=[TuneReportCallback()])
+    trainer = stage_trainer(cfg, k, fixed["datasets"], context, root, f"stage{k}", callbacks=[TuneReportCallback()])
     checkpoint_uri(fit(trainer, f"trial {trial}"), root, f"trial {trial}")
 
 
@@ -307,6 +310,13 @@ def _tune(
         raise RuntimeError(f"sweep {plan.name}: no trial reported {metric}; see the trial errors above")
     chosen = {key: best.config[key] for key in SAMPLED if key in best.config}
     best_cfg = trial_config(cfg.to_dict(), chosen)
+    # the data and storage the sweep ran on, as absolute URIs: the printed command works as it stands, wherever
+    # it is submitted (a relative data.uri named a folder in the sweep job's working-directory cache)
+    best_cfg = dataclasses.replace(
+        best_cfg,
+        data=dataclasses.replace(best_cfg.data, uri=plan.data_uri),
+        train=dataclasses.replace(best_cfg.train, storage=storage.resolve(plan.storage_uri).uri),
+    )
     yaml_text = (
         f"# best trial of sweep {plan.name}: {metric}={best.metrics[metric]:.4f}, {chosen}\n" + best_cfg.to_yaml()
     )

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 PROJECT_IMAGE = "pix2pixhd-orchestrator"
 POSTGRES_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
+NO_AGENT = "No available agent to submit job"  # the head's job agent not registered yet (a loaded host, a new head)
 _VAR = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
 
 
@@ -114,6 +115,7 @@ class ComposeBed:
         env_file_values: dict[str, str],
         compose_file: Path = REPO / "docker" / "compose.yaml",
         extra_env: dict[str, dict[str, str]] | None = None,
+        extra_args: dict[str, list[str]] | None = None,
         clients: tuple[str, ...] = ("client",),
         log=print,
     ):
@@ -141,6 +143,7 @@ class ComposeBed:
                     {k: str(v) for k, v in {**env, **extra}.items()},
                     {d: c.get("condition", "service_started") if isinstance(c, dict) else c for d, c in deps.items()},
                 )
+        self.extra_args = extra_args or {}  # appended to a service's command (benchmarks: a node's CPU count)
         self.clients = clients
         self.hosts = Hosts([*self.services, *clients], work)
         self._watch = threading.Event()
@@ -180,6 +183,61 @@ class ComposeBed:
         """`cmd` on a client host (a user's shell there, plus `env`) to its end."""
         return self.hosts.run(host, cmd, {**self.client_env(host), **(env or {})}, timeout=timeout, cwd=REPO, **kw)
 
+    # ---- the user's side: ray job submit, the dashboard's API --------------------------------------------------
+
+    @property
+    def dashboard(self) -> str:
+        """The Ray dashboard as the client host names it (ray-head's published port)."""
+        return "http://ray-head:8265"
+
+    def submit(self, entrypoint: list[str], wait: bool = True, timeout: float = 900, host: str = "client"):
+        """`ray job submit --working-dir .` of the checkout from a client host, as a user runs it; with wait, the
+        finished CompletedProcess (the job's log in stdout). A head whose job agent has not registered yet answers
+        "No available agent to submit job" (nothing started): submitted again, for up to a minute."""
+        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", str(REPO)]
+        if not wait:
+            cmd.append("--no-wait")
+        deadline = time.monotonic() + 60
+        while True:
+            r = self.run(host, [*cmd, "--", *entrypoint], timeout=timeout)
+            if r.returncode == 0 or NO_AGENT not in r.stdout + r.stderr or time.monotonic() > deadline:
+                return r
+            time.sleep(2)
+
+    def api(self, path: str, method: str = "GET", body: bytes | None = None) -> dict:
+        """The Ray dashboard's HTTP API (jobs, State API), from this process."""
+        import json
+
+        (head,) = self.replicas("ray-head")
+        req = urllib.request.Request(
+            f"{self.url(head, 8265)}{path}", data=body, method=method, headers=self.auth_headers()
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    def job_status(self, submission_id: str) -> str:
+        return self.api(f"/api/jobs/{submission_id}")["status"]
+
+    def job_logs(self, submission_id: str) -> str:
+        return self.api(f"/api/jobs/{submission_id}/logs")["logs"]
+
+    def stop_job(self, submission_id: str) -> None:
+        self.api(f"/api/jobs/{submission_id}/stop", method="POST")
+
+    def state(self, resource: str, **filters: str) -> list[dict]:
+        """Ray's State API (`ray list RESOURCE --detail`), e.g. state("actors", class_name="RayTrainWorker")."""
+        from urllib.parse import urlencode
+
+        query = [("detail", "1"), ("limit", "10000")]
+        for k, v in filters.items():
+            query += [("filter_keys", k), ("filter_predicates", "="), ("filter_values", v)]
+        return self.api(f"/api/v0/{resource}?{urlencode(query)}")["data"]["result"]["result"]
+
+    def host_of_node(self) -> dict[str, str]:
+        """Ray node id -> test bed host name, for every node the cluster has seen."""
+        by_address = {h.address: h.name for h in self.hosts.hosts.values()}
+        return {n["node_id"]: by_address.get(n["node_ip"], n["node_ip"]) for n in self.state("nodes")}
+
     # ---- services ------------------------------------------------------------------------------------------
 
     def _log(self, host: str) -> Path:
@@ -195,7 +253,8 @@ class ComposeBed:
         if s.image.startswith(PROJECT_IMAGE):
             env = {**self.base_env(s.name), **self.image_env, **s.env}
             cmd = s.spec["command"]
-            s.proc = self.hosts.popen(s.name, shlex.split(cmd) if isinstance(cmd, str) else cmd, env, self._log(s.name))
+            cmd = [*(shlex.split(cmd) if isinstance(cmd, str) else cmd), *self.extra_args.get(s.service, [])]
+            s.proc = self.hosts.popen(s.name, cmd, env, self._log(s.name))
         elif s.image.startswith("minio/minio"):
             moto = str(VENV_BIN / "moto_server")
             s.proc = self.hosts.popen(

@@ -129,3 +129,43 @@ def cityscapes_samples():
             f"real Cityscapes samples not present at {CITYSCAPES_SAMPLES} (they ship in ../shared, not the repo)"
         )
     return CITYSCAPES_SAMPLES
+
+
+# ---- the test bed: docker/compose.yaml as hosts (tests/compose_bed.py) --------------------------------------
+
+BED_SECRET = f"p2p-secret-{__import__('uuid').uuid4().hex}"  # the nodes' S3 secret: must reach no log, no MLflow
+BED_TOKEN = f"p2p-token-{__import__('uuid').uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def testbed():
+    """docker/compose.yaml started as a cluster of hosts, once per session, shared by every cluster test: MinIO
+    (moto), its bucket, PostgreSQL, MLflow, a Ray head and two workers, and a client host. The env file is
+    docker/.env.example with fresh secrets; Ray token authentication on, as there. The one difference from the
+    file: Ray's head notices a lost node after 3 s (1 s x 3 health checks) instead of Ray's 15."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.compose_bed import POSTGRES_BIN, ComposeBed
+    from tests.hosts import unavailable
+
+    reason = unavailable() or (None if POSTGRES_BIN else "PostgreSQL is not installed: make test installs it (root)")
+    if reason:
+        pytest.skip(reason)
+    work = Path(tempfile.mkdtemp(prefix="p2pbed-", dir="/tmp"))
+    work.chmod(0o711)  # PostgreSQL runs as its own user and must reach its folder
+    env = {"MINIO_ROOT_PASSWORD": BED_SECRET, "POSTGRES_PASSWORD": BED_SECRET[-16:], "RAY_AUTH_TOKEN": BED_TOKEN}
+    faster = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+    bed = ComposeBed(work, env, extra_env={"ray-head": faster})
+    try:
+        bed.up()
+        yield bed
+    finally:
+        bed.down()
+        keep = Path("test-artifacts") / "testbed"  # the services' logs, for a failed run's reader
+        shutil.rmtree(keep, ignore_errors=True)
+        for log in work.glob("*/service.log"):
+            (keep / log.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, keep / log.parent.name / "service.log")
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""A node leaving and coming back in the middle of an elastic stage, as on spot GPUs: used by
-tests/test_elastic.py (correctness) and benchmarks/elastic.py (how long each resize takes)."""
+"""A node leaving and coming back in the middle of an elastic stage, as on spot GPUs, on a cluster of `ray start`
+nodes on 127.0.0.1: benchmarks/elastic.py (how long each resize takes). The correctness test runs the same on the
+test bed's hosts (tests/test_cluster.py, a worker host cut off mid-stage)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,25 @@ from pathlib import Path
 from tests.services import RayCluster, submit_with_client
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def elastic_cmd(run_id: str, every: int, *extra: str) -> list[str]:
+    """Stage 1 of the tiny recipe on [1, 2] workers of 1 CPU (one per 2-CPU node, a whole CPU left beside it for
+    Ray Data's tasks: orchestration/resources.py)."""
+    settings = {
+        "train.num_workers": "[1,2]",
+        "train.placement": "spread",
+        "train.cpus_per_worker": 1,
+        "train.worker_start_timeout_s": 20,
+        "train.checkpoint_every_steps": every,
+        "train.resize_check_s": 3,
+        "train.preemption_check_steps": 1,
+        "train.log_every": 1,
+        "stage1.niter_decay": 0,
+    }
+    fixed = "--config configs/tiny.yaml --data s3://elastic/data --storage s3://elastic/runs --stages 1 --no-tracking"
+    sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    return ["python", "-m", "jobs.train", *fixed.split(), "--run-id", run_id, *sets, *extra]
 ENDED = ("FAILED", "SUCCEEDED", "STOPPED")
 STEP = re.compile(r"\[stage 1\] epoch \d+/\d+ step (\d+) ")
 

@@ -1,12 +1,18 @@
 """The cluster files in docker/ (compose, KubeRay) agree with what the code reads. No image can be pulled or built
-here, so they are checked by parsing: services, ports, the environment names the code and MLflow read, where the
-secrets come from, and the RayJob's entrypoint through jobs.train's own argument parser and config loader."""
+here: the compose file runs as a cluster of hosts in tests/test_cluster.py; here it and the KubeRay manifests are
+checked by reading them: services, ports, the environment names the code and MLflow read, where the secrets come
+from, the RayJob's entrypoint through jobs.train's own argument parser and config loader, and every KubeRay
+manifest against KubeRay's own CRD schemas (../shared/schemas/kuberay/), strictly: an unknown field is an error,
+as `kubectl apply --validate=strict` makes it."""
 
+import copy
 import re
 import shlex
 import tomllib
 from pathlib import Path
 
+import jsonschema
+import pytest
 import yaml
 
 from jobs.train import parse, plan_from_args
@@ -119,3 +125,112 @@ def test_the_serve_config_builds_the_application_jobs_serve_builds():
         and generator._deployment_config.autoscaling_config.max_replicas == 4
     )
     assert ServeSettings(**app["args"]).reload_s == 30
+
+
+# ---- KubeRay manifests against KubeRay's CRD schemas ------------------------------------------------------------
+
+SCHEMAS = DOCKER.parents[1] / "shared" / "schemas" / "kuberay"
+MANIFESTS = ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml")
+
+
+def strict(schema: dict) -> dict:
+    """The CRD schema with unknown fields refused where Kubernetes would prune them (objects with properties and
+    neither additionalProperties nor x-kubernetes-preserve-unknown-fields)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
+                node["additionalProperties"] = False
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema)
+    return schema
+
+
+@pytest.fixture(scope="module")
+def crd_schemas() -> dict:
+    if not SCHEMAS.is_dir():
+        pytest.skip(f"KubeRay's CRD schemas are not at {SCHEMAS} (they ship in ../shared, not the repo)")
+    out = {}
+    for f in SCHEMAS.glob("ray.io_*.yaml"):
+        crd = yaml.safe_load(f.read_text())
+        for v in crd["spec"]["versions"]:
+            out[(f"{crd['spec']['group']}/{v['name']}", crd["spec"]["names"]["kind"])] = strict(
+                v["schema"]["openAPIV3Schema"]
+            )
+    return out
+
+
+def schema_errors(crd_schemas: dict, doc: dict) -> list[str]:
+    schema = crd_schemas[(doc["apiVersion"], doc["kind"])]
+    errors = jsonschema.Draft7Validator(schema).iter_errors(doc)
+    return [f"{'.'.join(map(str, e.path))}: {e.message[:200]}" for e in errors]
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kuberay_manifests_are_valid_against_kuberays_crd_schemas(crd_schemas, name):
+    (doc,) = kuberay(name)
+    assert schema_errors(crd_schemas, doc) == []
+
+
+def test_the_strict_schemas_refuse_a_misspelt_field_and_a_wrong_type(crd_schemas):
+    (doc,) = kuberay("rayjob.yaml")
+    typo = copy.deepcopy(doc)
+    typo["spec"]["rayClusterSpec"]["enableInTreeAutoscalng"] = True
+    assert any("enableInTreeAutoscalng" in e for e in schema_errors(crd_schemas, typo))
+    wrong = copy.deepcopy(doc)
+    wrong["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["minReplicas"] = "four"
+    assert any("minReplicas" in e for e in schema_errors(crd_schemas, wrong))
+
+
+def cluster_specs():
+    (cluster,) = kuberay("raycluster.yaml")
+    (job,) = kuberay("rayjob.yaml")
+    (service,) = kuberay("rayservice.yaml")
+    return {
+        "raycluster": cluster["spec"],
+        "rayjob": job["spec"]["rayClusterSpec"],
+        "rayservice": service["spec"]["rayClusterConfig"],
+    }
+
+
+@pytest.mark.parametrize("name", ["raycluster", "rayjob", "rayservice"])
+def test_worker_groups_with_a_range_have_the_autoscaler_and_the_head_runs_no_tasks(name):
+    spec = cluster_specs()[name]
+    if any(g.get("minReplicas") != g.get("maxReplicas") for g in spec["workerGroupSpecs"]):
+        assert spec.get("enableInTreeAutoscaling") is True  # else KubeRay keeps `replicas` and ignores the range
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_the_rayservice_deploys_the_serve_config_of_docker_serve_yaml():
+    (service,) = kuberay("rayservice.yaml")
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == yaml.safe_load((DOCKER / "serve.yaml").read_text())
+
+
+def test_mlflow_allows_the_host_names_the_nodes_use():
+    """MLflow >= 3.5 refuses a Host header it does not allow; compose's and KubeRay's nodes name the server."""
+    allowed = compose()["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    default = re.fullmatch(r"\$\{MLFLOW_ALLOWED_HOSTS:-(.*)\}", allowed).group(1).split(",")
+    assert {"mlflow", "mlflow:5000"} <= set(default)
+    deployment, _ = kuberay("mlflow.yaml")
+    env = {e["name"]: e.get("value") for e in containers(deployment["spec"]["template"])[0]["env"]}
+    (job,) = kuberay("rayjob.yaml")
+    host = re.search(r"--tracking-uri http://(\S+)", job["spec"]["entrypoint"]).group(1)
+    assert host in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+
+
+def test_compose_publishes_the_editor_and_restarts_its_services():
+    s = compose()["services"]
+    assert "8000" in {p.split(":")[-1] for p in s["ray-head"]["ports"]}  # jobs.serve binds 0.0.0.0:8000 on the head
+    assert "--num-cpus=0" in s["ray-head"]["command"]
+    for name in ("minio", "postgres", "mlflow", "ray-head", "ray-worker"):
+        assert s[name].get("restart") == "unless-stopped", name

@@ -1,6 +1,6 @@
 """jobs.evaluate refuses bad input with one clear line and exit 2 before any compute (no Ray is started): a split
 that does not exist, a model that does not exist, models of different label sets, a segmenter file that is not
-TorchScript, a segmenter without its class map. (Evaluations that run: tests/test_train_e2e.py.)"""
+TorchScript, a segmenter without its class map. (Evaluations that run: tests/test_cluster.py.)"""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """Sweeps: Ray Tune must not copy the driver's credentials into trial runtime envs (every node's log prints them).
-The sweep itself, with --resume, runs on the two-node cluster of tests/test_train_e2e.py."""
+The sweep itself, with --resume, runs on the test bed of tests/test_cluster.py."""
 
 
 def test_tune_does_not_copy_credentials_into_trial_runtime_envs(monkeypatch):

@@ -301,6 +301,7 @@ const b64bytes = (s) => Uint8Array.from(atob(s), (ch) => ch.charCodeAt(0));
 
 async function open(value) {
   try {
+    if (value === "file:") return; // the file already open
     if (value.startsWith("blank:")) {
       const [h, w] = value.slice(6).split("x").map(Number);
       return blank(h, w);
@@ -318,6 +319,12 @@ async function openFile(file) {
   try {
     const label = await decodeIds(new Uint8Array(await file.arrayBuffer()));
     setMap(label.width, label.height, Uint8Array.from(label.ids), Uint16Array.from(label.ids));
+    // the list names the opened file, so that choosing a blank or a sample afterwards is a change that opens it
+    const select = $("open");
+    let entry = [...select.options].find((o) => o.value === "file:");
+    if (!entry) select.add((entry = new Option("", "file:")), 0);
+    entry.text = `file ${file.name}`;
+    select.value = "file:";
   } catch (e) {
     status(`${file.name}: ${e.message}`);
   }
@@ -351,7 +358,9 @@ async function main() {
     if (e.key === "z") { e.preventDefault(); restore(state.undo, state.redo); }
     if (e.key === "y") { e.preventDefault(); restore(state.redo, state.undo); }
   });
-  await open(select.options[select.options.length > blanks ? blanks : 0].value);
+  // the first sample (or the first blank) is opened, and the list shows it: choosing another entry opens that
+  select.selectedIndex = select.options.length > blanks ? blanks : 0;
+  await open(select.value);
   document.body.dataset.ready = "1";
 }
 
