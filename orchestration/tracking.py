@@ -76,6 +76,11 @@ MLFLOW_CLIENT_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    # artifacts through the server: with S3 behind it, MLflow 3 servers hand clients presigned URLs of *their* S3
+    # endpoint (compose's http://minio:9000), which a machine outside the cluster's network cannot resolve, and a
+    # model pulled from a laptop failed to download; proxied, a transfer works wherever the server answers
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
 }
 
 

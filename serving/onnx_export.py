@@ -9,6 +9,8 @@ check (label ids < label_nc, sizes that are multiples of 2^downsamplings) the ca
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,9 +52,26 @@ def export_onnx(bundle: Pix2PixHDGenerator, path: Path, height: int, width: int)
         names.append("features")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
-    with torch.no_grad():
-        torch.onnx.export(
-            module, args, str(tmp), input_names=names, output_names=["images"], dynamic_shapes=shapes, dynamo=True
-        )
+    # the exporter's own chatter (progress lines, "torchvision is not installed. Skipping torchvision::nms" x4, a
+    # FutureWarning from torch.export, "the axis name batch will not be used") is no news to the user: kept out
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*axis name.*will not be used", category=UserWarning)
+            torch.onnx.export(
+                module,
+                args,
+                str(tmp),
+                input_names=names,
+                output_names=["images"],
+                dynamic_shapes=shapes,
+                dynamo=True,
+                verbose=False,
+            )
+    finally:
+        registration.setLevel(level)
     tmp.replace(path)
     return path

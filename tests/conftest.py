@@ -157,7 +157,9 @@ def testbed():
     work.chmod(0o711)  # PostgreSQL runs as its own user and must reach its folder
     env = {"MINIO_ROOT_PASSWORD": BED_SECRET, "POSTGRES_PASSWORD": BED_SECRET[-16:], "RAY_AUTH_TOKEN": BED_TOKEN}
     faster = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
-    bed = ComposeBed(work, env, extra_env={"ray-head": faster})
+    # P2P_COMPOSE_FILE: another compose file (beside its .env.example), e.g. an older one, to see a test fail on it
+    compose = Path(os.environ.get("P2P_COMPOSE_FILE", Path(__file__).resolve().parents[1] / "docker" / "compose.yaml"))
+    bed = ComposeBed(work, env, compose_file=compose, extra_env={"ray-head": faster})
     try:
         bed.up()
         yield bed

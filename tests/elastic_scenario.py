@@ -32,6 +32,8 @@ def elastic_cmd(run_id: str, every: int, *extra: str) -> list[str]:
     fixed = "--config configs/tiny.yaml --data s3://elastic/data --storage s3://elastic/runs --stages 1 --no-tracking"
     sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
     return ["python", "-m", "jobs.train", *fixed.split(), "--run-id", run_id, *sets, *extra]
+
+
 ENDED = ("FAILED", "SUCCEEDED", "STOPPED")
 STEP = re.compile(r"\[stage 1\] epoch \d+/\d+ step (\d+) ")
 
