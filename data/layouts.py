@@ -188,10 +188,21 @@ def _ids(path: Path, what: str) -> np.ndarray:
     return np.asarray(img)
 
 
+# photo modes whose conversion to 8-bit RGB keeps the picture; 16-bit and float greys ("I;16", "I", "F") do not:
+# PIL clips them to 255, a photo of pure white
+PHOTO_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr")
+
+
 def load(layout: str, files: SampleFiles) -> LoadedSample:
     """Read and decode one sample. Raises BadSample naming the file at fault."""
     image_bytes = _read(files.image)
     image = _open(files.image)
+    if image.mode not in PHOTO_MODES:
+        raise BadSample(
+            files.image,
+            f"photo mode {image.mode} is not supported (16-bit or float pixels would be read as clipped 8-bit): "
+            f"convert it to 8-bit RGB, e.g. with PIL: (im >> 8) for 16-bit grey, then .convert('RGB')",
+        )
     w, h = image.size
     if layout == "celebamask":
         label = _compose_masks(files, (h, w))

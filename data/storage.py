@@ -180,6 +180,36 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
         raise StorageError(f"cannot write {_describe(loc)}: {_short(e)}") from None
 
 
+def create_exclusive(loc: Location, data: bytes) -> bool:
+    """Create the file or object only if it does not exist: True when this call created it, False when it was
+    there. S3: a conditional PUT (If-None-Match: *, honoured by AWS S3, MinIO and moto); local: O_CREAT | O_EXCL."""
+    try:
+        if loc.is_s3:
+            import boto3
+            from botocore.exceptions import ClientError
+
+            bucket, key = loc.path.split("/", 1)
+            try:
+                boto3.client("s3", endpoint_url=s3_endpoint()).put_object(
+                    Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"
+                )
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise StorageError(f"cannot write {_describe(loc)}: {_short(e)}") from None
+            return True
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+        try:
+            fd = os.open(loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    except OSError as e:
+        raise StorageError(f"cannot write {_describe(loc)}: {_short(e)}") from None
+
+
 def check_writable(loc: Location) -> None:
     """Write and delete a small probe object under `loc`; a clear error when that is not possible. Leaves nothing
     behind: no folder that did not exist, no S3 folder-marker object."""

@@ -10,6 +10,7 @@ COLUMNS = (
     ("seg_miou", "seg mIoU", "{:.3f}"),
     ("seg_miou_ratio", "/ real", "{:.2f}"),
     ("seg_pixel_acc", "pixel acc", "{:.3f}"),
+    ("seg_classes", "classes", "{:.0f}"),
     ("fid", "FID", "{:.2f}"),
     ("kid", "KID", "{:.4f}"),
     ("l1", "L1", "{:.4f}"),

@@ -19,6 +19,7 @@ import torch
 import yaml
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from data import strict_yaml
 from data.labels import CITY_ID, CITYSCAPES, LabelSet
 
 UNSCORED = -1  # a segmenter channel whose class is not scored (predicting it is wrong for any scored pixel)
@@ -59,6 +60,19 @@ class ClassMap:
             )
         return self
 
+    def check_split(self, class_histogram: list[int], labels: LabelSet, split: str) -> ClassMap:
+        """Every scored id has pixels in the split (its manifest's class_histogram): an id it never has cannot be
+        scored, and a map of such ids scores whatever few classes remain (road alone: mIoU 1.0)."""
+        absent = [i for i in self.scored if i >= len(class_histogram) or class_histogram[i] == 0]
+        if absent:
+            shown = ", ".join(f"{i} ({labels.names[i]})" for i in absent[:12])
+            raise EvaluationError(
+                f"class map {self.source} scores ids that {split} never has: {shown}"
+                f"{' ...' if len(absent) > 12 else ''}. List them under 'ignore' (they cannot be scored on this "
+                f"split), or evaluate on a split that has them"
+            )
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump({"classes": list(self.classes), "ignore": list(self.ignore)}, default_flow_style=True)
 
@@ -69,7 +83,7 @@ def load_class_map(path: str | Path) -> ClassMap:
     if str(path) in BUILT_IN:
         return BUILT_IN[str(path)]
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = strict_yaml.load(Path(path).read_text())
     except OSError as e:
         raise EvaluationError(
             f"class map {path}: cannot be read ({e}); or name a built-in one: {', '.join(BUILT_IN)}"
@@ -127,9 +141,10 @@ class SegScoreResult:
     pixel_accuracy: float  # over pixels of scored classes
     per_class: dict[str, float]  # IoU by class name; NaN where a class neither occurs nor is predicted
     pixels: int
+    classes: int = 0  # scored classes with pixels in the real labels: what the mIoU stands on
 
     def as_metrics(self, prefix: str = "seg_") -> dict[str, float]:
-        return {f"{prefix}miou": self.miou, f"{prefix}pixel_acc": self.pixel_accuracy}
+        return {f"{prefix}miou": self.miou, f"{prefix}pixel_acc": self.pixel_accuracy, f"{prefix}classes": self.classes}
 
 
 class SegScore:
@@ -177,4 +192,5 @@ class SegScore:
             pixel_accuracy=float(hit.sum() / gt_pixels) if gt_pixels > 0 else math.nan,
             per_class={self.labels.names[i]: float(v) for i, v in zip(self.map.scored, iou, strict=True)},
             pixels=int(gt_pixels),
+            classes=int((m[: self.k, :].sum(1) > 0).sum()),
         )

@@ -5,7 +5,7 @@
         [--reload-s S] [--labels DIR --instances DIR]
 
 Then open http://HOST:PORT/ (the editor) or POST /render (see serving/editor_api.py). On a running cluster
-(RAY_ADDRESS set) it deploys there and returns once the application is running; on a machine without one it
+(RAY_ADDRESS set, not `local`) it deploys there and returns once the application is running; on a machine without one it
 starts local Ray and serves until Ctrl-C / SIGTERM. A new version under the alias is picked up within --reload-s
 seconds, without a restart. Exit status: 0 served (or deployed), 2 bad input.
 """
@@ -13,7 +13,6 @@ seconds, without a restart. Exit status: 0 served (or deployed), 2 bad input.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -64,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from orchestration.ray_address import cluster_address
     from orchestration.registry import ModelNotFound, resolve_version
     from orchestration.serve import build, load_samples
     from orchestration.tracking import resolve_tracking_uri
 
-    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    on_cluster = cluster_address() is not None
     try:
         s.tracking_uri = resolve_tracking_uri(s.tracking_uri, ray_job=on_cluster)
         load_samples(s)  # a wrong --labels folder is named here, not in a replica's log
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
     host = a.host or ("0.0.0.0" if on_cluster else "127.0.0.1")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_config=ray.LoggingConfig(log_level="WARNING"))
+    ray.init(address=cluster_address(), logging_config=ray.LoggingConfig(log_level="WARNING"))
     serve.start(http_options={"host": host, "port": a.port}, proxy_location=a.proxy_location)
     t0 = time.perf_counter()
     serve.run(build(s), name="pix2pixhd-editor", route_prefix="/")

@@ -44,6 +44,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="URI",
         help="the checkpoint the first stage (2 or 3) starts from, e.g. an older one of the previous stage",
     )
+    p.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the run's lease from the job that holds it, once that job is dead (one job writes a run at a time)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else a local sqlite store)")
     p.add_argument("--no-tracking", action="store_true", help="no MLflow tracking and no registration")
@@ -88,6 +93,7 @@ def plan_from_args(a: argparse.Namespace) -> RunPlan:
         init_checkpoint=a.init_checkpoint,
         tracking_uri=None if a.no_tracking else resolve_tracking_uri(a.tracking_uri),
         register=not a.no_register,
+        take_over=a.take_over,
     )
 
 
@@ -117,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: error: training finished but {e}", file=sys.stderr)
         return 3
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or `ray job stop` (SIGTERM; SystemExit once Ray runs)
+        runs = f"run {plan.run_id}'s MLflow runs end KILLED; " if plan and plan.tracking_uri else ""
         print(
-            f"train: stopped ({e or 'interrupted'}); run {plan.run_id}'s MLflow runs end KILLED. To resume from its "
-            f"latest checkpoint, submit the same command again (--run-id {plan.run_id})"
+            f"train: stopped ({e or 'interrupted'}); {runs}to resume run {plan.run_id} from its latest checkpoint, "
+            f"submit the same command again (--run-id {plan.run_id})"
             if plan
             else f"train: stopped ({e or 'interrupted'})",
             file=sys.stderr,

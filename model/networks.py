@@ -309,6 +309,22 @@ def build_discriminator(opt: ModelOptions) -> MultiscaleDiscriminator:
     return MultiscaleDiscriminator(opt.discriminator_input_nc, opt.ndf, opt.n_layers_D, opt.num_D, opt.norm)
 
 
+def check_discriminator_fits(opt: ModelOptions, h: int, w: int) -> None:
+    """D's every scale takes an h x w image: run on PyTorch's meta device (shapes only, no memory, no compute),
+    as in training (train mode, batch 2). Else ValueError naming num_D and n_layers_D."""
+    with torch.device("meta"):
+        D = build_discriminator(opt).train()
+        x = torch.empty(2, opt.discriminator_input_nc, h, w)
+    try:
+        D(x)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"num_D={opt.num_D} with n_layers_D={opt.n_layers_D}: at {h}x{w} (height x width) D's coarsest scale "
+            f"(1/{2 ** (opt.num_D - 1)} of the image) is too small for its layers ({str(e).splitlines()[0][:120]}); "
+            f"lower num_D or train at a larger size"
+        ) from None
+
+
 def build_encoder(opt: ModelOptions) -> Encoder | None:
     if not opt.instance_feat:
         return None

@@ -112,6 +112,12 @@ def _check_style(instance_id: int, style, present: set[int], counts: torch.Tenso
             raise ValueError(
                 f"the feature vector for instance {instance_id} has {len(style)} values; this generator's are {feat_num}"
             )
+        for v in style:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not -1 <= v <= 1:
+                raise ValueError(
+                    f"the feature vector for instance {instance_id} holds {v!r:.40}: its values are numbers in "
+                    f"-1..1, the range of the encoder's tanh"
+                )
         return
     if isinstance(style, bool) or not isinstance(style, (int, np.integer)):
         raise ValueError(f"the style of instance {instance_id} is {style!r}: give a cluster index or a feature vector")

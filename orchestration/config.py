@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
+from data import strict_yaml
 from data.transforms import Geometry
 from model.options import ModelOptions
 
@@ -431,6 +432,65 @@ def _build(cls, raw: Any, prefix: str):
         raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
 
 
+def differing_keys(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for k in sorted(set(before) | set(now)):
+        a, b = before.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += differing_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(prefix + k)
+    return keys
+
+
+# keys that say how a run is carried out, not what it trains: a resumed run may change them
+OPERATIONAL_KEYS = tuple(
+    f"train.{k}"
+    for k in [
+        "use_gpu",
+        "cpus_per_worker",
+        "gpus_per_worker",
+        "placement",
+        "preemption_check_steps",
+        "resize_check_s",
+        "worker_start_timeout_s",
+        "check_resources",
+        "when_busy",
+        "busy_timeout_s",
+        "ray_logs",
+        "max_failures",
+        "storage",
+        "compile",
+        "channels_last",
+        "activation_checkpointing",
+        "image_every",
+        "log_every",
+        "save_epoch_freq",
+        "checkpoint_every_steps",
+    ]
+) + ("sweep",)
+
+
+def run_defining_differences(before: dict, now: dict) -> list[str]:
+    """The keys of config `now` that differ from `before` in what the run trains (OPERATIONAL_KEYS aside, and keys
+    `before` does not have: options added since it was written)."""
+
+    def recorded(key: str) -> bool:
+        node = before
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    return [
+        k
+        for k in differing_keys(before, now)
+        if recorded(k) and not any(k == op or k.startswith(op + ".") for op in OPERATIONAL_KEYS)
+    ]
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """`section.key=value` (value parsed as YAML) into the raw mapping."""
     if "=" not in assignment:
@@ -474,7 +534,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """The config in a YAML file (a local path or a storage URI), with `section.key=value` overrides."""
     text = _read_config(path)
     try:
-        raw = yaml.safe_load(text)
+        raw = strict_yaml.load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if raw is None:
@@ -487,6 +547,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         for assignment in overrides or []:
             apply_override(raw, assignment)
         cfg = _build(Config, raw, "")
+        missing = [f"stage{k}" for k in (1, 2, 3) if f"stage{k}" not in raw]
+        if missing:
+            raise ConfigError(
+                f"no {', '.join(missing)} section: each stage says how long it trains (e.g. "
+                f"'{missing[0]}: {{niter: 10, niter_decay: 10}}'); a stage left out would train a default epoch"
+            )
         cfg.validate()
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from data import shards, storage
 from data.layouts import label_set
 from data.pipeline import build_dataset, execution_options
+from model.networks import check_discriminator_fits
 from orchestration import checkpoint, resources
-from orchestration.config import Config, ConfigError
+from orchestration.config import Config, ConfigError, run_defining_differences
 from orchestration.failures import Trainer, fit
 from orchestration.job_log import drop_ray_chatter
+from orchestration.run_lease import RunLease
 from orchestration.run_state import RunState, run_root
 from orchestration.stopping import run_status
 from orchestration.tracking import MLFLOW_CLIENT_ENV, RUN_TAG, STAGE_TAG, Tracker, send_kept_records, unsent_file
@@ -59,6 +61,7 @@ class RunPlan:
     init_checkpoint: str | None = None  # the checkpoint the first stage starts from (default: the previous stage's)
     tracking_uri: str | None = None  # None: no tracking (resolve_tracking_uri gives the embedded default)
     register: bool = True  # register the generator after stage 3
+    take_over: bool = False  # take the run's lease from a job that holds it (and is dead: orchestration/run_lease)
 
     def __post_init__(self) -> None:
         # absolute: Train workers run in their staging folder, where a relative path names nothing
@@ -88,6 +91,7 @@ def preflight(plan: RunPlan, log=print) -> tuple[storage.Location, RunState, dic
         )
     storage.check_writable(root)
     state = RunState(root)
+    check_same_run(plan, state, root)
     inits: dict[int, str] = {}
     first = plan.stages[0]
     if plan.init_checkpoint and (first == 1 or state.done(first)):
@@ -104,7 +108,61 @@ def preflight(plan: RunPlan, log=print) -> tuple[storage.Location, RunState, dic
                 )
             init = prev["checkpoint"]
         inits[first] = verified_init(init, first, log)
+    pending = [k for k in plan.stages if not state.done(k)]
+    check_steps(plan.cfg, pending, manifest, plan.data_uri)
+    check_sizes(plan.cfg, pending, manifest, plan.data_uri)
     return root, state, inits
+
+
+def check_same_run(plan: RunPlan, state: RunState, root: storage.Location) -> None:
+    """A run is its config: resubmitting a run id with a config that trains something else (or other data) would
+    mix two trainings under one name (skipped stages, another config hash in run.json, checkpoints that no longer
+    load). Refused naming the keys; run.json is left as it is."""
+    before = state.data.get("config")
+    if before is None:
+        return
+    differ = run_defining_differences(before, plan.cfg.to_dict())
+    if state.data.get("data_uri") not in (None, plan.data_uri):
+        differ.append(f"data ({state.data['data_uri']} -> {plan.data_uri})")
+    if differ:
+        shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
+        raise ConfigError(
+            f"run {plan.run_id} in {root.uri} was trained with another config: {shown} differ from its run.json. "
+            f"Resubmit it with its own config to resume it, or start a new run: --run-id NEW_ID (with --from-run "
+            f"{plan.run_id} --stages K,... to start from its finished stages)"
+        )
+
+
+def check_sizes(cfg: Config, stages: list[int], manifest: dict, data_uri: str) -> None:
+    """Each stage's training size (the manifest's smallest image through the stage's resize/crop) fits its crop and
+    its discriminator's scales: found here, not by every worker in turn."""
+    res = manifest["resolution"]
+    h, w = (res["height"], res["width"]) if "height" in res else tuple(res["min"])
+    for k in stages:
+        geo = cfg.stage_geometry(k)
+        try:
+            size = (geo.fine_size, geo.fine_size) if geo.crops else geo.load_size_of(h, w)
+            if geo.crops:
+                geo.load_size_of(h, w)  # the crop fits what is loaded
+            check_discriminator_fits(cfg.stage_model(k), *size)
+        except ValueError as e:
+            raise ConfigError(f"stage {k} on {data_uri} ({w}x{h} images): {e}") from None
+
+
+def check_steps(cfg: Config, stages: list[int], manifest: dict, data_uri: str) -> None:
+    """Every stage trains at least one step per epoch at every worker count it may run with (each worker takes an
+    equal share of the split and drops its last partial batch): else a stage would record "done" untrained."""
+    n = int(manifest["sample_count"])
+    low, high = cfg.workers
+    for k in stages:
+        for w in range(low, high + 1):
+            if (n // w) // cfg.worker_batch(k, w) == 0:
+                raise ConfigError(
+                    f"stage {k}: the {cfg.data.train_split} split of {data_uri} has {n} sample(s), fewer than one "
+                    f"global batch of {w * cfg.worker_batch(k, w)} ({w} worker(s) x {cfg.worker_batch(k, w)}): no "
+                    f"step would train. Lower the batch (stage{k}.batch_size or train.batch_size) or the workers, or "
+                    f"prepare more samples"
+                )
 
 
 def verified_init(uri: str, stage: int, log=print) -> str:
@@ -146,10 +204,15 @@ def run(plan: RunPlan, log=print) -> RunResult:
     """Run the planned stages, tracked in MLflow when plan.tracking_uri is set; after stage 3 the generator is
     registered (plan.register): a registration that does not happen raises RegistrationError once training is
     done (the model is safe in storage; `jobs.register` retries it)."""
+    checked = preflight(plan, log)  # bad input fails here, before Ray or MLflow hear of the run
+    with RunLease(checked[0], plan.run_id, plan.take_over, log):  # one writer per run, before anything is written
+        return _run_checked(plan, checked, log)
+
+
+def _run_checked(plan: RunPlan, checked: tuple, log) -> RunResult:
     from orchestration.registry import RegistrationError, register_run
     from orchestration.selection import resolve_selection
 
-    checked = preflight(plan, log)  # bad input fails here, before Ray or MLflow hear of the run
     labels = label_set(shards.load_manifest(plan.data_uri, plan.cfg.data.train_split)["layout"])
     selection = resolve_selection(plan.cfg, labels, plan.tracking_uri, log)  # and a segmenter that does not load
     connect_ray(plan.cfg)  # and a request the cluster can never hold fails here
@@ -283,6 +346,9 @@ def connect_ray(cfg: Config, trial_cpus: float = 0.0, what: str = "the stage") -
         env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.worker_start_timeout_s)  # read by fit()
         if quiet:
             env.update(QUIET_WORKER_ENV)
+            # this process read the variable when it imported ray: its own handler (the driver's dump on `ray job
+            # stop`) follows the constant, which ray.init reads
+            ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
             env["RAY_DATA_LOG_LEVEL"] = "WARNING"  # Ray Data configures its loggers from it in each process
             logging.getLogger("ray.data").setLevel(logging.WARNING)  # this process configured them on import
             logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)  # "tqdm is not installed"

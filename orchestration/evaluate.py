@@ -241,6 +241,8 @@ def evaluate(plan: EvalPlan, log=print) -> dict:
         segmenter, feature = plan.networks
     else:
         segmenter = resolve_segmenter(plan.segmenter, cfg, labels, plan.tracking_uri, plan.class_map, log)
+        if segmenter is not None and plan.class_map:  # a map the user wrote: it claims what this split can score
+            segmenter.class_map.check_split(manifest["class_histogram"], labels, f"{plan.data_uri} '{plan.split}'")
         feature = load_feature_net(plan.inception) if plan.inception else None
     if segmenter is None and plan.networks is None:  # (networks given: the caller chose what to score)
         log(

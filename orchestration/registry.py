@@ -36,6 +36,7 @@ from orchestration.tracking import RUN_TAG, STAGE_TAG, configure_mlflow_client, 
 from serving import pyfunc
 
 ALIAS = "champion"
+DIGEST_TAG = "sha256."  # version tags sha256.weights.pt, sha256.options.json: the files it serves
 METRIC = "val_L1"  # lower is better; what versions are judged by without a segmenter or feature network
 JUDGED_METRIC, JUDGED_VALUE, JUDGED_BY = "judged.metric", "judged.value", "judged.by"
 PROJECT = Path(__file__).resolve().parents[1]
@@ -215,10 +216,12 @@ def _log_version(
     logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # "Validating input example ...": routine
     run = mlflow.start_run(run_id=run_id, experiment_id=exp, run_name=run_name, parent_run_id=parent)
     with run, tempfile.TemporaryDirectory() as tmp:
+        files = pyfunc.save(bundle, Path(tmp) / "generator")
+        tags = {**tags, **{f"{DIGEST_TAG}{k}": v for k, v in pyfunc.file_digests(files).items()}}
         info = mlflow.pyfunc.log_model(
             name="generator",
             loader_module=pyfunc.__name__,
-            data_path=str(pyfunc.save(bundle, Path(tmp) / "generator")),
+            data_path=str(files),
             code_paths=[str(PROJECT / "model"), str(PROJECT / "serving")],
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
             signature=_signature(),
@@ -345,12 +348,15 @@ class ModelNotFound(LookupError):
 
 
 def _signature():
-    """Label and instance ids of any batch and size in, images out (the size multiple is checked per request)."""
+    """Images out, request params named. No input schema: MLflow's scoring server casts a JSON body to the schema's
+    dtype before the model sees it (an int64 schema turns a map of 7.9 into 7), so the model's own check
+    (serving.pyfunc.check_request: integer ids (batch, 2, H, W), sizes, label ids) is the one input check, over
+    HTTP as in Python."""
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, 2, -1, -1))]),
+        inputs=None,
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
         params=ParamSchema(
             [ParamSpec("seed", "long", 0), ParamSpec("style_mode", "string", ""), ParamSpec("styles", "string", "")]
@@ -386,10 +392,24 @@ def load_generator(model_uri: str, tracking_uri: str | None = None) -> Pix2PixHD
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
     where = tracking_uri or mlflow.get_tracking_uri()
+    expected = None
     try:
+        if model_uri.startswith("models:/"):  # the version's recorded digests; the files of that very version
+            from mlflow import MlflowClient
+
+            from orchestration.segmenter_registry import pinned_version
+
+            client = MlflowClient(tracking_uri=where, registry_uri=where)
+            try:
+                pinned = pinned_version(client, model_uri)
+            except ValueError as e:  # a malformed URI, a name without versions
+                raise ModelNotFound(f"{model_uri}: not in the registry at {where} ({e})") from None
+            version = client.get_model_version(*pinned)
+            model_uri = f"models:/{version.name}/{version.version}"
+            expected = {k.removeprefix(DIGEST_TAG): v for k, v in version.tags.items() if k.startswith(DIGEST_TAG)}
         with tempfile.TemporaryDirectory(prefix="p2p-model-") as tmp:
             folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
-            return _load_files(folder, model_uri)
+            return _load_files(folder, model_uri, expected)
     except MlflowException as e:
         text = str(e.message if hasattr(e, "message") else e).strip()
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
@@ -404,7 +424,7 @@ def load_generator(model_uri: str, tracking_uri: str | None = None) -> Pix2PixHD
         raise ModelNotFound(f"{model_uri}: cannot reach the registry at {where} ({type(e).__name__})") from None
 
 
-def _load_files(folder: Path, model_uri: str) -> Pix2PixHDGenerator:
+def _load_files(folder: Path, model_uri: str, expected: dict[str, str] | None = None) -> Pix2PixHDGenerator:
     """A downloaded version's generator from its weights and options; a version registered as a pickle (before
     the pyfunc without pickle) is refused rather than unpickled."""
     from mlflow.models import Model
@@ -415,4 +435,4 @@ def _load_files(folder: Path, model_uri: str) -> Pix2PixHDGenerator:
             f"{model_uri}: registered as a pickle (loading it would run code stored with it); register its checkpoint "
             f"again to get a version of weights and options: python -m jobs.register --run RUN_ID --storage ..."
         )
-    return pyfunc.load(folder / flavor["data"])
+    return pyfunc.load(folder / flavor["data"], expected)

@@ -127,6 +127,32 @@ def _problem(cfg: Config, nodes: list[Node], trial_cpus: float, what: str, budge
         return f"{what}: building its dataset runs Ray Data's metadata tasks of 1 CPU, and no node has one free"
     if budget and not any(n.cpu >= 1.0 for n in nodes):
         return f"Ray Data's metadata tasks need a node with 1 CPU; the cluster: {listed}"
+    if budget and low < cfg.workers[1]:
+        return _elastic_problem(cfg, nodes, what)
+    return None
+
+
+def _elastic_problem(cfg: Config, nodes: list[Node], what: str) -> str | None:
+    """Shrunk by lost nodes, an elastic stage's Train still reserves its *maximum* workers' CPUs (Ray Train asks the
+    autoscaling coordinator for max_workers, to grow back): on the node left, those may leave Ray Data no whole
+    CPU, and the smaller stage then waits for data forever (seen: a 2-CPU node, workers of 1 CPU, [1, 2])."""
+    t = cfg.train
+    cpu, (low, high) = t.cpus_per_worker, cfg.workers
+    gpu = t.gpus_per_worker if t.use_gpu else 0.0
+    for n in nodes:
+        fits = math.floor(n.cpu / cpu + 1e-9) if cpu else high
+        if gpu:
+            fits = min(fits, math.floor(n.gpu / gpu + 1e-9))
+        held = min(high, fits)
+        if held >= low and math.floor(n.cpu - held * cpu + 1e-9) < 1:
+            most = math.floor((n.cpu - 1) / held * 10) / 10
+            fix = f"train.cpus_per_worker <= {most:g}" if most >= 0.1 else "nodes of more CPUs"
+            return (
+                f"{what} is elastic ({low}-{high} workers): with the other nodes lost, Ray Train still reserves "
+                f"{held} workers' CPUs on {n} (it asks for train.num_workers' maximum while smaller, to grow back), "
+                f"which leaves Ray Data {n.cpu - held * cpu:g} CPU, no whole one: the stage would wait for data "
+                f"forever. Choose {fix} so that a node left alone keeps a whole CPU, or nodes of more CPUs"
+            )
     return None
 
 

@@ -31,7 +31,7 @@ from data.layouts import label_set
 from data.pipeline import PipelineConfig, build_dataset, execution_options, iter_epoch, iter_local_batches, started
 from evaluation.segscore import BUILT_IN, UNSCORED, ClassMap, SegScore
 from model.segmenter import SegmenterOptions, UNetSegmenter
-from orchestration.config import Config, ConfigError, check_name, from_dict
+from orchestration.config import Config, ConfigError, check_name, differing_keys, from_dict
 from orchestration.worker import emit, quiet_ray_train_reports, reduce_sum
 from orchestration.worker import pipeline_config as stage_pipeline_config
 
@@ -165,18 +165,6 @@ def export(state: dict, into: Path) -> tuple[Path, ClassMap]:
     torch.jit.script(net.eval()).save(str(path))
     (into / CLASS_MAP_FILE).write_text(cmap.to_yaml())
     return path, cmap
-
-
-def differing_keys(before: dict, now: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested dicts."""
-    keys = []
-    for k in sorted(set(before) | set(now)):
-        a, b = before.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += differing_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(prefix + k)
-    return keys
 
 
 def claim_run_folder(segmenters: storage.Location, plan: SegmenterPlan, log=print) -> None:

@@ -14,7 +14,6 @@ sweep runs on this machine): `python -m jobs.train --config` accepts both.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from orchestration.curriculum import (
     verified_init,
 )
 from orchestration.failures import fit
+from orchestration.ray_address import cluster_address
 from orchestration.selection import objective, resolve_selection
 from orchestration.stopping import run_status
 from orchestration.tracking import STAGE_TAG, SWEEP_TAG, Tracker, send_kept_records, unsent_file
@@ -322,7 +322,7 @@ def _tune(
     )
     config_loc = root.join("best.yaml")
     storage.write_bytes_atomic(config_loc, yaml_text.encode())
-    out = plan.out or (None if os.environ.get("RAY_ADDRESS") else f"outputs/sweeps/{plan.name}/best.yaml")
+    out = plan.out or (None if cluster_address() else f"outputs/sweeps/{plan.name}/best.yaml")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(yaml_text)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from data import storage
+from orchestration.ray_address import cluster_address
 
 RUN_TAG, STAGE_TAG, SWEEP_TAG = "p2p.run_id", "p2p.stage", "p2p.sweep"
 LOCAL_STORE = Path("outputs/mlflow")
@@ -54,7 +55,7 @@ def resolve_tracking_uri(explicit: str | None = None, ray_job: bool = True) -> s
         return explicit
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if ray_job and os.environ.get("RAY_ADDRESS"):
+    if ray_job and cluster_address():
         raise ConfigError(
             "no MLflow tracking URI, and this job runs on a Ray cluster (RAY_ADDRESS is set): a local store would be "
             "written into the job's working directory and vanish with it. Give the job one through its runtime env "

@@ -9,7 +9,8 @@
 
 Every response names the model version in `X-Model-Version`; /render also says its time in `X-Render-Ms`. Bad
 input is a 4xx whose JSON `detail` names the problem: a map that is not a PNG, a wrong size, an unknown label id,
-a style that does not fit, a body over the size limit (413).
+a style that does not fit, a body over the size limit (413, chunked bodies included: counted while they stream),
+a body that does not arrive within BODY_TIMEOUT_S (408).
 
 `renderer` (see `Renderer`) does the model's work; orchestration/serve.py gives one backed by Ray Serve replicas.
 """
@@ -31,6 +32,7 @@ from serving.maps import MAX_PIXELS, MapError, decode_ids
 
 EDITOR = Path(__file__).parent / "editor"
 MAX_BODY = 16 * 1024 * 1024  # bytes of one request: two base64 PNGs of the largest maps fit
+BODY_TIMEOUT_S = 15.0  # a body that has not arrived whole by then is a 408: a slow client holds its slot no longer
 
 
 class Renderer(Protocol):
@@ -135,9 +137,7 @@ def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]]
 
     @app.post("/render")
     async def render(request: Request):
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            raise RequestError(f"the request body is {len(body)} bytes; the limit is {MAX_BODY}", 413)
+        body = await read_body(request)
         t0 = time.perf_counter()
         maps, styles, seed, mode = parse_render(body, await info())
         png, model = await renderer.render(maps, styles, seed, mode)
@@ -151,6 +151,32 @@ def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]]
 
     app.mount("/editor", StaticFiles(directory=EDITOR), name="editor")
     return app
+
+
+async def read_body(request) -> bytes:
+    """The body, counted while it streams (a chunked one has no Content-Length to refuse it by) and bounded in
+    time: over MAX_BODY is a 413 as soon as the limit is passed, a body still incomplete after BODY_TIMEOUT_S
+    (a client that sends less than its Content-Length, or trickles) a 408."""
+    import asyncio
+
+    parts: list[bytes] = []
+    size = 0
+
+    async def collect() -> None:
+        nonlocal size
+        async for part in request.stream():
+            size += len(part)
+            if size > MAX_BODY:
+                raise RequestError(f"the request body is over {MAX_BODY} bytes, the limit", 413)
+            parts.append(part)
+
+    try:
+        await asyncio.wait_for(collect(), BODY_TIMEOUT_S)
+    except TimeoutError:
+        raise RequestError(
+            f"the request body did not arrive within {BODY_TIMEOUT_S:.0f}s ({size} bytes came)", 408
+        ) from None
+    return b"".join(parts)
 
 
 def parse_render(body: bytes, info: dict) -> tuple[np.ndarray, dict, int, str | None]:

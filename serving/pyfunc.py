@@ -15,6 +15,7 @@ label id or style is HTTP 400 with a message that names it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,31 @@ from model.bundle import Pix2PixHDGenerator
 from model.networks import build_encoder, build_generator
 from model.options import ModelOptions
 
-WEIGHTS, OPTIONS = "weights.pt", "options.json"
+WEIGHTS, OPTIONS, DIGESTS = "weights.pt", "options.json", "sha256.json"
+
+
+class ArtifactMismatch(ValueError):
+    """A served file is not the file that was registered."""
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of the files a version serves, by name."""
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in (WEIGHTS, OPTIONS)}
+
+
+def verify(folder: Path, expected: dict[str, str] | None = None) -> None:
+    """The files match the digests written beside them at registration (sha256.json) and, given, those the
+    registry recorded (its version tags: kept apart from the artifact store); else ArtifactMismatch naming the file."""
+    recorded = json.loads((folder / DIGESTS).read_text()) if (folder / DIGESTS).exists() else None
+    got = file_digests(folder)
+    for where, wanted in (("sha256.json beside it", recorded), ("the registry's version tags", expected)):
+        for name, digest in (wanted or {}).items():
+            if got.get(name) != digest:
+                raise ArtifactMismatch(
+                    f"{name} (sha256 {got.get(name, 'missing')[:12]}) is not the file registered (sha256 {digest[:12]} "
+                    f"in {where}): it was changed after registration. Register the run's checkpoint again "
+                    f"(python -m jobs.register --run RUN_ID) rather than serve it"
+                )
 
 
 def save(bundle: Pix2PixHDGenerator, folder: Path) -> Path:
@@ -41,11 +66,14 @@ def save(bundle: Pix2PixHDGenerator, folder: Path) -> Path:
         state["E"] = bundle.E.state_dict()
     torch.save(state, folder / WEIGHTS)
     (folder / OPTIONS).write_text(json.dumps(bundle.options, indent=1, sort_keys=True))
+    (folder / DIGESTS).write_text(json.dumps(file_digests(folder), indent=1))
     return folder
 
 
-def load(folder: str | Path) -> Pix2PixHDGenerator:
+def load(folder: str | Path, expected: dict[str, str] | None = None) -> Pix2PixHDGenerator:
+    """The generator of a version's files, verified (see verify) before anything is read from them."""
     folder = Path(folder)
+    verify(folder, expected)
     options = json.loads((folder / OPTIONS).read_text())
     opt = ModelOptions(**options)
     state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)

@@ -95,3 +95,24 @@ def test_plans_hold_absolute_data_uris(tmp_path, monkeypatch):
     assert RunPlan(cfg, "r", [1], "outputs/data", "runs").data_uri == str(tmp_path / "outputs" / "data")
     assert SegmenterPlan(cfg, "outputs/data", "runs", None).data_uri == str(tmp_path / "outputs" / "data")
     assert SegmenterPlan(cfg, "s3://bucket/data", "runs", None).data_uri == "s3://bucket/data"
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    text = Path("configs/tiny.yaml").read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "\nstage1:\n  niter: 9\n")
+    first = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("stage1:"))
+    with pytest.raises(
+        ConfigError, match=rf"twice.yaml is not valid YAML: key 'stage1' is given twice \(line {first} "
+    ):
+        load_config(twice)
+    inner = tmp_path / "inner.yaml"
+    inner.write_text(text.replace("stage1:", "stage1:\n  lr: 0.1\n  lr: 0.2", 1))
+    with pytest.raises(ConfigError, match=r"key 'lr' is given twice"):
+        load_config(inner)
+    # keys a YAML merge (`<<: *anchor`) brings in may be overridden: that is not a duplicate
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(text.replace("stage1:", "stage1: &s1", 1).replace("stage3:", "stage3:\n  <<: *s1", 1))
+    cfg = load_config(merged)
+    assert cfg.stage3.load_size == cfg.stage1.load_size  # merged from stage1
+    assert (cfg.stage3.niter, cfg.stage3.num_D) != (cfg.stage1.niter, cfg.stage1.num_D)  # stage3's own

@@ -106,8 +106,14 @@ def _rewrite(path, fn):
             ),
             r"rendham_000002_000019_gtFine_instanceIds.png: \d+ pixels have instance ids that disagree with the label map",
         ),
+        (
+            lambda c: Image.fromarray(np.full((32, 64), 30000, np.uint16)).save(
+                next((c / "train_img").glob("rendham_000002*"))
+            ),
+            r"rendham_000002_000019_leftImg8bit.png: photo mode I;16 is not supported",
+        ),
     ],
-    ids=["label>=label_nc", "size-mismatch", "corrupt-png", "inconsistent-instances"],
+    ids=["label>=label_nc", "size-mismatch", "corrupt-png", "inconsistent-instances", "16-bit-grey-photo"],
 )
 def test_bad_sample_stops_before_anything_is_written(city, tmp_path, damage, message):
     damage(city)

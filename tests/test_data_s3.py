@@ -174,3 +174,21 @@ def test_a_failed_prepare_leaves_nothing_in_the_bucket(s3, bucket, tmp_path):
         prepare(PrepareOptions("flat", str(src), f"{bucket}/deep/prefix/city", workers=1), log=quiet)
     listed = boto3.client("s3").list_objects_v2(Bucket=bucket.removeprefix("s3://"))
     assert listed.get("Contents", []) == []  # no probe, no empty "folder/" marker object
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_create_exclusive_creates_once_of_many_at_once(bucket, tmp_path, where):
+    """The run lease's primitive: of eight writers racing to create one object, exactly one succeeds (S3: a
+    conditional PUT, which moto's server honours as AWS S3 and MinIO do; local: O_EXCL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data import storage
+
+    loc = storage.resolve(
+        f"{bucket}/runs/r/lease.json" if where == "s3" else str(tmp_path / "runs" / "r" / "lease.json")
+    )
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: storage.create_exclusive(loc, f"writer {i}".encode()), range(8)))
+    assert won.count(True) == 1
+    assert storage.read_bytes(loc) == f"writer {won.index(True)}".encode()
+    assert storage.create_exclusive(loc, b"late") is False

@@ -4,6 +4,7 @@ concurrent renders all succeed, a new champion is served without a restart, and 
 (Playwright driving Debian's chromium)."""
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -26,6 +27,7 @@ from serving.maps import encode_ids
 from tests.services import finished_run, free_port, serving
 
 MODEL = "pix2pixhd-synthetic-city"
+NAN = float("nan")  # JSON has no NaN; Python's json (and the server's) reads and writes it as NaN
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # the browser test's screenshots
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 
@@ -56,7 +58,9 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def editor(store):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # RAY_ADDRESS=local (Ray's "a local instance of my own") serves until stopped, as with no address: it is not a
+    # cluster to deploy on and return from (that printed "serving at ..." and exited, taking its Ray with it)
+    env = {**os.environ, "RAY_ADDRESS": "local"}
     ray_tmp = tempfile.mkdtemp(prefix="p2p-serve-")  # Ray's socket paths must stay under 108 bytes
     env |= {"RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [sys.executable, "-m", "jobs.serve", "--model", f"models:/{MODEL}@champion"]
@@ -163,8 +167,31 @@ def _rgb_png() -> str:
         ({"label": png64(street()[0]), "instances": png64(street()[1]), "styles": {"26077": 0}}, 400, "26077"),
         ({"label": png64(street()[0]), "instances": png64(street(64, 64)[1])}, 400, "instances are 64x64"),
         ({"labels": "x"}, 400, 'the body is a JSON object {"label"'),
+        (
+            {"label": png64(street()[0]), "instances": png64(street()[1]), "styles": {"26001": [0.1, NAN, 0.1]}},
+            400,
+            "holds nan: its values are numbers in -1..1",
+        ),
+        (
+            {"label": png64(street()[0]), "instances": png64(street()[1]), "styles": {"26001": [1e308, 0, 0]}},
+            400,
+            "holds 1e+308",
+        ),
     ],
-    ids=["size", "class-id", "not-png", "damaged-png", "rgb-png", "base64", "style", "instance", "pair", "fields"],
+    ids=[
+        "size",
+        "class-id",
+        "not-png",
+        "damaged-png",
+        "rgb-png",
+        "base64",
+        "style",
+        "instance",
+        "pair",
+        "fields",
+        "nan-vector",
+        "huge-vector",
+    ],
 )
 def test_bad_input_is_a_4xx_that_names_it_and_the_server_keeps_serving(editor, body, status, message):
     got, headers, answer = request(f"{editor}/render", json.dumps(body).encode())
@@ -308,3 +335,57 @@ def test_in_a_browser_paint_a_car_render_and_restyle_it(editor):
             assert page.inner_text("#model").startswith(f"{MODEL}/") and not errors, errors
         finally:
             browser.close()
+
+
+def test_a_half_sent_body_is_a_408_and_does_not_hold_the_server(editor):
+    """Five requests that promise 1000 bytes and send 10 hold nothing for long: each is answered 408 within the
+    body timeout, and /classes answers meanwhile (it used to wait 120 s and more behind them)."""
+    import socket
+    import time as clock
+    from urllib.parse import urlsplit
+
+    from serving.editor_api import BODY_TIMEOUT_S
+
+    host, port = urlsplit(editor).hostname, urlsplit(editor).port
+    stalled = []
+    for _ in range(5):
+        s = socket.create_connection((host, port), timeout=BODY_TIMEOUT_S + 60)
+        s.sendall(b"POST /render HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        s.sendall(b'{"label": ')
+        stalled.append(s)
+    t0 = clock.monotonic()
+    assert request(f"{editor}/classes")[0] == 200
+    assert clock.monotonic() - t0 < BODY_TIMEOUT_S
+    for s in stalled:
+        answer = s.recv(4096).decode(errors="replace")
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within" in answer, answer
+        s.close()
+    assert clock.monotonic() - t0 < BODY_TIMEOUT_S + 30
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(editor):
+    """No Content-Length to refuse it by: the body is counted as it arrives and refused once past the limit,
+    not read whole first (1 GiB used to be read into the replica before the 413)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from serving.editor_api import MAX_BODY
+
+    sent = {"bytes": 0}
+
+    def endless():  # would never end: only the server's answer stops it
+        chunk = b" " * (1 << 20)
+        while sent["bytes"] < 64 * MAX_BODY:
+            sent["bytes"] += len(chunk)
+            yield chunk
+
+    conn = http.client.HTTPConnection(urlsplit(editor).hostname, urlsplit(editor).port, timeout=120)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # answered and closed while we still sent
+        conn.request(
+            "POST", "/render", body=endless(), headers={"Content-Type": "application/json"}, encode_chunked=True
+        )
+    answer = conn.getresponse()
+    assert answer.status == 413 and "the limit" in json.loads(answer.read())["detail"]
+    assert sent["bytes"] < 8 * MAX_BODY, sent  # stopped near the limit, not after the whole body
+    conn.close()
+    assert render(editor, *street())[0] == 200

@@ -68,3 +68,31 @@ def test_a_segmenter_must_be_torchscript_and_come_with_its_class_map(city, tmp_p
     assert code == 2 and "is not a TorchScript file or a torch.export archive" in err
     code, err = evaluate(capsys, "--model", model, "--data", city, "--segmenter", str(state))
     assert code == 2 and "give its class map too (--class-map" in err
+
+
+class TwoClasses(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :1], -x[:, :1]], 1)
+
+
+def test_a_class_map_scoring_ids_the_split_never_has_is_refused_before_compute(city, tmp_path, capsys):
+    """Classes with no pixels on either side drop out of the mean: a map of one present class and absent ones
+    scored mIoU 1.0. Such a map is refused naming the absent ids, before any compute."""
+    import ray
+
+    from data.labels import CITYSCAPES
+    from data.shards import load_manifest
+
+    histogram = load_manifest(city, "val")["class_histogram"]
+    present = next(i for i, n in enumerate(histogram) if n > 0)
+    absent = next(i for i in range(CITYSCAPES.label_nc) if i >= len(histogram) or histogram[i] == 0)
+    cmap = tmp_path / "map.yaml"
+    ignore = [i for i in range(CITYSCAPES.label_nc) if i not in (present, absent)]
+    cmap.write_text(f"classes: [{present}, {absent}]\nignore: {ignore}\n")
+    segmenter = tmp_path / "two.pt"
+    torch.jit.script(TwoClasses()).save(str(segmenter))
+    args = ["--model", untrained(tmp_path / "g"), "--data", city, "--segmenter", str(segmenter)]
+    code, err = evaluate(capsys, *args, "--class-map", str(cmap), "--out", str(tmp_path / "report"))
+    assert code == 2, err
+    assert f"scores ids that {city} 'val' never has: {absent} ({CITYSCAPES.names[absent]})" in err, err
+    assert not ray.is_initialized() and not (tmp_path / "report").exists()

@@ -39,6 +39,7 @@ def test_seg_score_counts_iou_and_pixel_accuracy_over_scored_pixels_only():
     assert r.per_class["background"] == pytest.approx(6 / 9) and r.per_class["skin"] == pytest.approx(3 / 6)
     assert math.isnan(r.per_class["nose"])  # neither present nor predicted: not in the mean
     assert r.miou == pytest.approx((6 / 9 + 3 / 6) / 2)
+    assert r.classes == 2 and r.as_metrics()["seg_classes"] == 2  # what the mean stands on, reported with it
 
 
 def test_seg_score_resizes_logits_to_the_label_and_is_perfect_on_the_truth():

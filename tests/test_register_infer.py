@@ -4,6 +4,7 @@ anything, against a real (sqlite) MLflow store and a finished run made without t
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,9 +266,11 @@ def test_mlflow_serves_the_champion_at_any_multiple_size_as_jobs_infer_renders_i
         (np.zeros((1, 2, 30, 64), np.int64), "the maps are 30x64 (height x width); this generator needs multiples of"),
         (np.zeros((1, 2, 8, 16), np.int64), "needs multiples of 8, at least 16 (e.g. 16x16)"),  # G's residual pads
         (np.full((1, 2, 32, 64), 99, np.int64), "label ids [99] are outside 0..34"),
-        (np.zeros((1, 3, 32, 64), np.int64), "does not match expected shape (-1, 2, -1, -1)"),  # MLflow's check
+        (np.zeros((1, 3, 32, 64), np.int64), "inputs have shape (1, 3, 32, 64); expected (batch, 2, height, width)"),
+        (np.full((1, 2, 32, 64), 7.9), "inputs are float64; label and instance maps are integer ids"),  # not 7
+        (np.full((1, 2, 32, 64), 7.0), "inputs are float64"),  # JSON 7.0 is a float: ids are integers
     ],
-    ids=["size", "too-small", "label-id", "channels"],
+    ids=["size", "too-small", "label-id", "channels", "float-map", "integral-float-map"],
 )
 def test_a_bad_request_is_a_400_that_names_the_problem(served, inputs, message):
     status, body = post(served, {"inputs": inputs.tolist()})
@@ -384,3 +387,36 @@ def test_cluster_features_runs_on_ray_over_the_whole_split_and_registration_stor
         "jobs.cluster_features", "--model", "models:/no-such-model/1", "--tracking-uri", registered["tracking"]
     )
     assert missing.returncode == 2 and "cluster_features: error: models:/no-such-model/1" in missing.stderr
+
+
+def test_a_swapped_weights_file_is_refused_by_every_loader(registered, tmp_path):
+    """The version records the sha256 of each file it serves (its tags, and sha256.json beside the files):
+    weights.pt swapped for other weights of the same network is refused by name by jobs.infer (registry loads)
+    and by the module `mlflow models serve` runs, instead of rendering without a word."""
+    import shutil
+
+    from model.networks import build_generator
+    from orchestration.registry import DIGEST_TAG, load_generator
+    from serving import pyfunc
+
+    client = MlflowClient(tracking_uri=registered["tracking"], registry_uri=registered["tracking"])
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert {DIGEST_TAG + "weights.pt", DIGEST_TAG + "options.json"} <= set(version.tags)
+    stored = Path(client.get_logged_model(version.model_id).artifact_location.removeprefix("file://"))
+    (weights,) = stored.rglob(pyfunc.WEIGHTS)  # the file in the artifact store
+    original = tmp_path / "original.pt"
+    shutil.copy(weights, original)
+    bundle = load_generator(f"models:/{MODEL}@champion", registered["tracking"])
+    state = torch.load(weights, weights_only=True)
+    state["G"] = build_generator(bundle.opt).state_dict()  # the same network, other (fresh) weights
+    torch.save(state, weights)
+    try:
+        r = infer(registered, tmp_path / "out")
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "weights.pt (sha256 " in r.stderr and "is not the file registered" in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))
+        with pytest.raises(pyfunc.ArtifactMismatch, match="sha256.json beside it"):
+            pyfunc._load_pyfunc(str(weights.parent))
+    finally:
+        shutil.copy(original, weights)
+    assert infer(registered, tmp_path / "again").returncode == 0

@@ -75,6 +75,21 @@ def test_ray_datas_whole_cpu_rule_is_modelled_and_the_fix_named():
     check(cfg("train.cpus_per_worker=1.5"), [*two, Node("10.0.0.3:1", 1.0)])  # a node without workers gives one
 
 
+def test_an_elastic_stage_shrunk_to_one_node_must_leave_ray_data_a_whole_cpu():
+    """Seen on the test bed: [1, 2] workers of 1 CPU on two 2-CPU hosts; one host lost, Ray Train reserved both
+    workers' CPUs on the other (it asks for the maximum to grow back) and Ray Data's ReadParquet never ran."""
+    two = [Node("ray-worker-1", 2.0), Node("ray-worker-2", 2.0)]
+    elastic = ("train.placement=spread", "train.num_workers=[1,2]")
+    with pytest.raises(
+        ConfigError,
+        match=r"is elastic \(1-2 workers\): .* reserves 2 workers' CPUs on ray-worker-1 \(CPU 2\) .* leaves Ray Data "
+        r"0 CPU.* Choose train.cpus_per_worker <= 0.5",
+    ):
+        check(cfg(*elastic, "train.cpus_per_worker=1"), two)
+    check(cfg(*elastic, "train.cpus_per_worker=0.5"), two)  # tests/elastic_scenario.py's
+    check(cfg("train.placement=spread", "train.num_workers=2", "train.cpus_per_worker=1"), two)  # not elastic
+
+
 def test_autoscaling_clusters_can_turn_the_check_off():
     check(cfg("train.cpus_per_worker=2", "train.check_resources=false"), ONE_CPU_NODES)
 

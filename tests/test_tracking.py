@@ -165,3 +165,22 @@ def test_instance_feature_bundle_carries_encoder_and_per_class_clusters(tmp_path
     label[:, 40:, 50:80] = 26
     out = bundle(torch.stack([label, label * 1000], 1))
     assert out.shape == (1, 3, 64, 128)
+
+
+@pytest.mark.parametrize(
+    "address, on_cluster", [("ray-head:6379", True), ("auto", True), ("local", False), ("", False)]
+)
+def test_only_a_cluster_address_forbids_the_embedded_store(monkeypatch, address, on_cluster):
+    """On a cluster the embedded store would vanish with the job's working directory: refused. RAY_ADDRESS=local
+    is Ray's own local instance, the same as none: the embedded store is right there."""
+    from orchestration.config import ConfigError
+    from orchestration.tracking import resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    if on_cluster:
+        with pytest.raises(ConfigError, match="this job runs on a Ray cluster"):
+            resolve_tracking_uri(ray_job=True)
+    else:
+        assert resolve_tracking_uri(ray_job=True).startswith("sqlite:///")
+    assert resolve_tracking_uri(ray_job=False).startswith("sqlite:///")  # a job that never runs on the cluster

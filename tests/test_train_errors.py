@@ -1,5 +1,7 @@
 """Bad input to jobs.train is a clear error before any worker (or Ray itself) starts."""
 
+from pathlib import Path
+
 import pytest
 import ray
 
@@ -11,7 +13,7 @@ from jobs.train import main
 @pytest.fixture(scope="module")
 def data_uri(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("data")
-    src = write_city(tmp / "src", count=4, height=64, width=128, workers=1)
+    src = write_city(tmp / "src", count=8, height=64, width=128, workers=1)  # one global batch of tiny.yaml
     prepare(PrepareOptions("flat", str(src), str(tmp / "data"), workers=1), log=lambda m: None)
     return str(tmp / "data")
 
@@ -77,6 +79,29 @@ def data_uri(tmp_path_factory):
             r"--from-run '../x' is not a valid name",
         ),
         (["--config", "configs/tiny.yaml", "--set", "dataset=a/b"], r"dataset 'a/b' is not a valid name"),
+        (
+            ["--config", "configs/tiny.yaml", "--set", "train.batch_size=8"],  # 8 samples: 4 per worker, batch 8
+            r"stage 1: the train split of {data} has 8 sample\(s\), fewer than one global batch of 16 \(2 worker\(s\) x 8\)",
+        ),
+        (["--config", "{tmp}/two-stages.yaml"], r"two-stages.yaml: no stage3 section: each stage says how long"),
+        (
+            [
+                "--config",
+                "configs/tiny.yaml",
+                "--set",
+                "stage1.num_D=7",
+                "--set",
+                "stage2.num_D=7",
+                "--set",
+                "stage3.num_D=7",
+            ],
+            r"stage 1 on {data} \(128x64 images\): num_D=7 with n_layers_D=\d: at 32x64 \(height x width\) D's coarsest",
+        ),
+        (
+            ["--config", "configs/tiny.yaml", "--set", "stage1.resize_or_crop=scale_width_and_crop"]
+            + ["--set", "stage1.fine_size=128"],
+            r"stage 1 on {data} \(128x64 images\): scale_width_and_crop: the loaded size 64x32 is smaller than fine_size 128",
+        ),
     ],
     ids=[
         "missing-config",
@@ -104,10 +129,16 @@ def data_uri(tmp_path_factory):
         "run-id-quote",
         "from-run-parent",
         "dataset-name",
+        "fewer-samples-than-a-batch",
+        "missing-stage-section",
+        "num_D-too-large-for-the-image",
+        "crop-larger-than-the-image",
     ],
 )
 def test_bad_input_fails_before_ray_starts(args, message, data_uri, tmp_path, capsys):
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    tiny = Path("configs/tiny.yaml").read_text()
+    (tmp_path / "two-stages.yaml").write_text(tiny[: tiny.index("stage3:")])
     fill = {"tmp": str(tmp_path), "data": data_uri}
     args = [a.format(**fill) for a in args]
     if "--data" not in args:
@@ -120,7 +151,7 @@ def test_bad_input_fails_before_ray_starts(args, message, data_uri, tmp_path, ca
 
     assert re.search(message.format(**fill), err), err
     assert not ray.is_initialized()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]  # nothing written, not even a folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml", "two-stages.yaml"]  # nothing written
 
 
 def test_a_damaged_handover_checkpoint_is_caught_in_the_driver_and_names_the_good_one(data_uri, tmp_path, capsys):
@@ -168,3 +199,62 @@ def test_a_damaged_handover_checkpoint_is_caught_in_the_driver_and_names_the_goo
     assert preflight(plan, log=lambda m: None)[2] == {2: str(older)}
     with pytest.raises(Exception, match="is a stage 1 checkpoint; stage 3 starts from a stage 2 one"):
         preflight(RunPlan(cfg, "r", [3], data_uri, str(tmp_path / "runs"), init_checkpoint=str(older)), log=print)
+
+
+def test_a_run_id_resubmitted_with_another_config_is_refused_and_run_json_kept(data_uri, tmp_path, capsys):
+    """A run is its config: another model width under a finished run's id is refused naming the keys,
+    before Ray, and run.json stays byte for byte; keys of how it runs (workers' CPUs, logs) may change on resume."""
+    from orchestration.config import load_config
+    from orchestration.curriculum import RunPlan, preflight
+    from orchestration.run_state import RunState, run_root
+
+    runs = str(tmp_path / "runs")
+    cfg = load_config("configs/tiny.yaml")
+    RunState(run_root(runs, "r")).update(run_id="r", data_uri=data_uri, config=cfg.to_dict())
+    before = (tmp_path / "runs" / "r" / "run.json").read_bytes()
+    args = ["--config", "configs/tiny.yaml", "--data", data_uri, "--storage", runs, "--run-id", "r"]
+    assert main([*args, "--set", f"model.ngf={cfg.model.ngf * 2}", "--set", "stage1.lr=0.001"]) == 2
+    err = capsys.readouterr().err
+    assert f"run r in {runs}/r was trained with another config: model.ngf, stage1.lr differ from its run.json" in err
+    assert "--run-id NEW_ID (with --from-run r --stages K" in err
+    assert (tmp_path / "runs" / "r" / "run.json").read_bytes() == before
+    assert not ray.is_initialized()
+    resumed = load_config("configs/tiny.yaml", ["train.cpus_per_worker=0.5", "train.ray_logs=info"])
+    preflight(RunPlan(resumed, "r", [1, 2, 3], data_uri, runs), log=lambda m: None)  # operational keys: allowed
+
+
+def test_a_second_job_on_a_run_being_written_is_refused_at_once_naming_the_holder(data_uri, tmp_path, capsys):
+    """One writer per run: a job whose run's lease is held (fresh heartbeat) by another is refused before Ray,
+    naming the holder and --take-over; a stale lease (a driver killed -9) is taken over; a released one is gone."""
+    import json
+    import time
+
+    from orchestration import run_lease
+    from orchestration.run_state import run_root
+
+    runs = str(tmp_path / "runs")
+    root = run_root(runs, "r")
+    args = ["--config", "configs/tiny.yaml", "--data", data_uri, "--storage", runs, "--run-id", "r"]
+    holder = run_lease.RunLease(root, "r").acquire()
+    try:
+        t0 = time.monotonic()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "run r is being written by " in err and "one job writes a run at a time" in err, err
+        assert "rerun with --take-over" in err and time.monotonic() - t0 < 10
+        assert not ray.is_initialized()
+        second = run_lease.RunLease(root, "r")
+        with pytest.raises(run_lease.RunLeaseHeld):
+            second.acquire()
+        taken = run_lease.RunLease(root, "r", take_over=True, log=print).acquire()  # the holder is "dead"
+        assert "taking over the lease" in capsys.readouterr().out
+        assert json.loads((tmp_path / "runs" / "r" / "lease.json").read_text())["token"] == taken.token
+        taken.release()
+    finally:
+        holder.release()  # no longer the holder: leaves the file alone
+    assert not (tmp_path / "runs" / "r" / "lease.json").exists()
+    stale = {"owner": "gone pid 1", "job": None, "token": "x", "taken": 0, "heartbeat": time.time() - 1000}
+    (tmp_path / "runs" / "r" / "lease.json").write_text(json.dumps(stale))
+    with run_lease.RunLease(root, "r", log=print):  # heartbeat 1000 s old: taken over without --take-over
+        assert "its heartbeat is 1000s old" in capsys.readouterr().out
+    assert not (tmp_path / "runs" / "r" / "lease.json").exists()
