@@ -3,7 +3,7 @@
     python -m benchmarks.elastic [--every 0 3] [--samples 72] [--epochs 30] [--kill-at 13]
 
 For each `train.checkpoint_every_steps` value, and once more with a preemption notice (`ray drain-node`) before
-the node goes: a fresh two-node cluster on 127.0.0.1 (2 CPUs each, Ray's default failure detection, moto's S3
+the node goes: a fresh two-node cluster on 127.0.0.1 (3 CPUs each, workers of 2, Ray's default failure detection, moto's S3
 server), stage 1 of configs/tiny.yaml on [1, 2] workers (spread: one per node), 8 steps an epoch, a checkpoint at
 each epoch's end as by default; after step 13 (epoch 2's fifth) the worker node's processes are killed, and
 started again once the stage trains at 1 worker. Printed per row: seconds from the node stopping to the next
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare(PrepareOptions("flat", str(src), "s3://elastic/data", val_fraction=0.1), log=lambda m: None)
         for every, notice in [*((e, False) for e in a.every), (0, True)]:
             name = f"bench-{every}-{'notice' if notice else 'kill'}"
-            with ray_cluster(tmp / f"r{len(rows)}", s3_environment(s3), head_cpus=2, worker_cpus=[2]) as cluster:
+            with ray_cluster(tmp / f"r{len(rows)}", s3_environment(s3), head_cpus=3, worker_cpus=[3]) as cluster:
                 cmd = elastic_cmd(name, every, "--set", f"stage1.niter={a.epochs}")
                 # mid-epoch: 5 steps after the epoch-1 checkpoint (8 steps an epoch at 72 samples)
                 r = node_loss_and_return(cluster, cmd, notice, log=lambda m: print(f"  {m}"), after_step=a.kill_at)

@@ -10,14 +10,14 @@ times with `ray job submit`, one after the other on the same cluster:
 - fraction:  spread, with workers of 1.5 CPUs on the 2-CPU hosts: 0.5 CPU left on each (the layout the check in
              orchestration/resources.py now refuses; submitted with train.check_resources=false to measure it).
 For each: img/s and data wait of every epoch (the job's progress lines), the steady state (the median of the
-epochs after the first, whose time is mostly the pipeline's start), the CPU budget Ray Data gives itself (its
-"Active & requested resources" line, train.ray_logs=info), the CPU seconds each host's processes used, and on which
-hosts Ray Data's read and decode tasks ran (Ray's State API). The ratio spread / packed is the figure of merit.
+epochs after the first, whose time is mostly the pipeline's start), the whole CPUs Ray Data's autoscaling coordinator
+leaves it beside the Train workers (floor per host, from where Ray's State API says the workers ran), and on which hosts Ray Data's read and decode tasks ran (Ray's State API). The ratio spread / packed is the figure of merit.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import statistics
 import sys
@@ -26,14 +26,11 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
-
 from data.synthetic.write import write_city
 from tests.compose_bed import ComposeBed
 from tests.hosts import unavailable
 
 EPOCH = re.compile(r"\[stage 1\] epoch (\d+)/\d+ .* ([\d.]+) img/s data-wait (\d+)%")
-BUDGET = re.compile(r"Active & requested resources: [\d.]+/([\d.]+) CPU")
 ROWS = {
     "spread": ("strict_spread", None),
     "packed": ("pack", None),
@@ -41,19 +38,11 @@ ROWS = {
 }
 
 
-def host_cpu_seconds(bed: ComposeBed, hosts: list[str]) -> dict[str, float]:
-    """User + system CPU seconds of the processes on each host now (their children counted as they end)."""
-    out = {}
-    for h in hosts:
-        total = 0.0
-        for pid in bed.hosts.pids(h):
-            try:
-                t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        out[h] = total
-    return out
+def data_budget(bed: ComposeBed, hosts: list[str], trainer_hosts: list[str], cpus: float) -> int:
+    """The CPUs Ray Data's autoscaling coordinator leaves it: the whole CPUs each host keeps beside the Train
+    workers it holds (floor per host; orchestration/resources.py)."""
+    total = {n["host"]: n.get("resourcesTotal", {}).get("CPU", 0) for n in bed.ray_nodes()}
+    return sum(math.floor(total[h] - cpus * trainer_hosts.count(h) + 1e-9) for h in hosts)
 
 
 def run_row(bed: ComposeBed, name: str, data: str, epochs: int, cpus: float) -> dict:
@@ -70,11 +59,9 @@ def run_row(bed: ComposeBed, name: str, data: str, epochs: int, cpus: float) -> 
     args = f"--config configs/tiny.yaml --data {data} --storage s3://pix2pixhd/bench --stages 1 --no-tracking"
     cmd = ["python", "-m", "jobs.train", *args.split(), "--run-id", f"mh-{name}-{uuid.uuid4().hex[:4]}"]
     cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    before = host_cpu_seconds(bed, workers)
     t0 = time.monotonic()
     r = bed.submit(cmd, timeout=1800)
     took = time.monotonic() - t0
-    after = host_cpu_seconds(bed, workers)
     if r.returncode != 0:
         raise SystemExit(f"{name}: the job failed:\n{r.stdout[-4000:]}")
     sid = re.search(r"Job '(raysubmit_\w+)' submitted successfully", r.stdout).group(1)
@@ -89,10 +76,9 @@ def run_row(bed: ComposeBed, name: str, data: str, epochs: int, cpus: float) -> 
             tasks[kind][where] += 1
     epochs_seen = [(int(e), float(i), int(w)) for e, i, w in EPOCH.findall(r.stdout)]
     steady = [(i, w) for e, i, w in epochs_seen if e > 1]
-    budgets = [float(b) for b in BUDGET.findall(r.stdout)]
-    trainers = {
+    trainers = sorted(  # one entry per Train worker: its host
         hosts.get(a["node_id"], "?") for a in bed.state("actors", class_name="RayTrainWorker") if a["job_id"] == job_id
-    }
+    )
     return {
         "name": name,
         "placement": placement,
@@ -100,10 +86,9 @@ def run_row(bed: ComposeBed, name: str, data: str, epochs: int, cpus: float) -> 
         "epochs": epochs_seen,
         "img_s": statistics.median(i for i, _ in steady),
         "wait": statistics.median(w for _, w in steady),
-        "data_cpus": max(budgets) if budgets else float("nan"),
-        "host_cpu_s": {h: after[h] - before[h] for h in workers},
+        "data_cpus": data_budget(bed, workers, trainers, override or cpus),
         "tasks": tasks,
-        "trainers": sorted(trainers),
+        "trainers": trainers,
         "seconds": took,
     }
 
@@ -143,22 +128,21 @@ def main(argv: list[str] | None = None) -> None:
             row = run_row(bed, name, data, a.epochs, a.cpus_per_worker)
             rows.append(row)
             per_epoch = ", ".join(f"{i:.1f} img/s {w}%" for _, i, w in row["epochs"])
-            print(f"{name}: workers on {', '.join(row['trainers'])}; epochs: {per_epoch}", flush=True)
+            print(f"{name}: Train workers on {', '.join(row['trainers'])}; epochs: {per_epoch}", flush=True)
     finally:
         bed.down()
     print(
         f"\n{'row':9} {'placement':13} {'CPU/worker':>10} {'img/s':>7} {'wait':>5} {'Data CPUs':>9} "
-        f"{'CPU s w1/w2':>12}  read tasks / decode tasks by host"
+        "  read tasks / decode tasks by host"
     )
     for r in rows:
-        cpu = "/".join(f"{r['host_cpu_s'][h]:.0f}" for h in ("ray-worker-1", "ray-worker-2"))
         where = " / ".join(
             ", ".join(f"{h[-8:]} {n}" for h, n in sorted(r["tasks"].get(k, {}).items())) or "-"
             for k in ("read", "decode")
         )
         print(
             f"{r['name']:9} {r['placement']:13} {r['cpus']:>10g} {r['img_s']:>7.1f} {r['wait']:>4.0f}% "
-            f"{r['data_cpus']:>9g} {cpu:>12}  {where}"
+            f"{r['data_cpus']:>9g}  {where}"
         )
     by = {r["name"]: r for r in rows}
     if "spread" in by and "packed" in by:

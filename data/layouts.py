@@ -170,11 +170,22 @@ def _discover_celebamask(root: Path) -> list[SampleFiles]:
 # ---- loading ---------------------------------------------------------------------------------------------
 
 
+MAX_PIXELS = 8192 * 4096  # per image; Cityscapes' are 2048x1024. Checked from the header, before decoding
+
+
 def _open(path: Path) -> Image.Image:
     try:
-        img = Image.open(path)
+        img = Image.open(path)  # reads the header only
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise BadSample(
+                path,
+                f"image is {w}x{h}, over the {MAX_PIXELS // 1_000_000} M pixels a sample may have: resize it first",
+            )
         img.load()
         return img
+    except BadSample:
+        raise
     except FileNotFoundError:
         raise BadSample(path, "file is missing") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a corrupt file

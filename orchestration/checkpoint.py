@@ -8,6 +8,7 @@ whose state.pt does not match it, is a partial checkpoint and is refused. Loadin
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -80,25 +81,42 @@ def save(
         world_size=world_size,
         config=json.dumps(config, sort_keys=True),
     )
-    torch.save(state, d / STATE)
-    meta = {
-        "sha256": storage.sha256(storage.resolve(d / STATE)),
-        "stage": stage,
-        "epoch": epoch,
-        "epoch_step": epoch_step,
-        "global_step": global_step,
-        "world_size": world_size,
-    }
+    meta = {"stage": stage, "epoch": epoch, "epoch_step": epoch_step, "global_step": global_step}
     tmp = d / (META + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    tmp.replace(d / META)
+    try:
+        torch.save(state, d / STATE)
+        meta |= {"sha256": storage.sha256(storage.resolve(d / STATE)), "world_size": world_size}
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(d / META)
+    except OSError as e:  # a full or read-only disk: nothing half-written stays, and it is not a fault to retry
+        for partial in (d / STATE, tmp, d / META):
+            partial.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {d}: {e.strerror or e}") from None
     return d
 
 
-def load(directory: str | Path) -> dict[str, Any]:
-    """A local checkpoint directory's state, once `verify` accepts it."""
-    verify(str(directory))
-    return torch.load(Path(directory) / STATE, map_location="cpu", weights_only=True)
+def load(directory: str | Path, stored: str | None = None) -> dict[str, Any]:
+    """A local checkpoint directory's state, once `verify` accepts it. `stored`: where the directory was copied
+    from, the name errors give (a temporary copy's path means nothing to a user). A file that does not load as
+    tensors is a CheckpointError; it is never retried with weights_only=False (that would run code stored in it)."""
+    name = stored or str(directory)
+    try:
+        verify(str(directory))
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace(str(directory), name)) from None
+    try:
+        return torch.load(Path(directory) / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        why = (  # not PyTorch's text: it advises loading with weights_only=False
+            "it holds objects other than tensors"
+            if isinstance(e, pickle.UnpicklingError)
+            else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+        )
+        raise CheckpointError(
+            f"{name}/{STATE} does not load as tensors ({why}): a damaged checkpoint or one "
+            f"not written by this project; it is not loaded with weights_only=False, which would run code stored "
+            f"in it"
+        ) from None
 
 
 def restore(step: TrainStep, state: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ docker/serve.yaml` does the same from a Serve config (`import_path: orchestratio
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -113,8 +114,16 @@ class Generator:
         from serving.maps import encode_rgb
 
         bundle, version = self.bundle, self.version
-        out = bundle.render_many([(torch.from_numpy(m), s, seed, mode) for m, s, seed, mode in requests])
-        return [("error", str(o)) if isinstance(o, ValueError) else (encode_rgb(to_uint8(o[0])), version) for o in out]
+
+        def work() -> list:
+            out = bundle.render_many([(torch.from_numpy(m), s, seed, mode) for m, s, seed, mode in requests])
+            return [
+                ("error", str(o)) if isinstance(o, ValueError) else (encode_rgb(to_uint8(o[0])), version) for o in out
+            ]
+
+        # off the replica's event loop: a render of the largest size (tens of seconds on a CPU) must not hold its
+        # other calls (info for /classes, style tiles) until it ends
+        return await asyncio.to_thread(work)
 
     async def style_tiles(self, class_id: int) -> tuple[list[bytes], str]:
         """Each style of the class rendered on a thumbnail (its object on road, or the class alone)."""
@@ -158,7 +167,9 @@ class HandleRenderer:
         return await self.handle.style_tiles.remote(class_id)
 
 
-@serve.deployment(name="Editor", ray_actor_options={"num_cpus": 0.2})
+# the ingress only parses and awaits the Generator: 64 requests in flight per replica, not Serve's default 5, so
+# that a few slow clients (each held at most editor_api.BODY_TIMEOUT_S) do not queue everyone else behind them
+@serve.deployment(name="Editor", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64)
 @serve.ingress()
 class Editor:
     def __init__(self, generator, settings: dict):

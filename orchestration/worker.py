@@ -79,16 +79,17 @@ def _wrap(module: torch.nn.Module) -> torch.nn.Module:
 
 def _load_checkpoint_uri(uri: str) -> dict:
     loc = storage.resolve(uri)
-    return _load(ray.train.Checkpoint(path=loc.path, filesystem=loc.fs))
+    return _load(ray.train.Checkpoint(path=loc.path, filesystem=loc.fs), uri)
 
 
-def _load(ckpt: ray.train.Checkpoint) -> dict:
+def _load(ckpt: ray.train.Checkpoint, stored: str | None = None) -> dict:
     """Each worker downloads its own copy. `Checkpoint.as_directory()` shares one temporary folder per checkpoint
     among the processes of a host and deletes it when the last reader leaves: a worker then read meta.json while
     another process re-downloaded it, half-written (seen with two nodes on one host after an elastic resize; a
     host with several GPU workers is the same)."""
     with tempfile.TemporaryDirectory(prefix="p2p-checkpoint-") as tmp:
-        return checkpoint.load(ckpt.to_directory(tmp))
+        where = stored or (f"s3://{ckpt.path}" if ckpt.filesystem.type_name == "s3" else ckpt.path)
+        return checkpoint.load(ckpt.to_directory(tmp), where)
 
 
 def _heldout(ctx: StageContext, pcfg: PipelineConfig, n: int, device) -> dict[str, torch.Tensor] | None:

@@ -39,6 +39,35 @@ def test_partial_checkpoints_are_refused(tmp_path, opt):
         checkpoint.load(tmp_path)
 
 
+class NotATensor:
+    pass
+
+
+def test_errors_name_the_stored_checkpoint_not_a_temporary_copy_and_give_no_unsafe_advice(tmp_path, opt):
+    """A worker reads a copy in a temporary folder: its errors name the checkpoint in storage. A state.pt holding
+    objects other than tensors (its sha256 in meta.json, as a checkpoint of another program would be) is refused
+    without PyTorch's advice to load it with weights_only=False."""
+    import hashlib
+
+    from orchestration.worker import _load_checkpoint_uri
+
+    stored = tmp_path / "runs" / "r" / "stage1" / "checkpoint_0"
+    checkpoint.save(stored, TrainStep(opt), stage=1, epoch=1, global_step=1, lr=1e-4, config={})
+    torch.save({"G": NotATensor()}, stored / "state.pt")
+    meta = json.loads((stored / "meta.json").read_text())
+    meta["sha256"] = hashlib.sha256((stored / "state.pt").read_bytes()).hexdigest()
+    (stored / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as e:
+        _load_checkpoint_uri(str(stored))
+    message = str(e.value)
+    assert message.startswith(f"{stored}/state.pt does not load as tensors (it holds objects other than tensors)")
+    assert "p2p-checkpoint-" not in message and "weights_only=False, which would run code" in message
+    assert "Re-running" not in message and "trust the source" not in message
+    (stored / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match=rf"^{stored}/state.pt does not match the sha256 in meta.json"):
+        _load_checkpoint_uri(str(stored))
+
+
 def test_stage2_starts_from_stage1(opt):
     s1 = TrainStep(tiny_options(netG="global", ngf=8, num_D=1))
     s1.step(tiny_batch(s1.opt))
@@ -51,3 +80,18 @@ def test_stage2_starts_from_stage1(opt):
     for name, t in s1.D.scales[0].state_dict().items():
         assert torch.equal(s2.D.scales[1].state_dict()[name], t)
     assert not s2.opt_G.state  # fresh optimizers
+
+
+def test_a_full_disk_leaves_no_half_written_checkpoint_and_says_so_in_one_line(tmp_path, opt, monkeypatch):
+    import errno
+
+    def save_half(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"\x80\x02partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_half)
+    where = tmp_path / "checkpoint_0"
+    with pytest.raises(CheckpointError, match=rf"^cannot write checkpoint {where}: No space left on device$"):
+        checkpoint.save(where, TrainStep(opt), stage=1, epoch=1, global_step=1, lr=1e-4, config={})
+    assert list(where.iterdir()) == []  # no truncated state.pt, no meta.json, no .tmp

@@ -688,16 +688,21 @@ def stepped_after(marker: str):
 
 
 def test_a_worker_host_cut_off_mid_stage_and_back_with_mlflow_down_meanwhile(bed, full_run, s3, tracking):
-    """An elastic stage of [1, 2] workers: ray-worker-2 gets a preemption notice (`ray drain-node`) and the stage
-    checkpoints for it; MLflow stops; the host's link goes down (it drops off the network) and the stage goes on
-    at 1 worker; the link comes back (Ray declared the node dead: its `ray start` exits and compose's restart
-    policy starts it again) and MLflow too; the stage grows back to 2. Counts equal an uninterrupted run's; every
-    epoch's metrics reach MLflow once it is back."""
+    """An elastic stage of [1, 2] workers, one on each worker host: ray-worker-2 gets a preemption notice (`ray
+    drain-node`) and the stage checkpoints for it and leaves that host; MLflow stops; the host's link goes down (it
+    drops off the network) and the stage goes on; the link comes back (Ray declared the node dead: its `ray start`
+    exits and compose's restart policy starts it again) and MLflow too. Counts equal an uninterrupted run's; every
+    epoch's metrics reach MLflow once it is back.
+
+    On these 2-CPU hosts the stage does not shrink to 1 worker: the workers (0.5 CPU) both fit ray-worker-1, and
+    a layout where they would not (1.5 CPU) leaves Ray Data no whole CPU beside Ray Train's reservation of the
+    maximum workers, which orchestration/resources.py refuses (BENCHMARKS.md, elastic resize). A shrink to 1 and
+    growth back are measured by benchmarks/elastic.py."""
     epochs = 14
     settings = {
         "train.num_workers": "[1,2]",
         "train.placement": "spread",
-        "train.cpus_per_worker": 0.5,  # shrunk, Train still reserves 2 x 0.5 on the host left: 1 CPU for Ray Data
+        "train.cpus_per_worker": 0.5,
         "train.worker_start_timeout_s": 20,
         "train.checkpoint_every_steps": 3,
         "train.resize_check_s": 3,
@@ -712,6 +717,14 @@ def test_a_worker_host_cut_off_mid_stage_and_back_with_mlflow_down_meanwhile(bed
         bed.submit([*printed_command_of(full_run), "--run-id", run_id, "--stages", "1", *sets], wait=False).stdout
     )
     wait_log(bed, sid, lambda logs: "[stage 1] epoch 2/" in logs, "a second epoch")
+    job_id = bed.api(f"/api/jobs/{sid}")["job_id"]
+
+    def trainers() -> list[str]:
+        hosts = bed.host_of_node()
+        actors = bed.state("actors", class_name="RayTrainWorker", state="ALIVE")
+        return sorted(hosts.get(a["node_id"], "?") for a in actors if a["job_id"] == job_id)
+
+    assert trainers() == ["ray-worker-1", "ray-worker-2"]
     node = next(n for n in bed.state("nodes") if n["node_ip"] == bed.address("ray-worker-2") and n["state"] == "ALIVE")
     drain = f"ray drain-node --address ray-head:6379 --node-id {node['node_id']} --reason DRAIN_NODE_REASON_PREEMPTION"
     r = bed.run(
@@ -722,19 +735,18 @@ def test_a_worker_host_cut_off_mid_stage_and_back_with_mlflow_down_meanwhile(bed
     assert r.returncode == 0, r.stderr[-2000:]
     wait_log(bed, sid, stepped_after("draining: checkpointed at step"), "a checkpoint for the notice", 120)
     bed.stop("mlflow")
-    cut = time.monotonic()
     bed.cut("ray-worker-2")
-    wait_log(bed, sid, stepped_after("resized 2 -> 1"), "a step at 1 worker")
-    down_s = time.monotonic() - cut
+    cut_at = len(bed.job_logs(sid))
+    wait_log(bed, sid, lambda logs: STEP.search(logs, cut_at) is not None, "a step with the host cut off")
+    assert trainers() == ["ray-worker-1", "ray-worker-1"]  # the stage left the host that had notice
     bed.restore("ray-worker-2")
     bed.start("mlflow")
-    back = time.monotonic()
-    logs = wait_log(bed, sid, stepped_after("resized 1 -> 2"), "a step at 2 workers", 400)
-    up_s = time.monotonic() - back
     assert wait_job(bed, sid) == "SUCCEEDED", bed.job_logs(sid)[-4000:]
+    deadline = time.monotonic() + 120  # the host's Ray node back (restarted by the restart policy)
+    while not any(n["node_ip"] == bed.address("ray-worker-2") and n["state"] == "ALIVE" for n in bed.state("nodes")):
+        assert time.monotonic() < deadline, "ray-worker-2 did not rejoin the cluster"
+        time.sleep(2)
     logs = bed.job_logs(sid)
-    print(f"\n2 -> 1 workers {down_s:.0f}s after the cut; 1 -> 2 {up_s:.0f}s after the link came back")
-    assert "per-worker batch 4 -> 8, global batch 8 as before" in logs
     assert "training continues, records are queued and retried" in logs and "reachable again" in logs
     done = run_state(s3, run_id)[1]
     samples = json.loads(s3.get_object(Bucket=BUCKET, Key="data/train/manifest.json")["Body"].read())["sample_count"]

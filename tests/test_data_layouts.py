@@ -112,8 +112,12 @@ def _rewrite(path, fn):
             ),
             r"rendham_000002_000019_leftImg8bit.png: photo mode I;16 is not supported",
         ),
+        (  # a small file (a 36 M pixel PNG of one colour) that would decode to 100 MB: refused by its header
+            lambda c: Image.new("RGB", (9000, 4000)).save(next((c / "train_img").glob("rendham_000002*"))),
+            r"rendham_000002_000019_leftImg8bit.png: image is 9000x4000, over the 33 M pixels a sample may have",
+        ),
     ],
-    ids=["label>=label_nc", "size-mismatch", "corrupt-png", "inconsistent-instances", "16-bit-grey-photo"],
+    ids=["label>=label_nc", "size-mismatch", "corrupt-png", "inconsistent-instances", "16-bit-grey-photo", "huge-png"],
 )
 def test_bad_sample_stops_before_anything_is_written(city, tmp_path, damage, message):
     damage(city)

@@ -393,6 +393,7 @@ def test_a_swapped_weights_file_is_refused_by_every_loader(registered, tmp_path)
     """The version records the sha256 of each file it serves (its tags, and sha256.json beside the files):
     weights.pt swapped for other weights of the same network is refused by name by jobs.infer (registry loads)
     and by the module `mlflow models serve` runs, instead of rendering without a word."""
+    import hashlib
     import shutil
 
     from model.networks import build_generator
@@ -402,8 +403,10 @@ def test_a_swapped_weights_file_is_refused_by_every_loader(registered, tmp_path)
     client = MlflowClient(tracking_uri=registered["tracking"], registry_uri=registered["tracking"])
     version = client.get_model_version_by_alias(MODEL, "champion")
     assert {DIGEST_TAG + "weights.pt", DIGEST_TAG + "options.json"} <= set(version.tags)
-    stored = Path(client.get_logged_model(version.model_id).artifact_location.removeprefix("file://"))
-    (weights,) = stored.rglob(pyfunc.WEIGHTS)  # the file in the artifact store
+    digest = version.tags[DIGEST_TAG + "weights.pt"]
+    (weights,) = (  # the file in the artifact store: the one the tag names
+        p for p in Path(registered["tmp"]).rglob(pyfunc.WEIGHTS) if hashlib.sha256(p.read_bytes()).hexdigest() == digest
+    )
     original = tmp_path / "original.pt"
     shutil.copy(weights, original)
     bundle = load_generator(f"models:/{MODEL}@champion", registered["tracking"])
