@@ -227,14 +227,15 @@ def test_best_yaml_carries_the_data_and_storage_the_sweep_ran_on(full_run, sweep
     assert f"data {DATA}, storage {RUNS}/{full_run['run_id']}" in full_run["log"]
 
 
-def test_the_curriculum_ran_its_workers_on_both_worker_hosts(bed, full_run):
-    """Where each Train worker of the run ran, from Ray's State API (a table in the test's output)."""
+def test_the_curriculum_ran_its_workers_on_both_worker_hosts(bed, full_run, capsys):
+    """Where each Train worker of the run ran, from Ray's State API (a table in pytest's output, `-q` included)."""
     hosts = bed.host_of_node()
     job_id = bed.api(f"/api/jobs/{full_run['submission']}")["job_id"]
     workers = [a for a in bed.state("actors", class_name="RayTrainWorker") if a["job_id"] == job_id]
     rows = sorted((hosts.get(a["node_id"], "?"), a["pid"]) for a in workers)
-    print("\nTrain workers of the curriculum's three stages (host, pid):")
-    print("\n".join(f"  {h:14} {pid}" for h, pid in rows))
+    with capsys.disabled():
+        print("\nTrain workers of the curriculum's three stages (host, pid):")
+        print("\n".join(f"  {h:14} {pid}" for h, pid in rows))
     assert {h for h, _ in rows} == WORKER_HOSTS and len(rows) == 6  # 2 workers x 3 stages
 
 
