@@ -141,10 +141,8 @@ def check_sizes(cfg: Config, stages: list[int], manifest: dict, data_uri: str) -
     for k in stages:
         geo = cfg.stage_geometry(k)
         try:
-            size = (geo.fine_size, geo.fine_size) if geo.crops else geo.load_size_of(h, w)
-            if geo.crops:
-                geo.load_size_of(h, w)  # the crop fits what is loaded
-            check_discriminator_fits(cfg.stage_model(k), *size)
+            loaded = geo.load_size_of(h, w)  # with a crop: raises when the crop does not fit what is loaded
+            check_discriminator_fits(cfg.stage_model(k), *((geo.fine_size,) * 2 if geo.crops else loaded))
         except ValueError as e:
             raise ConfigError(f"stage {k} on {data_uri} ({w}x{h} images): {e}") from None
 
@@ -156,10 +154,11 @@ def check_steps(cfg: Config, stages: list[int], manifest: dict, data_uri: str) -
     low, high = cfg.workers
     for k in stages:
         for w in range(low, high + 1):
-            if (n // w) // cfg.worker_batch(k, w) == 0:
+            batch = cfg.worker_batch(k, w)
+            if (n // w) // batch == 0:
                 raise ConfigError(
                     f"stage {k}: the {cfg.data.train_split} split of {data_uri} has {n} sample(s), fewer than one "
-                    f"global batch of {w * cfg.worker_batch(k, w)} ({w} worker(s) x {cfg.worker_batch(k, w)}): no "
+                    f"global batch of {w * batch} ({w} worker(s) x {batch}): no "
                     f"step would train. Lower the batch (stage{k}.batch_size or train.batch_size) or the workers, or "
                     f"prepare more samples"
                 )
