@@ -18,6 +18,7 @@ order (`execution_options()`), and the local shuffle buffer is seeded with (seed
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -207,14 +208,14 @@ def iter_epoch(shard, cfg: PipelineConfig, epoch: int, train: bool = True):
             prefetch_batches=cfg.prefetch_batches,
         )
     except Exception as e:
-        content = content_error(e)
+        content = content_error(e) or gone_shard_error(e)
         if content is None:
             raise
         raise content from None  # as itself, not inside Ray's task-error wrappers
 
 
-def content_error(error: BaseException) -> shards.ShardContentError | None:
-    """The ShardContentError behind a Ray Data failure (Ray wraps a map task's exception in its own types)."""
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and every exception behind it (Ray wraps a task's exception in its own types)."""
     seen: set[int] = set()
     todo = [error]
     while todo:
@@ -222,9 +223,28 @@ def content_error(error: BaseException) -> shards.ShardContentError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+
+
+def content_error(error: BaseException) -> shards.ShardContentError | None:
+    """The ShardContentError behind a Ray Data failure."""
+    for e in _chain(error):
         if isinstance(e, shards.ShardContentError):
             return shards.ShardContentError(*e.args)
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
+def gone_shard_error(error: BaseException) -> shards.ManifestError | None:
+    """A shard the manifest lists, verified when the stage began, deleted while it streams: a read task's
+    FileNotFoundError. An input error (every retry would miss it too), named by its path."""
+    for e in _chain(error):
+        if isinstance(e, FileNotFoundError):
+            named = re.search(r"[\w./:-]*shard-\d+\.parquet", str(e))
+            return shards.ManifestError(
+                f"{named.group(0) if named else 'a shard of the split'} is listed in the manifest but was deleted "
+                f"while the stage read it: restore it (or re-run prepare_data) and resubmit; not retried"
+            )
     return None
 
 

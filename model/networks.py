@@ -325,6 +325,18 @@ def check_discriminator_fits(opt: ModelOptions, h: int, w: int) -> None:
         ) from None
 
 
+def network_shapes(opt: ModelOptions) -> dict[str, dict[str, list[int]]]:
+    """The shape of every tensor of G, D (and E) that `opt` builds, by network and state-dict name: built on
+    PyTorch's meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        nets = {"G": build_generator(opt), "D": build_discriminator(opt), "E": build_encoder(opt)}
+    return {k: state_shapes(net.state_dict()) for k, net in nets.items() if net is not None}
+
+
+def state_shapes(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    return {name: list(t.shape) for name, t in state.items()}
+
+
 def build_encoder(opt: ModelOptions) -> Encoder | None:
     if not opt.instance_feat:
         return None

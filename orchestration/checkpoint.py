@@ -3,6 +3,8 @@
 `state.pt` holds G, D, E, both optimizers, the trainable set, epoch (completed), global step, lr, RNG states
 and the resolved config. `meta.json` is written last and carries state.pt's sha256: a directory without it, or
 whose state.pt does not match it, is a partial checkpoint and is refused. Loading uses `weights_only=True`.
+meta.json also names the networks' tensor shapes and the model options: whether a stage can start from a
+checkpoint is known from it in the driver, without loading a tensor (`architecture_differences`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import numpy as np
 import torch
 
 from data import storage
+from model.networks import network_shapes, state_shapes
+from model.options import ModelOptions
 from model.step import TrainStep
 
 STATE, META = "state.pt", "meta.json"
@@ -81,7 +85,14 @@ def save(
         world_size=world_size,
         config=json.dumps(config, sort_keys=True),
     )
-    meta = {"stage": stage, "epoch": epoch, "epoch_step": epoch_step, "global_step": global_step}
+    meta = {
+        "stage": stage,
+        "epoch": epoch,
+        "epoch_step": epoch_step,
+        "global_step": global_step,
+        "model": config.get("model"),
+        "shapes": {net: state_shapes(state[net]) for net in ("G", "D", "E") if net in state},
+    }
     tmp = d / (META + ".tmp")
     try:
         torch.save(state, d / STATE)
@@ -152,6 +163,39 @@ def verify(uri: str) -> dict[str, Any]:
     return meta
 
 
+def architecture_differences(meta: dict, stage: int, previous: ModelOptions, current: ModelOptions) -> list[str]:
+    """Why stage `stage` (networks of `current`) cannot start from the checkpoint whose meta.json is `meta`, a
+    checkpoint of stage `stage - 1` (networks of `previous`), as `init_from_previous_stage` loads it: stage 2 takes
+    G1 whole, D's scales shifted by name (extra or missing scales are fine) and E; stage 3 takes everything. Empty
+    when the shapes agree, or when meta.json predates recorded shapes (the worker finds those)."""
+    stored = meta.get("shapes")
+    if not stored:
+        return []
+    want = network_shapes(current)
+    if stage == 2:
+        stored_d = shift_discriminator_scales(stored["D"], current.num_D - _scales(stored["D"]))
+        pairs = [("G", stored["G"], network_shapes(previous)["G"], True), ("D", stored_d, want["D"], False)]
+    else:
+        pairs = [(net, stored.get(net, {}), want[net], True) for net in ("G", "D")]
+    if "E" in want:
+        pairs.append(("E", stored.get("E", {}), want["E"], stage == 3 or "E" in stored))
+    out = []
+    for net, have, need, strict in pairs:
+        for name in sorted(set(have) | set(need)):
+            a, b = have.get(name), need.get(name)
+            if a is not None and b is not None and a != b:
+                out.append(f"{net}.{name} is {tuple(a)} in the checkpoint, {tuple(b)} in this config")
+            elif strict and a is None:
+                out.append(f"{net}.{name} is not in the checkpoint")
+            elif strict and b is None:
+                out.append(f"{net}.{name} is not in this config's network")
+    return out
+
+
+def _scales(d_shapes: dict) -> int:
+    return sum(1 for name in d_shapes if name.endswith("layers.0.0.weight"))
+
+
 def verified_alternative(uri: str) -> tuple[str, dict] | None:
     """Another checkpoint of the same stage folder that verifies (Ray Train keeps the latest two), newest first,
     with its meta.json; None if there is none."""
@@ -185,7 +229,7 @@ def init_from_previous_stage(step: TrainStep, state: dict[str, Any], stage: int)
     stage 3 from stage 2 (everything, optimizers included). Returns a one-line report."""
     if stage == 2:
         report = step.load_stage1_generator(state["G"])
-        shift = step.opt.num_D - sum(1 for k in state["D"] if k.endswith("layers.0.0.weight"))
+        shift = step.opt.num_D - _scales(state["D"])
         missing, _ = step.D.load_state_dict(shift_discriminator_scales(state["D"], shift), strict=False)
         if step.E is not None and "E" in state:
             step.E.load_state_dict(state["E"])

@@ -107,7 +107,7 @@ def preflight(plan: RunPlan, log=print) -> tuple[storage.Location, RunState, dic
                     f"pass --from-run RUN_ID of a run that finished it"
                 )
             init = prev["checkpoint"]
-        inits[first] = verified_init(init, first, log)
+        inits[first] = verified_init(init, first, plan.cfg, log)
     pending = [k for k in plan.stages if not state.done(k)]
     check_steps(plan.cfg, pending, manifest, plan.data_uri)
     check_sizes(plan.cfg, pending, manifest, plan.data_uri)
@@ -164,8 +164,9 @@ def check_steps(cfg: Config, stages: list[int], manifest: dict, data_uri: str) -
                 )
 
 
-def verified_init(uri: str, stage: int, log=print) -> str:
-    """The checkpoint stage `stage` starts from, verified in the driver; a damaged one names a good alternative."""
+def verified_init(uri: str, stage: int, cfg: Config, log=print) -> str:
+    """The checkpoint stage `stage` starts from, verified in the driver (bytes, stage, the networks' shapes from its
+    meta.json); a damaged one names a good alternative."""
     log(f"[stage {stage}] verifying the checkpoint it starts from: {uri}")
     try:
         meta = checkpoint.verify(uri)
@@ -181,6 +182,21 @@ def verified_init(uri: str, stage: int, log=print) -> str:
     if meta.get("stage") != stage - 1:
         raise ConfigError(
             f"{uri} is a stage {meta.get('stage')} checkpoint; stage {stage} starts from a stage {stage - 1} one"
+        )
+    differ = checkpoint.architecture_differences(meta, stage, cfg.stage_model(stage - 1), cfg.stage_model(stage))
+    if differ:
+        mine = cfg.to_dict()["model"]
+        keys = [
+            f"model.{k}={v} (this config: {mine.get(k)})"
+            for k, v in sorted((meta.get("model") or {}).items())
+            if mine.get(k) != v
+        ]
+        raise ConfigError(
+            f"{uri} holds networks of another shape than this config's stage {stage} loads: {'; '.join(differ[:3])}"
+            f"{f' (and {len(differ) - 3} more)' if len(differ) > 3 else ''}. "
+            + (f"It was trained with {', '.join(keys)}. " if keys else "")
+            + f"Start stage {stage} from a checkpoint of this config's networks, or set the model keys as that "
+            f"checkpoint's run had them"
         )
     return uri
 

@@ -191,7 +191,7 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
     manifest = shards.load_manifest(plan.data_uri, cfg.data.train_split)
     if k > 1 and not plan.init_checkpoint:
         raise ConfigError(f"sweeping stage {k} needs the checkpoint it starts from: pass --from-run RUN_ID")
-    init = verified_init(plan.init_checkpoint, k, log) if k > 1 else None
+    init = verified_init(plan.init_checkpoint, k, plan.cfg, log) if k > 1 else None
     root = storage.resolve(plan.storage_uri).join("sweeps", plan.name)
     storage.check_writable(root)
     space = search_space(cfg, log)

@@ -4,6 +4,7 @@ import io
 import subprocess
 import sys
 import threading
+import time
 
 import boto3
 import numpy as np
@@ -120,6 +121,22 @@ def test_truncated_shard_in_s3_is_refused_naming_it(ray_local, bucket, tmp_path)
     s3.put_object(Bucket=name, Key="city/train/shard-00000.parquet", Body=body[: len(body) // 2])
     with pytest.raises(ManifestError, match=rf"{bucket}/city/train/shard-00000.parquet is \d+ bytes.*truncated"):
         build_dataset(f"{bucket}/city", "train", EXACT)
+
+
+def test_a_shard_deleted_while_a_stage_streams_is_an_input_error_naming_it(ray_local, bucket, tmp_path):
+    """WEAK (a): verified when the stage began, gone mid-epoch: one ManifestError naming the shard (Train's failure
+    policy does not retry those), not Ray's FileNotFoundError inside task wrappers, retried as a fault."""
+    src = write_city(tmp_path / "city", count=12, height=32, width=64, workers=1)
+    first = prepare(PrepareOptions("flat", str(src), f"{bucket}/city", shard_mb=0.02, workers=1), log=quiet)["train"]
+    assert len(first["shards"]) >= 3
+    ds = build_dataset(f"{bucket}/city", "train", EXACT)
+    gone = first["shards"][-1]["name"]
+    boto3.client("s3").delete_object(Bucket=bucket.removeprefix("s3://"), Key=f"city/train/{gone}")
+    t0 = time.monotonic()
+    with pytest.raises(ManifestError, match=rf"{gone} is listed in the manifest but was deleted while the stage"):
+        for _ in iter_epoch(ds, EXACT, epoch=0):
+            pass
+    assert time.monotonic() - t0 < 40
 
 
 def test_data_uri_without_manifest_is_a_clear_error(ray_local, bucket):

@@ -258,3 +258,66 @@ def test_a_second_job_on_a_run_being_written_is_refused_at_once_naming_the_holde
     with run_lease.RunLease(root, "r", log=print):  # heartbeat 1000 s old: taken over without --take-over
         assert "its heartbeat is 1000s old" in capsys.readouterr().out
     assert not (tmp_path / "runs" / "r" / "lease.json").exists()
+
+
+def test_a_starting_checkpoint_of_other_networks_is_refused_in_the_driver_from_its_meta(data_uri, tmp_path, capsys):
+    """WEAK (a): a --from-run whose stage 1 trained other networks (model.ngf), or an --init-checkpoint of stage 2
+    with another n_blocks_local, is refused before Ray from meta.json's shapes (no tensor loaded), naming a tensor and
+    the model keys: not found by each worker in turn, three tries and a size-mismatch traceback."""
+    import time
+
+    from model.step import TrainStep
+    from orchestration import checkpoint
+    from orchestration.config import load_config
+    from orchestration.run_state import RunState, run_root
+
+    runs = str(tmp_path / "runs")
+    tiny = load_config("configs/tiny.yaml")
+    wide = load_config("configs/tiny.yaml", [f"model.ngf={tiny.model.ngf * 2}"])
+    one = checkpoint.save(
+        tmp_path / "runs" / "wide" / "stage1" / "checkpoint_0",
+        TrainStep(wide.stage_model(1)),
+        stage=1,
+        epoch=1,
+        global_step=1,
+        lr=1e-4,
+        config=wide.to_dict(),
+    )
+    RunState(run_root(runs, "wide")).record(1, checkpoint=str(one), epochs=1, global_step=1)
+    deep = load_config("configs/tiny.yaml", [f"model.n_blocks_local={tiny.model.n_blocks_local + 1}"])
+    two = checkpoint.save(
+        tmp_path / "two",
+        TrainStep(deep.stage_model(2)),
+        stage=2,
+        epoch=1,
+        global_step=1,
+        lr=1e-4,
+        config=deep.to_dict(),
+    )
+    args = ["--config", "configs/tiny.yaml", "--data", data_uri, "--storage", runs]
+    t0 = time.monotonic()
+    assert main([*args, "--run-id", "b", "--from-run", "wide", "--stages", "2,3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{one} holds networks of another shape than this config's stage 2 loads: G." in err, err
+    assert f"It was trained with model.ngf={tiny.model.ngf * 2} (this config: {tiny.model.ngf})" in err
+    assert main([*args, "--run-id", "c", "--stages", "3", "--init-checkpoint", str(two)]) == 2
+    err = capsys.readouterr().err
+    assert f"{two} holds networks of another shape than this config's stage 3 loads: G." in err, err
+    assert f"model.n_blocks_local={tiny.model.n_blocks_local + 1} (this config: {tiny.model.n_blocks_local})" in err
+    assert time.monotonic() - t0 < 40
+    assert not ray.is_initialized()
+    same = checkpoint.save(
+        tmp_path / "same",
+        TrainStep(tiny.stage_model(1)),
+        stage=1,
+        epoch=1,
+        global_step=1,
+        lr=1e-4,
+        config=tiny.to_dict(),
+    )
+    meta = checkpoint.verify(str(same))
+    assert checkpoint.architecture_differences(meta, 2, tiny.stage_model(1), tiny.stage_model(2)) == []
+    more_d = load_config(
+        "configs/tiny.yaml", ["stage2.num_D=3", "stage3.num_D=3"]
+    )  # a new coarsest scale: D loads by name
+    assert checkpoint.architecture_differences(meta, 2, more_d.stage_model(1), more_d.stage_model(2)) == []
