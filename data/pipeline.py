@@ -30,6 +30,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from data import encoding as encodings
 from data import shards
+from data.causes import causes
 from data.transforms import Geometry, edges_of, load_geometry, random_crop_flip
 
 INSTANCE_OUTPUTS = ("ids", "edges", "none")
@@ -214,22 +215,9 @@ def iter_epoch(shard, cfg: PipelineConfig, epoch: int, train: bool = True):
         raise content from None  # as itself, not inside Ray's task-error wrappers
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
-    """`error` and every exception behind it (Ray wraps a task's exception in its own types)."""
-    seen: set[int] = set()
-    todo = [error]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-
-
 def content_error(error: BaseException) -> shards.ShardContentError | None:
     """The ShardContentError behind a Ray Data failure."""
-    for e in _chain(error):
+    for e in causes(error):
         if isinstance(e, shards.ShardContentError):
             return shards.ShardContentError(*e.args)
     return None
@@ -238,7 +226,7 @@ def content_error(error: BaseException) -> shards.ShardContentError | None:
 def gone_shard_error(error: BaseException) -> shards.ManifestError | None:
     """A shard the manifest lists, verified when the stage began, deleted while it streams: a read task's
     FileNotFoundError. An input error (every retry would miss it too), named by its path."""
-    for e in _chain(error):
+    for e in causes(error):
         if isinstance(e, FileNotFoundError):
             named = re.search(r"[\w./:-]*shard-\d+\.parquet", str(e))
             return shards.ManifestError(

@@ -10,6 +10,8 @@ AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000). Credentials are never logged or w
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import uuid
@@ -19,9 +21,37 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from data.causes import causes
+
 
 class StorageError(OSError):
     """A storage location that cannot be used; the message names the URI and what to do."""
+
+
+class StorageRefused(StorageError):
+    """Storage that refuses a write the same way on every try (no space left, read-only, no permission): not a
+    fault to retry."""
+
+
+_REFUSED_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_REFUSED_WORDS = (  # as S3 stores (AWS, MinIO) and pyarrow's messages say it
+    "no space left",
+    "quota exceeded",
+    "read-only file system",
+    "permission denied",
+    "accessdenied",
+    "access denied",
+    "xminiostoragefull",
+    "storage backend has reached",
+)
+
+
+def refused(error: BaseException) -> BaseException | None:
+    """The OSError behind `error` (Ray wraps what its tasks raise) that says storage refuses writes, if any."""
+    for e in causes(error):
+        if isinstance(e, OSError) and (e.errno in _REFUSED_ERRNOS or any(w in str(e).lower() for w in _REFUSED_WORDS)):
+            return e
+    return None
 
 
 @dataclass(frozen=True)
@@ -173,11 +203,17 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
         parent = str(PurePosixPath(loc.path).parent)
         loc.fs.create_dir(parent, recursive=True)
         tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
-        with loc.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        loc.fs.move(tmp, loc.path)
+        try:
+            with loc.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            loc.fs.move(tmp, loc.path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # no .tmp file stays behind a failed write
+                loc.fs.delete_file(tmp)
+            raise
     except OSError as e:
-        raise StorageError(f"cannot write {_describe(loc)}: {_short(e)}") from None
+        kind = StorageRefused if refused(e) else StorageError
+        raise kind(f"cannot write {_describe(loc)}: {_short(e)}") from None
 
 
 def create_exclusive(loc: Location, data: bytes) -> bool:

@@ -95,7 +95,7 @@ def save(
     }
     tmp = d / (META + ".tmp")
     try:
-        torch.save(state, d / STATE)
+        _write_state(state, d / STATE)
         meta |= {"sha256": storage.sha256(storage.resolve(d / STATE)), "world_size": world_size}
         tmp.write_text(json.dumps(meta))
         tmp.replace(d / META)
@@ -104,6 +104,35 @@ def save(
             partial.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {d}: {e.strerror or e}") from None
     return d
+
+
+class _WriteErrors:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports a full disk as a RuntimeError
+    of its zip writer ("unexpected pos ...") that names no cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_state(state: dict[str, Any], path: Path) -> None:
+    with open(path, "wb") as f:
+        out = _WriteErrors(f)
+        try:
+            torch.save(state, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def load(directory: str | Path, stored: str | None = None) -> dict[str, Any]:

@@ -2,13 +2,15 @@
 
 Ray Train restarts the worker group after any worker error, up to `FailureConfig.max_failures` times, each time
 from the latest checkpoint. That is right for a dead node or a killed process. An error that comes from the
-input — a shard whose bytes are not what prepare_data wrote, a damaged checkpoint, a config a worker refuses —
-fails the same way on every restart: retrying it only costs minutes and hides the message. `Trainer` is Ray's
-TorchTrainer with a failure policy that raises such errors at once; the driver turns them into
-`InputError`, which the jobs report in one line (`train: error: ...`, exit 2).
+input — a shard whose bytes are not what prepare_data wrote or that is gone, a damaged checkpoint, a config a
+worker refuses, storage that refuses writes (full, read-only) — fails the same way on every restart: retrying it
+only costs minutes and hides the message. `Trainer` is Ray's TorchTrainer with a failure policy that raises such
+errors at once; the driver turns them into `InputError`, which the jobs report in one line (`train: error: ...`,
+exit 2).
 
 The policy is handed to Ray Train's controller through `_initialize_and_run_controller`, a private method of
-Ray 2.60's DataParallelTrainer: `tests/test_failures.py` fails if a Ray upgrade changes it.
+Ray 2.60's DataParallelTrainer: tests/test_bad_input_runs.py (no RETRY of an altered shard, a full disk) fails if a
+Ray upgrade changes it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from ray.train.v2._internal.execution.failure_handling import DefaultFailurePoli
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 
 from data.shards import ManifestError
+from data.storage import StorageRefused
 from orchestration.checkpoint import CheckpointError
 from orchestration.config import ConfigError
 
-INPUT_ERRORS = (ManifestError, CheckpointError, ConfigError)
+INPUT_ERRORS = (ManifestError, CheckpointError, ConfigError, StorageRefused)
 
 
 class InputError(ConfigError):

@@ -16,6 +16,7 @@ line and in MLflow (`workers` metric, `resize.N` tags).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import tempfile
@@ -197,7 +198,8 @@ def train_stage(context: dict) -> None:
                     f"(+{skip} steps), step {global_step}"
                 }
             )
-    images_root = storage.resolve(ctx.run_root).join(f"stage{k}", "images")
+    stage_root = storage.resolve(ctx.run_root).join(f"stage{k}")
+    images_root = stage_root.join("images")
     epochs = stage_cfg.epochs
     stage_start = time.perf_counter()
     upcoming = started(iter_epoch(shard, pcfg, start_epoch)) if start_epoch < epochs else None
@@ -220,7 +222,21 @@ def train_stage(context: dict) -> None:
                     world_size=world,
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+            stored = set(storage.list_dirs(stage_root)) if ckpt else set()
+            try:
+                ray.train.report(metrics, checkpoint=ckpt)  # rank 0's checkpoint is copied into the run's storage
+            except Exception as e:
+                full = storage.refused(e)
+                if full is None:
+                    raise
+                for partial in set(storage.list_dirs(stage_root)) - stored:  # the copy that failed, half written
+                    with contextlib.suppress(OSError):
+                        storage.delete_tree(stage_root.join(partial))
+                raise checkpoint.CheckpointError(
+                    f"cannot store stage {k}'s checkpoint (epoch {epoch}, step {global_step}) in "
+                    f"{ctx.run_root}/stage{k}: {str(full).splitlines()[0][:200]}. Free space (or make it writable) "
+                    f"and resubmit: the run resumes from its last stored checkpoint"
+                ) from None
 
     for epoch in range(start_epoch, epochs):
         trainable = "local" if k == 2 and epoch < stage_cfg.niter_fix_global else "all"

@@ -75,6 +75,23 @@ SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
 CITYSCAPES_SAMPLES = SHARED / "datasets" / "cityscapes_samples"
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 400 KiB (tmpfs, mounted by this test as root): writes past it fail with ENOSPC, as on
+    a full disk. Skips when not root. Unmounted afterwards."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """moto's S3 server on 127.0.0.1, with the AWS environment pointing at it. Yields the endpoint URL."""

@@ -64,6 +64,30 @@ def test_a_shard_altered_after_prepare_stops_the_stage_at_once_naming_shard_and_
     assert took < 180, took
 
 
+def test_storage_that_fills_up_mid_stage_stops_it_at_once_leaving_no_half_checkpoint(data, small_disk):
+    """WEAK (c): the run's storage (a real 400 KiB file system) takes run.json and the first epoch's image, then
+    fills while Ray Train copies rank 0's checkpoint into it: one line naming the stage folder and the cause, not
+    retried, and the half-copied checkpoint folder removed (run.json still points at no checkpoint)."""
+    runs = small_disk / "runs"
+    r, took = train(
+        *f"--data {data} --storage {runs} --run-id full --stages 1 --no-tracking".split(),
+        "--set",
+        "train.max_failures=3",
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-4000:]
+    assert re.search(
+        rf"train: error: stage 1 stopped, not retried: cannot store stage 1's checkpoint \(epoch 1, step \d+\) in "
+        rf"{runs}/full/stage1: .*No space left on device\. Free space",
+        r.stderr,
+    ), r.stderr[-3000:]
+    assert "RETRY" not in out and "resuming from its checkpoint" not in out
+    left = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*"))
+    assert not [p for p in left if "checkpoint_" in p or ".tmp" in p], left
+    assert "full/stage1/images/epoch_0001.png" in left and "full/run.json" in left
+    assert took < 180, took
+
+
 def test_an_unreachable_tracking_server_costs_a_bounded_delay_and_the_exit_says_not_registered(s3, data, tmp_path):
     """... and once the server answers, the command the error gives registers the model and sends every record the
     job kept meanwhile."""

@@ -85,9 +85,8 @@ def test_stage2_starts_from_stage1(opt):
 def test_a_full_disk_leaves_no_half_written_checkpoint_and_says_so_in_one_line(tmp_path, opt, monkeypatch):
     import errno
 
-    def save_half(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"\x80\x02partial")
+    def save_half(obj, f):
+        f.write(b"\x80\x02partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", save_half)
@@ -95,3 +94,21 @@ def test_a_full_disk_leaves_no_half_written_checkpoint_and_says_so_in_one_line(t
     with pytest.raises(CheckpointError, match=rf"^cannot write checkpoint {where}: No space left on device$"):
         checkpoint.save(where, TrainStep(opt), stage=1, epoch=1, global_step=1, lr=1e-4, config={})
     assert list(where.iterdir()) == []  # no truncated state.pt, no meta.json, no .tmp
+
+
+def test_on_a_real_full_disk_nothing_half_written_stays_and_the_error_is_not_a_fault(small_disk, opt):
+    """WEAK (c) on a real file system out of space: an image write (what the workers' epoch images go through) and a
+    checkpoint leave no .tmp, truncated state.pt or meta.json; the image's error is StorageRefused (not retried by
+    Train's failure policy) naming the path."""
+    from data import storage
+    from orchestration.failures import INPUT_ERRORS
+
+    (small_disk / "filler").write_bytes(b"x" * (360 << 10))
+    image = storage.resolve(small_disk / "images" / "epoch_0001.png")
+    with pytest.raises(storage.StorageRefused, match=rf"cannot write {image.uri}: .*No space left on device") as e:
+        storage.write_bytes_atomic(image, b"\x89PNG" + bytes(200 << 10))
+    assert isinstance(e.value, INPUT_ERRORS)
+    where = small_disk / "checkpoint_0"
+    with pytest.raises(CheckpointError, match=rf"^cannot write checkpoint {where}: No space left on device$"):
+        checkpoint.save(where, TrainStep(opt), stage=1, epoch=1, global_step=1, lr=1e-4, config={})
+    assert sorted(p.name for p in small_disk.rglob("*")) == ["checkpoint_0", "filler", "images"]
