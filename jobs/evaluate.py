@@ -23,7 +23,7 @@ from data.storage import StorageError
 from evaluation.segscore import EvaluationError
 from orchestration.config import ConfigError
 from orchestration.evaluate import EvalPlan, evaluate
-from orchestration.stopping import STOPPED_EXIT, stop_on_sigterm
+from orchestration.stopping import STOPPED_EXIT, finish, stop_on_sigterm, stop_reason
 from orchestration.tracking import resolve_tracking_uri
 
 
@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"evaluate: stopped ({e or 'interrupted'})", file=sys.stderr)
+        print(f"evaluate: stopped ({stop_reason(e)})", file=sys.stderr)
         return STOPPED_EXIT
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -21,7 +21,7 @@ from evaluation.segscore import EvaluationError
 from orchestration.checkpoint import CheckpointError
 from orchestration.config import ConfigError, check_name, load_config
 from orchestration.run_state import RunState, run_root
-from orchestration.stopping import STOPPED_EXIT, stop_on_sigterm
+from orchestration.stopping import STOPPED_EXIT, finish, stop_on_sigterm, stop_reason
 from orchestration.sweep import SweepPlan, run_sweep
 from orchestration.tracking import resolve_tracking_uri
 
@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"sweep: stopped ({e or 'interrupted'}); --resume --name NAME continues it", file=sys.stderr)
+        print(f"sweep: stopped ({stop_reason(e)}); --resume --name NAME continues it", file=sys.stderr)
         return STOPPED_EXIT
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

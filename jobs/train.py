@@ -22,7 +22,7 @@ from orchestration.checkpoint import CheckpointError
 from orchestration.config import ConfigError, check_name, load_config
 from orchestration.curriculum import RunPlan, default_run_id, run
 from orchestration.registry import RegistrationError
-from orchestration.stopping import STOPPED_EXIT, stop_on_sigterm
+from orchestration.stopping import STOPPED_EXIT, finish, stop_on_sigterm, stop_reason
 from orchestration.tracking import resolve_tracking_uri
 
 DEFAULT_STORAGE = "outputs/runs"
@@ -122,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     except RegistrationError as e:
         print(f"train: error: training finished but {e}", file=sys.stderr)
         return 3
-    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or `ray job stop` (SIGTERM; SystemExit once Ray runs)
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or `ray job stop` (SIGTERM: orchestration/stopping.py)
         runs = f"run {plan.run_id}'s MLflow runs end KILLED; " if plan and plan.tracking_uri else ""
         print(
-            f"train: stopped ({e or 'interrupted'}); {runs}to resume run {plan.run_id} from its latest checkpoint, "
+            f"train: stopped ({stop_reason(e)}); {runs}to resume run {plan.run_id} from its latest checkpoint, "
             f"submit the same command again (--run-id {plan.run_id})"
             if plan
-            else f"train: stopped ({e or 'interrupted'})",
+            else f"train: stopped ({stop_reason(e)})",
             file=sys.stderr,
             flush=True,
         )
@@ -140,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -19,7 +19,7 @@ from data.storage import StorageError
 from evaluation.segscore import EvaluationError
 from orchestration.config import ConfigError, load_config
 from orchestration.segmenter_training import SegmenterPlan, train
-from orchestration.stopping import STOPPED_EXIT, stop_on_sigterm
+from orchestration.stopping import STOPPED_EXIT, finish, stop_on_sigterm, stop_reason
 from orchestration.tracking import resolve_tracking_uri
 
 DEFAULT_STORAGE = "outputs/runs"
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_segmenter: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"train_segmenter: stopped ({e or 'interrupted'})", file=sys.stderr)
+        print(f"train_segmenter: stopped ({stop_reason(e)})", file=sys.stderr)
         return STOPPED_EXIT
     if "registry" in result:
         print(f"segmenter: {result['registry']['uri']}")
@@ -61,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -32,7 +32,7 @@ from orchestration.failures import Trainer, fit
 from orchestration.job_log import drop_ray_chatter
 from orchestration.run_lease import RunLease
 from orchestration.run_state import RunState, run_root
-from orchestration.stopping import run_status
+from orchestration.stopping import run_status, signal_handlers_kept
 from orchestration.tracking import MLFLOW_CLIENT_ENV, RUN_TAG, STAGE_TAG, Tracker, send_kept_records, unsent_file
 from orchestration.worker import StageContext, pipeline_config, train_stage
 
@@ -370,10 +370,11 @@ def connect_ray(cfg: Config, trial_cpus: float = 0.0, what: str = "the stage") -
         job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
         env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}  # a conflict is an error
         os.environ.update(env)
-        ray.init(
-            logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
-            runtime_env={"env_vars": env} if env else None,
-        )
+        with signal_handlers_kept():  # ray.init sets its own SIGTERM handler
+            ray.init(
+                logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
+                runtime_env={"env_vars": env} if env else None,
+            )
         if quiet:
             drop_ray_chatter()
     resources.check(cfg, resources.cluster_nodes(), trial_cpus, what)

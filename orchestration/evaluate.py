@@ -35,6 +35,7 @@ from model.bundle import Pix2PixHDGenerator
 from orchestration import checkpoint
 from orchestration.config import from_dict
 from orchestration.run_state import RunState, run_root
+from orchestration.stopping import signal_handlers_kept
 
 REAL = "real photos"
 QUIET_DATA = {"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}}
@@ -273,7 +274,8 @@ def evaluate(plan: EvalPlan, log=print) -> dict:
     if not ray.is_initialized():  # the cluster of RAY_ADDRESS (ray job submit), else a local Ray
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # progress: the lines below
         logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)
-        ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"), runtime_env=QUIET_DATA)
+        with signal_handlers_kept():  # ray.init sets its own SIGTERM handler
+            ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"), runtime_env=QUIET_DATA)
     ds = build_dataset(plan.data_uri, plan.split, pcfg)
     if plan.limit:
         ds = ds.limit(plan.limit)

@@ -28,6 +28,7 @@ from model.styles import MIN_SHARE, cluster, instance_features
 from orchestration import checkpoint
 from orchestration.config import ConfigError, from_dict
 from orchestration.run_state import RunState
+from orchestration.stopping import signal_handlers_kept
 
 FILE = "clusters/stage3.pt"
 
@@ -134,7 +135,8 @@ def cluster_split(
     manifest = shards.load_manifest(data_uri, split)
     if not ray.is_initialized():
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"))
+        with signal_handlers_kept():  # ray.init sets its own SIGTERM handler
+            ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"))
     total = manifest["sample_count"]
     log(
         f"clustering E's instance features of {source} over {total} samples of {data_uri} '{split}' "

@@ -1,10 +1,13 @@
 """Bad input met while training (local Ray, as `make demo` runs it): a shard altered after it was written stops
 the stage at once, naming shard and sample, instead of being retried as a worker fault; an MLflow server that
 never answers costs a bounded delay, the job's exit says the model was not registered, and what it says to run
-then registers it and sends the records kept meanwhile."""
+then registers it and sends the records kept meanwhile. A job stopped by SIGTERM at any moment exits 130 and
+resumes."""
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -86,6 +89,34 @@ def test_storage_that_fills_up_mid_stage_stops_it_at_once_leaving_no_half_checkp
     assert not [p for p in left if "checkpoint_" in p or ".tmp" in p], left
     assert "full/stage1/images/epoch_0001.png" in left and "full/run.json" in left
     assert took < 180, took
+
+
+def test_sigterm_at_any_moment_exits_130_and_the_run_resumes(data, tmp_path):
+    """WEAK (d): SIGTERM while the job imports (before any handler of its own: Python died of the signal) and at
+    the moment Ray Train starts storing a checkpoint: exit 130 and one line each time; the same command then resumes
+    the run and finishes the stage."""
+    args = [sys.executable, "-m", "jobs.train", "--config", "configs/tiny.yaml", "--data", data]
+    args += ["--storage", str(tmp_path / "runs"), "--run-id", "s", "--stages", "1", "--no-tracking"]
+    early = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    early.send_signal(signal.SIGTERM)
+    assert early.wait(30) == 130, early.communicate()
+    assert not (tmp_path / "runs").exists()
+
+    job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stage = tmp_path / "runs" / "s" / "stage1"
+    deadline = time.monotonic() + 300
+    while job.poll() is None and time.monotonic() < deadline and not list(stage.glob("checkpoint_*")):
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == 130, out + err
+    assert "train: stopped (by SIGTERM); to resume run s from its latest checkpoint" in err, err
+    assert "Traceback" not in err, err
+
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "[stage 1] finished: 3 epochs" in r.stdout, r.stdout
 
 
 def test_an_unreachable_tracking_server_costs_a_bounded_delay_and_the_exit_says_not_registered(s3, data, tmp_path):
