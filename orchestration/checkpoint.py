@@ -225,6 +225,15 @@ def _scales(d_shapes: dict) -> int:
     return sum(1 for name in d_shapes if name.endswith("layers.0.0.weight"))
 
 
+def stored_sha256(uri: str) -> str | None:
+    """state.pt's sha256 as the checkpoint's meta.json records it (what run.json and the registry name a checkpoint
+    by; `verify` checks the file against it)."""
+    try:
+        return json.loads(storage.read_bytes(storage.resolve(uri).join(META))).get("sha256")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def verified_alternative(uri: str) -> tuple[str, dict] | None:
     """Another checkpoint of the same stage folder that verifies (Ray Train keeps the latest two), newest first,
     with its meta.json; None if there is none."""

@@ -107,7 +107,8 @@ def preflight(plan: RunPlan, log=print) -> tuple[storage.Location, RunState, dic
                     f"pass --from-run RUN_ID of a run that finished it"
                 )
             init = prev["checkpoint"]
-        inits[first] = verified_init(init, first, plan.cfg, log)
+        recorded = None if plan.init_checkpoint else prev.get("checkpoint_sha256")
+        inits[first] = verified_init(init, first, plan.cfg, log, recorded)
     pending = [k for k in plan.stages if not state.done(k)]
     check_steps(plan.cfg, pending, manifest, plan.data_uri)
     check_sizes(plan.cfg, pending, manifest, plan.data_uri)
@@ -164,9 +165,9 @@ def check_steps(cfg: Config, stages: list[int], manifest: dict, data_uri: str) -
                 )
 
 
-def verified_init(uri: str, stage: int, cfg: Config, log=print) -> str:
+def verified_init(uri: str, stage: int, cfg: Config, log=print, recorded: str | None = None) -> str:
     """The checkpoint stage `stage` starts from, verified in the driver (bytes, stage, the networks' shapes from its
-    meta.json); a damaged one names a good alternative."""
+    meta.json; `recorded`: the sha256 run.json names it by); a damaged one names a good alternative."""
     log(f"[stage {stage}] verifying the checkpoint it starts from: {uri}")
     try:
         meta = checkpoint.verify(uri)
@@ -179,6 +180,12 @@ def verified_init(uri: str, stage: int, cfg: Config, log=print) -> str:
             else "; no other checkpoint of that stage verifies: run that stage again"
         )
         raise ConfigError(f"{e}{hint}") from None
+    if recorded and meta.get("sha256") != recorded:
+        raise ConfigError(
+            f"{uri} is not the checkpoint its run recorded: its state.pt has sha256 {meta.get('sha256', '?')[:12]}..., "
+            f"run.json names {recorded[:12]}... (replaced since stage {stage - 1} finished). Restore it, or start from "
+            f"a checkpoint you trust with --init-checkpoint URI"
+        )
     if meta.get("stage") != stage - 1:
         raise ConfigError(
             f"{uri} is a stage {meta.get('stage')} checkpoint; stage {stage} starts from a stage {stage - 1} one"
@@ -383,7 +390,8 @@ def connect_ray(cfg: Config, trial_cpus: float = 0.0, what: str = "the stage") -
 def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, selection, log) -> dict[int, dict]:
     cfg = plan.cfg
     root, state, inits = checked
-    state.update(run_id=plan.run_id, data_uri=plan.data_uri, config=cfg.to_dict())
+    data_sha256 = shards.content_sha256(plan.data_uri, cfg.data.train_split)  # what the stages train on
+    state.update(run_id=plan.run_id, data_uri=plan.data_uri, data_sha256=data_sha256, config=cfg.to_dict())
     val_split = available_val_split(cfg, plan.data_uri, log)
     log(f"run {plan.run_id}: stages {plan.stages}, data {plan.data_uri}, storage {root}")
     if parent:
@@ -435,6 +443,7 @@ def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, selection
         metrics = result.metrics or {}
         entry = dict(
             checkpoint=ckpt_uri,
+            checkpoint_sha256=checkpoint.stored_sha256(ckpt_uri),
             epochs=metrics.get("epoch"),
             global_step=metrics.get("global_step"),
             seconds=round(time.perf_counter() - t0, 1),

@@ -50,6 +50,7 @@ class ModelRef:
     registry: tuple[str, str] | None = None  # (registered model, version)
     mlflow_run: str | None = None  # the MLflow run the model was trained (or logged) in
     run_id: str | None = None  # the curriculum run id
+    sha256: str | None = None  # what was scored: the checkpoint's state.pt, or the version's weights.pt
 
 
 @dataclass
@@ -138,15 +139,16 @@ def _checkpoint_model(uri: str, plan: EvalPlan, used: set[str], run_id: str | No
     k = int(state.get("stage", 3))
     bundle = build_bundle(cfg, state, k, plan.data_uri).eval()
     name = _unique(f"{Path(uri.rstrip('/')).name} (stage {k})" if run_id is None else uri, used)
-    return ModelRef(uri, name, bundle, cfg.model.label_nc, run_id=run_id)
+    return ModelRef(uri, name, bundle, cfg.model.label_nc, run_id=run_id, sha256=checkpoint.stored_sha256(uri))
 
 
 def _registry_model(spec: str, plan: EvalPlan, used: set[str]) -> ModelRef:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from orchestration.registry import ModelNotFound, load_generator
+    from orchestration.registry import DIGEST_TAG, ModelNotFound, load_generator
     from orchestration.segmenter_registry import pinned_version
+    from serving.pyfunc import WEIGHTS
 
     if plan.tracking_uri is None:
         raise EvaluationError(f"--model {spec}: a registry URI needs MLflow tracking (--tracking-uri)")
@@ -164,7 +166,8 @@ def _registry_model(spec: str, plan: EvalPlan, used: set[str]) -> ModelRef:
         raise EvaluationError(f"--model {e}") from None
     ref_name = _unique(f"{name} v{version}", used)
     label_nc = int(bundle.options["label_nc"])
-    return ModelRef(spec, ref_name, bundle, label_nc, (name, version), mv.run_id, mv.tags.get("run_id"))
+    weights = mv.tags.get(f"{DIGEST_TAG}{WEIGHTS}")  # load_generator checked the files against it
+    return ModelRef(spec, ref_name, bundle, label_nc, (name, version), mv.run_id, mv.tags.get("run_id"), weights)
 
 
 # ---- the Ray Data pass ----------------------------------------------------------------------------------------
@@ -363,6 +366,8 @@ def _report(plan, dataset: str, models, results, segmenter, feature, labels: Lab
         "segmenter": segmenter.identity if segmenter else None,
         "feature_network": feature.identity if feature else None,
         "models": {m.name: m.spec for m in models},
+        "sha256": {m.name: m.sha256 for m in models},  # the files scored: a checkpoint's state.pt, weights.pt
+        "data_sha256": shards.content_sha256(plan.data_uri, plan.split),
         "metrics": metrics,
         "per_class_iou": {name: r.seg.per_class for name, r in results.items() if r.seg is not None},
     }

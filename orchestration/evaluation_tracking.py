@@ -1,7 +1,8 @@
 """An evaluation in MLflow: for each model, a run nested under the run it was trained in (its metrics, which
 segmenter and feature network made them, the report, grid and chart as artifacts), and, for a registry version,
 the metrics as tags on the version (`eval.<split>.<metric>`, `eval.<split>.segmenter`), so versions compare by
-them in the registry."""
+them in the registry, with what they scored (`eval.<split>.weights_sha256`, `eval.<split>.data_sha256`: the files
+and the split's content)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def log_evaluation(plan, models, metrics: dict, report: dict, files: list, log=p
             "model": model.spec,
             "segmenter": report["segmenter"] or "none",
             "feature_network": report["feature_network"] or "none",
+            "model_sha256": model.sha256 or "unknown",
+            "data_sha256": report["data_sha256"],
         }
         values = {k: v for k, v in metrics[model.name].items() if v == v}  # NaN: not logged
         values |= {f"real_{k}": v for k, v in real.items() if k.startswith("seg_") and v == v}
@@ -63,7 +66,8 @@ def log_evaluation(plan, models, metrics: dict, report: dict, files: list, log=p
             for k, v in values.items():
                 if not k.startswith("real_"):
                     client.set_model_version_tag(name, version, prefix + k, f"{v:.6g}")
-            for k in ("segmenter", "feature_network"):
+            for k in ("segmenter", "feature_network", "data_sha256"):
                 client.set_model_version_tag(name, version, prefix + k, params[k])
+            client.set_model_version_tag(name, version, prefix + "weights_sha256", params["model_sha256"])
             where += f"; tags {prefix}* on {name} version {version}"
         log(f"evaluate: MLflow run {rid} for {model.name} {where}")

@@ -111,6 +111,7 @@ def register_run(
     retry = (
         f"python -m jobs.register --run {run_id} --storage {root.uri.rsplit('/', 1)[0]} --tracking-uri {tracking_uri}"
     )
+    check_recorded_digests(state, final["checkpoint"], run_id)
     from orchestration.feature_clusters import stored_clusters
 
     stored = stored_clusters(root, final["checkpoint"])
@@ -131,6 +132,20 @@ def register_run(
             time.sleep(5)
     state.update(registered={k: result[k] for k in ("name", "version", "checkpoint")})
     return result
+
+
+def check_recorded_digests(state: RunState, final_checkpoint: str, run_id: str) -> None:
+    """The final checkpoint is the one run.json recorded (and, when judged, the one its judgement scored): else its
+    registered version would carry another model's name, run or score. Not retried: a ConfigError."""
+    stored = checkpoint.stored_sha256(final_checkpoint)
+    for what, entry in (("stage 3", state.done(FINAL_STAGE)), ("judgement", state.data.get("judgement"))):
+        recorded = (entry or {}).get("checkpoint_sha256")
+        if recorded and recorded != stored:
+            raise ConfigError(
+                f"run '{run_id}': {final_checkpoint} holds state.pt sha256 {(stored or '?')[:12]}..., but run.json's "
+                f"{what} names {recorded[:12]}...: the checkpoint was replaced after training; not registered. "
+                f"Restore it, or train the run again"
+            )
 
 
 def judgement(state: RunState) -> dict | None:
@@ -193,6 +208,7 @@ def register(
         "config_hash": cfg.hash(),
         "data_uri": data_uri,
         "data_manifest_sha256": manifest_sha256(data_uri, cfg.data.train_split),
+        "checkpoint_sha256": checkpoint.stored_sha256(final_checkpoint) or "unknown",
     }
     if judged is not None:
         tags |= judgement_tags(judged)
@@ -293,6 +309,7 @@ def judgement_tags(judged: dict) -> dict[str, str]:
     (rounded, a champion's value could read higher than the same value unrounded)."""
     value = repr(float(judged["value"]))
     tags = {JUDGED_METRIC: judged["metric"], JUDGED_VALUE: value, JUDGED_BY: judged["judged_by"]}
+    tags |= {f"judged.{k}": judged[k] for k in ("split", "data_sha256") if judged.get(k)}  # judged on what
     return tags | ({METRIC: value} if judged["metric"] == METRIC else {})
 
 

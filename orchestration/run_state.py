@@ -1,7 +1,9 @@
 """run.json: what one curriculum run did, in `{storage}/{run_id}/run.json`, written atomically by the job driver.
 
-    {"run_id": ..., "data_uri": ...,
-     "stages": {"1": {"status": "done", "checkpoint": URI, "epochs": ..., "global_step": ..., "metrics": {...}}},
+    {"run_id": ..., "data_uri": ..., "data_sha256": the train split's content (shards.content_sha256),
+     "stages": {"1": {"status": "done", "checkpoint": URI, "checkpoint_sha256": its state.pt's, "epochs": ...,
+                      "global_step": ..., "metrics": {...}}},
+     "judgement": {"metric": ..., "value": ..., "checkpoint_sha256": ..., "data_sha256": ..., "split": ...},
      "registered": {"name": ..., "version": ..., "checkpoint": URI}}
 
 Run ids are checked names (`config.check_name`), so `{storage}/{run_id}` never leaves the storage folder.

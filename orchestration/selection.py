@@ -129,4 +129,12 @@ def final_judgement(selection: Selection, checkpoint_uri: str, data_uri: str, sp
     result = evaluate(plan, log)
     (model,) = [name for name in result["results"] if name != "real photos"]
     value = result["results"][model][EVALUATE_KEYS[selection.metric]]
-    return {"metric": selection.metric, "mode": selection.mode, "value": value, "judged_by": selection.judged_by}
+    return {
+        "metric": selection.metric,
+        "mode": selection.mode,
+        "value": value,
+        "judged_by": selection.judged_by,
+        "checkpoint_sha256": result["sha256"][model],  # what was judged, and on what
+        "data_sha256": result["data_sha256"],
+        "split": split,
+    }

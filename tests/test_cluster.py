@@ -322,6 +322,15 @@ def test_the_generator_is_registered_once_with_the_champion_alias(full_run, s3, 
     assert 0 < float(v.tags["judged.value"]) <= 1 and v.tags["judged.by"].startswith(
         "models:/segmenter-synthetic-city/1"
     )
+    # what was trained, judged and registered, named by digest (run.json, the judgement, the version's tags)
+    run = json.loads(s3.get_object(Bucket=BUCKET, Key=f"runs/{full_run['run_id']}/run.json")["Body"].read())
+    stage3 = run["stages"]["3"]["checkpoint_sha256"]
+    meta = json.loads(
+        s3.get_object(Bucket=BUCKET, Key=f"{v.tags['checkpoint'].split('/', 3)[3]}/meta.json")["Body"].read()
+    )
+    assert stage3 == meta["sha256"] == run["judgement"]["checkpoint_sha256"] == v.tags["checkpoint_sha256"]
+    assert run["judgement"]["split"] == "val" and v.tags["judged.data_sha256"] == run["judgement"]["data_sha256"]
+    assert len(run["data_sha256"]) == 64 and run["data_sha256"] != run["judgement"]["data_sha256"]  # train vs val
 
 
 def test_resubmitting_a_finished_run_does_no_training(bed, full_run):
@@ -407,6 +416,14 @@ def test_evaluate_compares_two_models_by_seg_score_with_a_report_and_mlflow_runs
     tags = c.get_model_version(MODEL, champion.version).tags
     assert float(tags["eval.val.seg_miou"]) == pytest.approx(
         report["metrics"][f"{MODEL} v{champion.version}"]["seg_miou"], rel=1e-4
+    )
+    # scores name what they scored: the version's weights.pt, the run's checkpoint, the split's content
+    assert (
+        report["sha256"][f"{MODEL} v{champion.version}"] == tags["sha256.weights.pt"] == tags["eval.val.weights_sha256"]
+    )
+    assert (
+        report["sha256"][f"{run} (stage 3)"] == run_state(s3, run)[3]["checkpoint_sha256"]
+        and tags["eval.val.data_sha256"] == report["data_sha256"]
     )
 
 

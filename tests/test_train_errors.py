@@ -321,3 +321,44 @@ def test_a_starting_checkpoint_of_other_networks_is_refused_in_the_driver_from_i
         "configs/tiny.yaml", ["stage2.num_D=3", "stage3.num_D=3"]
     )  # a new coarsest scale: D loads by name
     assert checkpoint.architecture_differences(meta, 2, more_d.stage_model(1), more_d.stage_model(2)) == []
+
+
+def test_a_checkpoint_replaced_after_its_stage_is_neither_trained_from_nor_registered(data_uri, tmp_path, capsys):
+    """Item 4: run.json names each stage's checkpoint by its sha256. A checkpoint folder swapped for another valid
+    one (its own meta.json agrees with it) is refused by the next stage and by registration, before Ray or MLflow."""
+    import shutil
+
+    from model.step import TrainStep
+    from orchestration import checkpoint
+    from orchestration.config import ConfigError, load_config
+    from orchestration.registry import register_run
+    from orchestration.run_state import RunState, run_root
+
+    cfg = load_config("configs/tiny.yaml")
+    runs = tmp_path / "runs"
+    root = run_root(str(runs), "r")
+
+    def saved(where, stage, seed):
+        import torch
+
+        torch.manual_seed(seed)
+        step = TrainStep(cfg.stage_model(stage), seed=seed)
+        return checkpoint.save(where, step, stage=stage, epoch=1, global_step=1, lr=1e-4, config=cfg.to_dict())
+
+    one = saved(runs / "r" / "stage1" / "checkpoint_0", 1, 0)
+    RunState(root).record(1, checkpoint=str(one), checkpoint_sha256=checkpoint.stored_sha256(str(one)), epochs=1)
+    other = saved(tmp_path / "other", 1, 1)
+    shutil.rmtree(one)
+    shutil.copytree(other, one)  # verifies on its own: not what run.json recorded
+    args = ["--config", "configs/tiny.yaml", "--data", data_uri, "--storage", str(runs), "--run-id", "r"]
+    assert main([*args, "--stages", "2,3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{one} is not the checkpoint its run recorded: its state.pt has sha256 " in err, err
+    assert "(replaced since stage 1 finished)" in err
+    assert not ray.is_initialized()
+
+    three = saved(runs / "r" / "stage3" / "checkpoint_0", 3, 2)
+    RunState(root).record(3, checkpoint=str(three), checkpoint_sha256="0" * 64, epochs=1)
+    RunState(root).update(data_uri=data_uri, config=cfg.to_dict())
+    with pytest.raises(ConfigError, match=r"run.json's stage 3 names 000000000000...: the checkpoint was replaced"):
+        register_run(root, "http://127.0.0.1:9/never-asked")
