@@ -113,14 +113,18 @@ def _check_style(instance_id: int, style, present: set[int], counts: torch.Tenso
                 f"the feature vector for instance {instance_id} has {len(style)} values; this generator's are {feat_num}"
             )
         for v in style:
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not -1 <= v <= 1:
+            number = not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+            if not number or not -1 <= v <= 1:
+                shown = f"{v:.6g}" if number else f"a {type(v).__name__}"  # a number, never a client's text
                 raise ValueError(
-                    f"the feature vector for instance {instance_id} holds {v!r:.40}: its values are numbers in "
+                    f"the feature vector for instance {instance_id} holds {shown}: its values are numbers in "
                     f"-1..1, the range of the encoder's tanh"
                 )
         return
     if isinstance(style, bool) or not isinstance(style, (int, np.integer)):
-        raise ValueError(f"the style of instance {instance_id} is {style!r}: give a cluster index or a feature vector")
+        raise ValueError(
+            f"the style of instance {instance_id} is a {type(style).__name__}: give a cluster index or a feature vector"
+        )
     n = int(counts[c]) if c < label_nc else 0
     if n == 0:
         raise ValueError(f"instance {instance_id} is of class {c}, which has no style clusters (none was clustered)")

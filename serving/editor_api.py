@@ -9,8 +9,9 @@
 
 Every response names the model version in `X-Model-Version`; /render also says its time in `X-Render-Ms`. Bad
 input is a 4xx whose JSON `detail` names the problem: a map that is not a PNG, a wrong size, an unknown label id,
-a style that does not fit, a body over the size limit (413, chunked bodies included: counted while they stream),
-a body that does not arrive within BODY_TIMEOUT_S (408).
+a style that does not fit, JSON nested too deep, a body over the size limit (413, chunked bodies included: counted
+while they stream), a body that does not arrive within BODY_TIMEOUT_S (408). An answer names a field and what it
+should be, never text of the body (a client's bytes are not reflected back, nor into logs).
 
 `renderer` (see `Renderer`) does the model's work; orchestration/serve.py gives one backed by Ray Serve replicas.
 """
@@ -131,7 +132,7 @@ def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]]
     @app.get("/samples/{name}")
     async def sample(name: str):
         if name not in samples:
-            raise RequestError(f"no sample named {name!r}; GET /samples lists them", 404)
+            raise RequestError("no sample of that name; GET /samples lists them", 404)
         label, inst = samples[name]
         return {"label": base64.b64encode(label).decode(), "instances": inst and base64.b64encode(inst).decode()}
 
@@ -186,7 +187,11 @@ def parse_render(body: bytes, info: dict) -> tuple[np.ndarray, dict, int, str | 
     try:
         req = json.loads(body)
     except ValueError as e:
-        raise RequestError(f"the body is not JSON ({e})") from None
+        raise RequestError(f"the body is not JSON ({e})") from None  # (names a position, not the text)
+    except RecursionError:
+        raise RequestError(
+            "the body's JSON is nested too deep: /render takes an object of strings and numbers"
+        ) from None
     if not isinstance(req, dict) or "label" not in req:
         raise RequestError('the body is a JSON object {"label": PNG (base64), "instances": PNG, "styles", "seed"}')
     label = _map(req["label"], "label")
@@ -202,20 +207,27 @@ def parse_render(body: bytes, info: dict) -> tuple[np.ndarray, dict, int, str | 
         raise RequestError(str(e)) from None
     styles = req.get("styles") or {}
     if not isinstance(styles, dict):
-        raise RequestError(f"styles must be an object of instance id -> cluster index or vector, got {styles!r:.80}")
+        raise RequestError(f"styles must be an object of instance id -> cluster index or vector, got {_kind(styles)}")
     try:
         styles = {int(k): v for k, v in styles.items()}
     except ValueError:
-        raise RequestError(f"styles keys are instance ids (integers), got {list(styles)[:5]}") from None
+        raise RequestError('styles keys are instance ids (integers written as strings, e.g. "26001")') from None
     seed = req.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise RequestError(f"seed must be an integer, got {seed!r:.40}")
+        raise RequestError(f"seed must be an integer, got {_kind(seed)}")
     mode = req.get("style_mode")
     if mode not in (None, "random", "largest"):
-        raise RequestError(f"style_mode {mode!r:.40} is not 'random' or 'largest'")
+        raise RequestError(f"style_mode must be 'random', 'largest' or null, got another {_kind(mode)}")
     if styles and not info["instance_feat"]:
         raise RequestError(f"{info['model']} has no instance features: it takes no styles")
     return maps, styles, seed, mode
+
+
+def _kind(value) -> str:
+    """A JSON value named by its type, not its text."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", float: "number", int: "number"}.get(
+        type(value), "value"
+    )
 
 
 def _map(value, what: str) -> np.ndarray:

@@ -140,9 +140,10 @@ def parse_styles(text: str) -> dict[int, int | list[float]]:
         if not isinstance(raw, dict):
             raise ValueError("not an object")
         return {int(k): v for k, v in raw.items()}
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # the message names a position at most, never the text
+        why = "nested too deep" if isinstance(e, RecursionError) else str(e)
         raise ValueError(
-            f"styles {text[:100]!r} are not a JSON object of instance id -> cluster index or feature vector ({e})"
+            f"the styles parameter: {why}; it is a JSON object of instance id -> cluster index or feature vector"
         ) from None
 
 

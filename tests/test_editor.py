@@ -403,3 +403,77 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(editor):
     # got depends on what Serve's HTTP proxy queued toward the replica meanwhile: 17-244 MiB measured here
     assert sent < 64 * MAX_BODY, sent
     assert render(editor, *street())[0] == 200
+
+
+def test_answers_to_hostile_bodies_name_the_field_never_the_bodys_text(editor):
+    """Item 6: deep JSON is a 400 (it was a RecursionError, a 500); what a client sent is never reflected back in an
+    answer (a string field, a vector entry, a style, a sample name)."""
+    deep = b"[" * 200_000 + b"]" * 200_000
+    got, _, answer = request(f"{editor}/render", deep)
+    assert got == 400 and "nested too deep" in json.loads(answer)["detail"], answer[:300]
+    marker = "<script>p2p-marker</script>"
+    label, inst = png64(street()[0]), png64(street()[1])
+    for body in (
+        {"label": label, "seed": marker},
+        {"label": label, "style_mode": marker},
+        {"label": label, "instances": inst, "styles": marker},
+        {"label": label, "instances": inst, "styles": {marker: 0}},
+        {"label": label, "instances": inst, "styles": {"26001": marker}},
+        {"label": label, "instances": inst, "styles": {"26001": [marker, 0, 0]}},
+    ):
+        got, _, answer = request(f"{editor}/render", json.dumps(body).encode())
+        assert got == 400 and b"p2p-marker" not in answer, answer[:300]
+    got, _, answer = request(f"{editor}/samples/{marker.replace('<', '%3C').replace('>', '%3E').replace('/', '%2F')}")
+    assert got == 404 and b"p2p-marker" not in answer, answer
+
+
+def test_slow_headers_hold_one_connection_each_and_nothing_else(editor):
+    """Clients that send their headers a byte at a time (no header read timeout can be set in Serve's HTTP proxy:
+    uvicorn has none) hold their own connection, no request slot: /classes and a render answer at once."""
+    import socket
+    import time as clock
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(editor).hostname, urlsplit(editor).port
+    slow = [socket.create_connection((host, port), timeout=30) for _ in range(20)]
+    try:
+        for s in slow:
+            s.sendall(b"GET /classes HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        for _ in range(3):
+            for s in slow:
+                s.sendall(b"a")
+            t0 = clock.monotonic()
+            assert request(f"{editor}/classes")[0] == 200 and render(editor, *street())[0] == 200
+            assert clock.monotonic() - t0 < 5
+            clock.sleep(1)
+    finally:
+        for s in slow:
+            s.close()
+
+
+def test_a_large_render_does_not_hold_up_the_replicas_other_calls(editor):
+    """Item 6: a render runs off the Generator replica's event loop (a thread), so /classes and a style tile answer
+    while a 2048x1024 render is still being computed (they used to wait for it whole)."""
+    import threading
+    import time as clock
+
+    label, inst = street(1024, 2048)
+    done = {}
+
+    def big() -> None:
+        t0 = clock.monotonic()
+        done["status"] = render(editor, label, inst)[0]
+        done["seconds"] = clock.monotonic() - t0
+        done["at"] = clock.monotonic()
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    clock.sleep(0.5)  # the render is under way
+    t0 = clock.monotonic()
+    assert request(f"{editor}/classes")[0] == 200
+    assert request(f"{editor}/styles/26")[0] == 200
+    answered = clock.monotonic()
+    thread.join(300)
+    assert done["status"] == 200
+    print(f"2048x1024 render {done['seconds']:.1f}s; /classes + /styles answered in {answered - t0:.2f}s")
+    assert answered < done["at"] and answered - t0 < 2, (answered - t0, done)

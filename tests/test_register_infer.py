@@ -294,7 +294,7 @@ def test_styles_and_seed_are_request_params(served):
     status, body = post(served, {"inputs": maps, "params": {"styles": '{"7": 10}'}})
     assert status == 400 and "style 10 for instance 7: class 7 has" in body["message"], body
     status, body = post(served, {"inputs": maps, "params": {"styles": "red"}})
-    assert status == 400 and "are not a JSON object of instance id" in body["message"], body
+    assert status == 400 and "it is a JSON object of instance id" in body["message"], body
 
 
 def test_a_version_registered_as_a_pickle_is_refused_not_unpickled(registered, tmp_path):

@@ -82,7 +82,7 @@ def test_a_style_per_instance_index_or_vector():
         ({26099: 0}, "a style is given for instance 26099, which is not in the instance map"),
         ({7: 0, 26001: 0, 24000: 0}, "instance 24000"),
         ({26001: [0.1, 0.2]}, "the feature vector for instance 26001 has 2 values; this generator's are 3"),
-        ({26001: "red"}, "the style of instance 26001 is 'red': give a cluster index or a feature vector"),
+        ({26001: "red"}, "the style of instance 26001 is a str: give a cluster index or a feature vector"),
         ({26001: [0.1, float("nan"), 0.2]}, "the feature vector for instance 26001 holds nan: its values are numbers"),
         (
             {26001: [1e308, 0.0, 0.2]},
