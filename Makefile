@@ -22,15 +22,18 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 
 # What the tests need from Debian beside the venv, installed with apt when missing (as root, e.g. in CI): chromium
-# (the editor's browser tests drive it through Playwright, whose own browser download is not reachable from here)
-# and PostgreSQL (the MLflow server's store on the test bed of docker/compose.yaml, tests/compose_bed.py).
+# (the editor's browser tests drive it through Playwright, whose own browser download is not reachable from here),
+# PostgreSQL (the MLflow server's store on the test bed of docker/compose.yaml, tests/compose_bed.py) and nginx (the
+# editor's gateway there). An nginx that apt started as a service is stopped again: the bed runs its own.
 system-deps:
 	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
 	  ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	  [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	  [ -z "$$missing" ] || { \
 	    command -v apt-get >/dev/null && export DEBIAN_FRONTEND=noninteractive && \
 	    { apt-get install -y -q $$missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; }; }; } || \
-	  { echo "the tests need$$missing: apt-get install$$missing (as root)"; exit 1; }
+	  { echo "the tests need$$missing: apt-get install$$missing (as root)"; exit 1; }; \
+	  case "$$missing" in *nginx*) /usr/sbin/nginx -s quit 2>/dev/null || true;; esac
 
 test: lint system-deps
 	$(PY) -m pytest -q

@@ -30,10 +30,10 @@ from evaluation.fid import FeatureNet
 from evaluation.modules import pack_module
 from evaluation.segmenters import Segmenter
 from model.inception import FIDInceptionV3
-from orchestration.config import load_config
-from orchestration.demo import DemoSettings, untrained_checkpoint
-from orchestration.evaluate import EvalPlan, ScoreBatch, evaluate, resolve_model
-from orchestration.segmenter_training import build_network, service_class_map
+from orchestration.judging.evaluate import EvalPlan, ScoreBatch, evaluate, resolve_model
+from orchestration.run.config import load_config
+from orchestration.services.demo import DemoSettings, untrained_checkpoint
+from orchestration.training.segmenter_training import build_network, service_class_map
 
 
 def networks(cfg, data_uri: str, inception: bool):
@@ -101,7 +101,7 @@ def throughput(samples: int, batch: int) -> None:
 def validation_share(tracking_uri: str | None) -> None:
     from mlflow import MlflowClient
 
-    from orchestration.tracking import RUN_TAG, STAGE_TAG, resolve_tracking_uri
+    from orchestration.records.tracking import RUN_TAG, STAGE_TAG, resolve_tracking_uri
 
     uri = tracking_uri or resolve_tracking_uri()
     client = MlflowClient(tracking_uri=uri)

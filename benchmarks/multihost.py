@@ -8,7 +8,7 @@ times with `ray job submit`, one after the other on the same cluster:
 - spread:    2 workers, one per worker host (`placement: strict_spread`);
 - packed:    the same 2 workers on one worker host (`placement: pack`); the cluster's CPUs are the same;
 - fraction:  spread, with workers of 1.5 CPUs on the 2-CPU hosts: 0.5 CPU left on each (the layout the check in
-             orchestration/resources.py now refuses; submitted with train.check_resources=false to measure it).
+             orchestration/cluster/resources.py now refuses; submitted with train.check_resources=false to measure it).
 For each: img/s and data wait of every epoch (the job's progress lines), the steady state (the median of the
 epochs after the first, whose time is mostly the pipeline's start), the whole CPUs Ray Data's autoscaling coordinator
 leaves it beside the Train workers (floor per host, from where Ray's State API says the workers ran), and on which hosts Ray Data's read and decode tasks ran (Ray's State API). The ratio spread / packed is the figure of merit.
@@ -40,7 +40,7 @@ ROWS = {
 
 def data_budget(bed: ComposeBed, hosts: list[str], trainer_hosts: list[str], cpus: float) -> int:
     """The CPUs Ray Data's autoscaling coordinator leaves it: the whole CPUs each host keeps beside the Train
-    workers it holds (floor per host; orchestration/resources.py)."""
+    workers it holds (floor per host; orchestration/cluster/resources.py)."""
     total = {n["host"]: n.get("resourcesTotal", {}).get("CPU", 0) for n in bed.ray_nodes()}
     return sum(math.floor(total[h] - cpus * trainer_hosts.count(h) + 1e-9) for h in hosts)
 

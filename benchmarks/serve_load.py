@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--cpus", type=float, default=1.0, help="per Generator replica")
     a = p.parse_args(argv)
-    from orchestration.tracking import resolve_tracking_uri
+    from orchestration.records.tracking import resolve_tracking_uri
 
     tracking = resolve_tracking_uri(a.tracking_uri, ray_job=False)
     port = free_port()

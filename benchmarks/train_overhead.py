@@ -23,9 +23,8 @@ from data.pipeline import read_samples
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
 from model.step import TrainStep
-from orchestration.config import load_config
-from orchestration.curriculum import RunPlan, run
-from orchestration.worker import pipeline_config
+from orchestration.run.config import load_config, pipeline_config
+from orchestration.training.curriculum import RunPlan, run
 
 
 def direct_step_seconds(cfg, data_uri: str, steps: int) -> float:

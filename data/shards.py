@@ -185,47 +185,9 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict[st
     """Validate every sample, then write shards and manifests. Returns {split: manifest}."""
     labels = label_set(opts.layout)
     label_nc = opts.label_nc or labels.label_nc
-    encodings.check(opts.encoding)
-    if not 0.0 <= opts.val_fraction < 1.0:
-        raise ValueError(f"--val-fraction {opts.val_fraction} must be in [0, 1)")
-    if opts.val_fraction > 0 and opts.split == CARVED_SPLIT:
-        raise ValueError(
-            f"--val-fraction carves a '{CARVED_SPLIT}' split out of --split; it cannot carve it out of itself"
-        )
-    samples = discover(opts.layout, opts.source, opts.split)
-    if not samples:
-        raise ValueError(f"no samples found for split '{opts.split}' in {opts.source} ({opts.layout} layout)")
-    dest = storage.resolve(opts.dest)
-    storage.check_writable(dest)
-    carved = _published(dest, CARVED_SPLIT)
-    if opts.val_fraction > 0 and carved is not None and carved.get("carved_from") != opts.split:
-        raise ValueError(
-            f"{dest.join(CARVED_SPLIT, 'manifest.json')} holds a '{CARVED_SPLIT}' split prepared on its own (from "
-            f"{carved.get('source')}); --val-fraction would replace it. Use another --dest, or drop --val-fraction"
-        )
+    samples, dest, carved = _checked_inputs(opts)
     name = opts.name or os.path.basename(os.path.abspath(opts.source))
-
-    t0 = time.perf_counter()
-    log(f"validating {len(samples)} samples from {opts.source} ({opts.layout} layout, {opts.workers} processes)")
-    results = _map(
-        opts.workers,
-        _inspect,
-        [opts.layout] * len(samples),
-        samples,
-        [label_nc] * len(samples),
-        [opts.instance_scheme] * len(samples),
-        [opts.encoding] * len(samples),
-    )
-    bad = [(s, r) for s, r in zip(samples, results, strict=True) if r[0] == "bad"]
-    if bad and not opts.skip_bad:
-        path, problem = bad[0][1][1], bad[0][1][2]
-        more = f" ({len(bad) - 1} more bad samples; --skip-bad skips them and writes a report)" if len(bad) > 1 else ""
-        raise BadSample(path, f"{problem}{more}. Nothing was written.")
-    good = [(s, r) for s, r in zip(samples, results, strict=True) if r[0] == "ok"]
-    if not good:
-        raise ValueError(f"every sample in {opts.source} is bad; see the first: {bad[0][1][1]}: {bad[0][1][2]}")
-    log(f"validated in {time.perf_counter() - t0:.1f}s: {len(good)} good, {len(bad)} skipped")
-
+    good, bad = _validated(opts, samples, label_nc, log)
     splits: dict[str, list] = {opts.split: [], CARVED_SPLIT: []} if opts.val_fraction > 0 else {opts.split: []}
     for s, r in good:
         to_val = opts.val_fraction > 0 and val_fraction_of(s.stem) < opts.val_fraction
@@ -253,6 +215,57 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict[st
     elif storage.exists(report):
         storage.delete(report)  # an earlier run's report no longer describes this data
     return manifests
+
+
+def _checked_inputs(opts: PrepareOptions) -> tuple[list, Location, dict | None]:
+    """The options, the source's samples and the destination checked before anything is read or written:
+    (samples, destination, the destination's carved validation split's manifest if any)."""
+    encodings.check(opts.encoding)
+    if not 0.0 <= opts.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction {opts.val_fraction} must be in [0, 1)")
+    if opts.val_fraction > 0 and opts.split == CARVED_SPLIT:
+        raise ValueError(
+            f"--val-fraction carves a '{CARVED_SPLIT}' split out of --split; it cannot carve it out of itself"
+        )
+    samples = discover(opts.layout, opts.source, opts.split)
+    if not samples:
+        raise ValueError(f"no samples found for split '{opts.split}' in {opts.source} ({opts.layout} layout)")
+    dest = storage.resolve(opts.dest)
+    storage.check_writable(dest)
+    carved = _published(dest, CARVED_SPLIT)
+    if opts.val_fraction > 0 and carved is not None and carved.get("carved_from") != opts.split:
+        raise ValueError(
+            f"{dest.join(CARVED_SPLIT, 'manifest.json')} holds a '{CARVED_SPLIT}' split prepared on its own (from "
+            f"{carved.get('source')}); --val-fraction would replace it. Use another --dest, or drop --val-fraction"
+        )
+    return samples, dest, carved
+
+
+def _validated(opts: PrepareOptions, samples: list, label_nc: int, log) -> tuple[list, list]:
+    """Every sample inspected in `opts.workers` processes: (good, bad) as (sample, result) pairs. A bad sample
+    stops everything (BadSample, nothing written) unless --skip-bad."""
+    t0 = time.perf_counter()
+    log(f"validating {len(samples)} samples from {opts.source} ({opts.layout} layout, {opts.workers} processes)")
+    n = len(samples)
+    results = _map(
+        opts.workers,
+        _inspect,
+        [opts.layout] * n,
+        samples,
+        [label_nc] * n,
+        [opts.instance_scheme] * n,
+        [opts.encoding] * n,
+    )
+    bad = [(s, r) for s, r in zip(samples, results, strict=True) if r[0] == "bad"]
+    if bad and not opts.skip_bad:
+        path, problem = bad[0][1][1], bad[0][1][2]
+        more = f" ({len(bad) - 1} more bad samples; --skip-bad skips them and writes a report)" if len(bad) > 1 else ""
+        raise BadSample(path, f"{problem}{more}. Nothing was written.")
+    good = [(s, r) for s, r in zip(samples, results, strict=True) if r[0] == "ok"]
+    if not good:
+        raise ValueError(f"every sample in {opts.source} is bad; see the first: {bad[0][1][1]}: {bad[0][1][2]}")
+    log(f"validated in {time.perf_counter() - t0:.1f}s: {len(good)} good, {len(bad)} skipped")
+    return good, bad
 
 
 def _published(dest: Location, split: str) -> dict | None:
@@ -294,27 +307,7 @@ def _write_split(
         if entry is not None:
             log(f"[{split}] {shard_name}: already written from the same source bytes and verified, skipped")
         else:
-            t0 = time.perf_counter()
-            rows = _map(
-                opts.workers,
-                _row,
-                [opts.layout] * len(members),
-                [files[i] for i in members],
-                members,
-                [opts.encoding] * len(members),
-            )
-            data = _parquet_bytes(rows)
-            entry = {
-                "name": shard_name,
-                "count": len(members),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "first_index": members[0],
-            }
-            storage.write_bytes_atomic(out.join(shard_name), data)
-            storage.write_bytes_atomic(_record_of(out, shard_name), json.dumps({**entry, **record}).encode())
-            took = time.perf_counter() - t0
-            log(f"[{split}] {shard_name}: {len(members)} samples, {len(data) / 2**20:.1f} MB in {took:.1f}s")
+            entry = _write_shard(opts, out, shard_name, [files[i] for i in members], members, record, split, log)
         shard_entries.append(entry)
 
     heights = [r[2] for r in stats]
@@ -342,6 +335,25 @@ def _write_split(
     log(f"[{split}] manifest: {out.join('manifest.json')} ({len(files)} samples in {len(shard_entries)} shards)")
     _remove_unlisted_shards(out, {n for n, _, _ in wanted})
     return manifest
+
+
+def _write_shard(opts, out: Location, shard_name: str, files: list, members: list, record: dict, split: str, log):
+    """One shard's rows decoded in `opts.workers` processes, written with its record; returns its manifest entry."""
+    t0 = time.perf_counter()
+    n = len(members)
+    rows = _map(opts.workers, _row, [opts.layout] * n, files, members, [opts.encoding] * n)
+    data = _parquet_bytes(rows)
+    entry = {
+        "name": shard_name,
+        "count": n,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "first_index": members[0],
+    }
+    storage.write_bytes_atomic(out.join(shard_name), data)
+    storage.write_bytes_atomic(_record_of(out, shard_name), json.dumps({**entry, **record}).encode())
+    log(f"[{split}] {shard_name}: {n} samples, {len(data) / 2**20:.1f} MB in {time.perf_counter() - t0:.1f}s")
+    return entry
 
 
 def _record_of(out: Location, shard_name: str) -> Location:

@@ -22,13 +22,9 @@ from torch import nn
 
 from evaluation.modules import file_identity, load_module, probe
 from evaluation.segscore import EvaluationError
+from model.inception import load_fid_inception
 
 PROBE_SHAPE = (2, 3, 64, 128)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Generator output or a photo in [-1, 1] -> uint8 RGB, as FID tools quantise images before Inception."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 @dataclass
@@ -66,8 +62,6 @@ def _fid_inception_from_state_dict(path: str) -> nn.Module | None:
     """The FID Inception network when `path` is a state dict of it (pt_inception-2015-12-05); None when the file is
     not a state dict at all (load_module then says what it is)."""
     import zipfile
-
-    from model.inception import load_fid_inception
 
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:

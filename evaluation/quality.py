@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from data.labels import LabelSet
-from evaluation.fid import FeatureDistance, to_uint8
+from evaluation.fid import FeatureDistance
 from evaluation.segscore import ClassMap, SegScore
+from model.inference import to_uint8
 
 QUALITY = ("val_seg_miou", "val_seg_pixel_acc", "val_kid", "val_fid")
 SELECTION = {  # eval.metric -> (reported metric, mode)

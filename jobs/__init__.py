@@ -2,7 +2,7 @@
 
 A job stopped while it still imports (torch, Ray and MLflow take seconds) has written nothing: it ends at once with
 the stopped exit code instead of Python's default death by SIGTERM; its `main` then installs the handler that ends
-it cleanly (orchestration/stopping.py). Only for `python -m jobs.X`: importing a job in a program changes nothing."""
+it cleanly (orchestration/run/stopping.py). Only for `python -m jobs.X`: importing a job in a program changes nothing."""
 
 import os
 import signal

@@ -13,19 +13,15 @@ Exit status: 0 done, 2 bad input.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from data.storage import StorageError
-from orchestration.config import ConfigError
-from orchestration.feature_clusters import cluster_run, cluster_version
-from orchestration.registry import ModelNotFound
-from orchestration.run_state import run_root
-from orchestration.tracking import resolve_tracking_uri
+from jobs import cli
+from orchestration.records.tracking import resolve_tracking_uri
+from orchestration.run.run_state import run_root
+from orchestration.run.stopping import finish
+from orchestration.services.feature_clusters import cluster_run, cluster_version
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.cluster_features", description=__doc__.split("\n\n")[0])
+    p = cli.parser("cluster_features", __doc__)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", metavar="RUN_ID", help="a finished run's final generator")
     which.add_argument(
@@ -34,12 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default="outputs/runs", help="--run: the run storage (default outputs/runs)")
     p.add_argument("--data", help="the dataset URI (default: what the run or version records)")
     p.add_argument("--split", default="train", help="--model: the split to cluster over (default train)")
-    p.add_argument("--tracking-uri", help="--model: MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
+    cli.add_tracking(p, what="--model: ")
     p.add_argument("--workers", type=int, default=1, help="encoder actors")
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs per actor")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs per actor")
     a = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         if a.run:
             cluster_run(run_root(a.storage, a.run, "--run"), a.data, a.workers, a.cpus, a.gpus)
         else:
@@ -47,11 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                 a.model, resolve_tracking_uri(a.tracking_uri), a.data, a.split, a.workers, a.cpus, a.gpus
             )
             print(f"{found['uri']}")
-    except (ConfigError, StorageError, FileNotFoundError, ModelNotFound, ValueError) as e:
-        print(f"cluster_features: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run("cluster_features", body, also=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

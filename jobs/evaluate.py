@@ -14,21 +14,14 @@ Exit status: 0 evaluated; 2 bad input (nothing computed).
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from data.layouts import LayoutError
-from data.shards import ManifestError
-from data.storage import StorageError
-from evaluation.segscore import EvaluationError
-from orchestration.config import ConfigError
-from orchestration.evaluate import EvalPlan, evaluate
-from orchestration.stopping import STOPPED_EXIT, finish, stop_on_sigterm, stop_reason
-from orchestration.tracking import resolve_tracking_uri
+from jobs import cli
+from orchestration.judging.evaluate import EvalPlan, evaluate
+from orchestration.records.tracking import resolve_tracking_uri
+from orchestration.run.stopping import finish
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
+    p = cli.parser("evaluate", __doc__)
     p.add_argument("--model", action="append", required=True, help="registry URI, run id or checkpoint URI; repeat")
     p.add_argument("--data", required=True, help="prepared dataset URI")
     p.add_argument("--split", default="val")
@@ -37,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inception", help="feature network file for FID/KID (e.g. inception-2015-12-05.pt)")
     p.add_argument("--out", default="outputs/evaluation", help="report folder (default outputs/evaluation)")
     p.add_argument("--storage", default="outputs/runs", help="run storage, where run ids are found")
-    p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
-    p.add_argument("--no-tracking", action="store_true", help="no MLflow: registry models and segmenters unavailable")
+    cli.add_tracking(p, no_tracking="no MLflow: registry models and segmenters unavailable")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, help="only the first N images of the split")
     p.add_argument("--load-size", type=int, help="scale images to this width (default: as stored)")
@@ -46,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs per actor")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs per actor")
     a = p.parse_args(argv)
-    stop_on_sigterm()
-    try:
+
+    def body() -> None:
         plan = EvalPlan(
             models=a.model,
             data_uri=a.data,
@@ -66,13 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             gpus=a.gpus,
         )
         evaluate(plan)
-    except (ConfigError, ManifestError, StorageError, LayoutError, EvaluationError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"evaluate: stopped ({stop_reason(e)})", file=sys.stderr)
-        return STOPPED_EXIT
-    return 0
+
+    return cli.run("evaluate", body)
 
 
 if __name__ == "__main__":

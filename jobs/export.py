@@ -10,16 +10,17 @@ on a map of the traced size and of twice it, and the job fails unless it matches
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from orchestration.config import ConfigError
-from orchestration.registry import ModelNotFound, load_generator
-from orchestration.tracking import resolve_tracking_uri
+from jobs import cli
+from model.styles import feature_map
+from orchestration.records.registry import load_generator
+from orchestration.records.tracking import resolve_tracking_uri
+from orchestration.run.stopping import finish
 
 TOLERANCE = 1e-4
 
@@ -28,8 +29,6 @@ def check_onnx(bundle, path: Path, height: int, width: int) -> float:
     """Largest absolute difference between onnxruntime and PyTorch over two sizes; raises ValueError above
     TOLERANCE."""
     import onnxruntime as ort
-
-    from model.styles import feature_map
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
@@ -50,13 +49,13 @@ def check_onnx(bundle, path: Path, height: int, width: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__.split("\n\n")[0])
+    p = cli.parser("export", __doc__)
     p.add_argument("--model", required=True, help="e.g. models:/pix2pixhd-cityscapes@champion")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--height", type=int, help="traced height (default: 2 x the generator's size multiple)")
     p.add_argument("--width", type=int, help="traced width (default: 4 x the generator's size multiple)")
-    p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
+    cli.add_tracking(p)
     a = p.parse_args(argv)
     try:
         import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from serving.onnx_export import export_onnx
 
-    try:
+    def body() -> None:
         bundle = load_generator(a.model, resolve_tracking_uri(a.tracking_uri, ray_job=False))
         opt = bundle.opt
         height, width = a.height or opt.min_size, a.width or 2 * opt.min_size
@@ -76,12 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         path = export_onnx(bundle, Path(a.out), height, width)
         worst = check_onnx(bundle, path, height, width)
-    except (ValueError, ConfigError, ModelNotFound) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB); onnxruntime matches PyTorch within {worst:.1e}")
-    return 0
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB); onnxruntime matches PyTorch within {worst:.1e}")
+
+    return cli.run("export", body, also=(ValueError,))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -13,8 +13,6 @@ size, ids), then the model (one line when it or its server cannot be found) and 
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,11 +21,14 @@ import torch
 from PIL import Image
 
 from data import storage
+from data.labels import label_set_of
 from data.layouts import list_maps
-from orchestration.config import ConfigError
-from orchestration.registry import ModelNotFound, load_generator
-from orchestration.tracking import resolve_tracking_uri
-from orchestration.visuals import to_uint8
+from jobs import cli
+from model.styles import instance_class
+from orchestration.records.registry import load_generator
+from orchestration.records.tracking import resolve_tracking_uri
+from orchestration.run.stopping import finish
+from orchestration.run.visuals import grid, rgb_array, save_png, titled
 from serving.maps import MapError, decode_ids
 from serving.pyfunc import parse_styles
 
@@ -84,9 +85,6 @@ def check_model_accepts(G, sizes: dict[str, tuple], labels: dict[str, storage.Lo
 def write_style_sheets(G, x: torch.Tensor, out: Path) -> list[Path]:
     """For each class with style clusters that has instances in `x` (1, 2, H, W): the map rendered once per
     style, every instance of that class in that style (the others in their largest cluster's), side by side."""
-    from data.labels import label_set_of
-    from model.styles import instance_class
-    from orchestration.visuals import grid, save_png, titled
 
     labels = label_set_of(G.opt.label_nc)
     names = labels.names if labels else None
@@ -97,7 +95,7 @@ def write_style_sheets(G, x: torch.Tensor, out: Path) -> list[Path]:
         if n == 0:
             continue
         mine = [i for i in ids if instance_class(i) == c]
-        tiles = [to_uint8(G.render(x, {i: k for i in mine}, mode="largest")[0]) for k in range(n)]
+        tiles = [rgb_array(G.render(x, {i: k for i in mine}, mode="largest")[0]) for k in range(n)]
         name = names[c] if names else f"class {c}"
         sheet = titled(grid([tiles]), [f"{name}: style {k}" for k in range(n)], x.shape[-1])
         written.append(save_png(sheet, out / f"styles_{c:03d}_{name.replace(' ', '-')}.png"))
@@ -105,13 +103,13 @@ def write_style_sheets(G, x: torch.Tensor, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.infer", description=__doc__.split("\n\n")[0])
+    p = cli.parser("infer", __doc__)
     p.add_argument("--model", required=True, help="e.g. models:/pix2pixhd-cityscapes@champion")
     p.add_argument("--labels", required=True, help="folder or URI of label maps")
     p.add_argument("--instances", help="folder or URI of instance maps (paired by stem)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
+    cli.add_tracking(p)
     p.add_argument(
         "--styles",
         default="",
@@ -124,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         help="instance features: the style of instances not in --styles (default: the model's style_mode)",
     )
     a = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         out = Path(a.out)
         check_out(out)
         labels = list_maps(a.labels)
@@ -141,16 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             inst = read_ids(instances[stem]) if stem in instances else label
             x = torch.from_numpy(np.stack([label, inst])[None])
             image = G.render(x, styles, a.seed, a.style_mode)[0]
-            Image.fromarray(to_uint8(image)).save(out / f"{stem}_synthesized.png")
+            Image.fromarray(rgb_array(image)).save(out / f"{stem}_synthesized.png")
             print(f"{loc} -> {out / f'{stem}_synthesized.png'} ({label.shape[1]}x{label.shape[0]})")
             if n == 0 and G.opt.instance_feat:
                 sheets = write_style_sheets(G, x, out)
                 print(f"style sheets (each class's styles on {stem}): {', '.join(p.name for p in sheets)}")
-    except (FileNotFoundError, ValueError, storage.StorageError, ConfigError, ModelNotFound) as e:
-        print(f"infer: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run("infer", body, also=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -13,17 +13,15 @@ data/encoding.py).
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from data.encoding import ENCODINGS
-from data.layouts import LAYOUTS, BadSample, LayoutError
+from data.layouts import LAYOUTS
 from data.shards import PrepareOptions, prepare
-from data.storage import StorageError
+from jobs import cli
+from orchestration.run.stopping import finish
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.prepare_data", description=__doc__.split("\n\n")[0])
+    p = cli.parser("prepare_data", __doc__)
     p.add_argument("--layout", required=True, help=f"one of {', '.join(LAYOUTS)}")
     p.add_argument("--source", required=True, help="dataset folder on local disk")
     p.add_argument("--dest", required=True, help="destination URI (path, file://, s3://bucket/prefix)")
@@ -62,13 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if a.workers:
         opts.workers = a.workers
-    try:
+
+    def body() -> None:
         prepare(opts)
-    except (LayoutError, BadSample, StorageError, ValueError) as e:
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run("prepare_data", body, also=(ValueError,))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

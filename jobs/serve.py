@@ -7,25 +7,26 @@
 Then open http://HOST:PORT/ (the editor) or POST /render (see serving/editor_api.py). On a running cluster
 (RAY_ADDRESS set, not `local`) it deploys there and returns once the application is running; on a machine without one it
 starts local Ray and serves until Ctrl-C / SIGTERM. A new version under the alias is picked up within --reload-s
-seconds, without a restart. Exit status: 0 served (or deployed), 2 bad input.
+seconds, without a restart. Exit status: 0 served (or deployed), 2 bad input, 130 stopped while deploying.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
-import time
 from dataclasses import fields
 
-from orchestration.serve import ServeSettings
+from jobs import cli
+from orchestration.cluster.ray_address import cluster_address
+from orchestration.records.tracking import resolve_tracking_uri
+from orchestration.run.stopping import finish
+from orchestration.services.serve import ServeSettings, check_inputs, deploy
 
 
 def parse(argv: list[str] | None) -> tuple[ServeSettings, argparse.Namespace]:
     d = ServeSettings()
-    p = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.split("\n\n")[0])
+    p = cli.parser("serve", __doc__)
     p.add_argument("--model", default=d.model, help=f"models:/NAME@ALIAS or models:/NAME/VERSION (default {d.model})")
-    p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
+    cli.add_tracking(p)
     p.add_argument(
         "--host",
         help="HTTP host the proxies bind (default: 0.0.0.0 on a cluster, reachable from outside the nodes, as "
@@ -60,45 +61,16 @@ def parse(argv: list[str] | None) -> tuple[ServeSettings, argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> int:
     s, a = parse(argv)
-    import ray
-    from ray import serve
-
-    from orchestration.ray_address import cluster_address
-    from orchestration.registry import ModelNotFound, resolve_version
-    from orchestration.serve import build, load_samples
-    from orchestration.tracking import resolve_tracking_uri
-
     on_cluster = cluster_address() is not None
-    try:
+
+    def body() -> None:
         s.tracking_uri = resolve_tracking_uri(s.tracking_uri, ray_job=on_cluster)
-        load_samples(s)  # a wrong --labels folder is named here, not in a replica's log
-        resolve_version(s.model, s.tracking_uri)  # named here, not in a replica's log
-    except (FileNotFoundError, ValueError, ModelNotFound) as e:
-        print(f"serve: error: {e}", file=sys.stderr)
-        return 2
-    host = a.host or ("0.0.0.0" if on_cluster else "127.0.0.1")
-    ray.init(address=cluster_address(), logging_config=ray.LoggingConfig(log_level="WARNING"))
-    serve.start(http_options={"host": host, "port": a.port}, proxy_location=a.proxy_location)
-    t0 = time.perf_counter()
-    serve.run(build(s), name="pix2pixhd-editor", route_prefix="/")
-    shown = ray.util.get_node_ip_address() if host == "0.0.0.0" else host  # this node's (the head's) address
-    print(
-        f"serving {s.model} at http://{shown}:{a.port}/ (editor), POST /render; ready in {time.perf_counter() - t0:.0f}s"
-    )
-    sys.stdout.flush()
-    if on_cluster:
-        return 0
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    try:
-        while not stop["now"]:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    serve.shutdown()
-    ray.shutdown()
-    return 0
+        check_inputs(s)  # named here, not in a replica's log
+        host = a.host or ("0.0.0.0" if on_cluster else "127.0.0.1")
+        deploy(s, host, a.port, a.proxy_location, log=lambda line: print(line, flush=True))
+
+    return cli.run("serve", body, also=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -12,22 +12,16 @@ Exit status: 0 done, 2 bad input, 130 stopped.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from data.shards import ManifestError
-from data.storage import StorageError
-from evaluation.segscore import EvaluationError
-from orchestration.checkpoint import CheckpointError
-from orchestration.config import ConfigError, check_name, load_config
-from orchestration.run_state import RunState, run_root
-from orchestration.stopping import STOPPED_EXIT, finish, stop_on_sigterm, stop_reason
-from orchestration.sweep import SweepPlan, run_sweep
-from orchestration.tracking import resolve_tracking_uri
+from jobs import cli
+from orchestration.records.tracking import resolve_tracking_uri
+from orchestration.run.config import ConfigError, check_name, load_config
+from orchestration.run.run_state import RunState, run_root
+from orchestration.run.stopping import finish
+from orchestration.training.sweep import SweepPlan, run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.split("\n\n")[0])
+    p = cli.parser("sweep", __doc__)
     p.add_argument("--config", required=True)
     p.add_argument("--num-samples", type=int, help="trials (overrides sweep.num_samples)")
     p.add_argument("--stage", type=int, help="stage to sweep (overrides sweep.stage; default 1)")
@@ -36,13 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this name")
     p.add_argument("--data")
     p.add_argument("--storage")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--no-tracking", action="store_true")
+    cli.add_tracking(p, no_tracking="no MLflow: trials are not tracked, no segmenter from the registry")
     p.add_argument("--out", help="also write the best config YAML to this local path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
-    stop_on_sigterm()
-    try:
+
+    def body() -> None:
         overrides = list(a.set)
         if a.num_samples is not None:
             overrides.append(f"sweep.num_samples={a.num_samples}")
@@ -71,13 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             out=a.out,
         )
         run_sweep(plan)
-    except (ConfigError, ManifestError, StorageError, CheckpointError, EvaluationError) as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"sweep: stopped ({stop_reason(e)}); --resume --name NAME continues it", file=sys.stderr)
-        return STOPPED_EXIT
-    return 0
+
+    return cli.run("sweep", body, stopped=lambda: "; --resume --name NAME continues it")
 
 
 if __name__ == "__main__":

@@ -5,31 +5,27 @@
     python -m jobs.train --config configs/X.yaml --data URI --estimate-memory 12   # will it fit a 12 GiB GPU?
 
 No cluster address (RAY_ADDRESS unset, not under `ray job submit`): a local Ray instance. No storage: outputs/runs.
-Exit status: 0 trained (and registered); 2 bad input, nothing trained or a stage stopped on bad input; 3 trained
-but not registered (`python -m jobs.register --run ID` retries); 130 stopped (`ray job stop`, Ctrl-C).
+Exit status (jobs/cli.py): 0 trained (and registered); 2 bad input, nothing trained or a stage stopped on bad input;
+3 trained but not registered (`python -m jobs.register --run ID` retries); 130 stopped (`ray job stop`, Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from data.layouts import LayoutError
-from data.shards import ManifestError, load_manifest
-from data.storage import StorageError
-from evaluation.segscore import EvaluationError
-from orchestration.checkpoint import CheckpointError
-from orchestration.config import ConfigError, check_name, load_config
-from orchestration.curriculum import RunPlan, default_run_id, run
-from orchestration.registry import RegistrationError
-from orchestration.stopping import STOPPED_EXIT, finish, stop_on_sigterm, stop_reason
-from orchestration.tracking import resolve_tracking_uri
+from data.shards import load_manifest
+from jobs import cli
+from orchestration.records.tracking import resolve_tracking_uri
+from orchestration.run import memory
+from orchestration.run.config import ConfigError, check_name, load_config
+from orchestration.run.stopping import finish
+from orchestration.training.curriculum import RunPlan, default_run_id, run
 
 DEFAULT_STORAGE = "outputs/runs"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
+    p = cli.parser("train", __doc__)
     p.add_argument("--config", required=True, help="YAML recipe (see configs/)")
     p.add_argument("--data", help="prepared dataset URI (overrides data.uri)")
     p.add_argument("--storage", help="run storage URI (overrides train.storage; default outputs/runs)")
@@ -50,8 +46,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="take the run's lease from the job that holds it, once that job is dead (one job writes a run at a time)",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else a local sqlite store)")
-    p.add_argument("--no-tracking", action="store_true", help="no MLflow tracking and no registration")
+    cli.add_tracking(p, no_tracking="no MLflow tracking and no registration")
     p.add_argument("--no-register", action="store_true", help="track, but do not register the final generator")
     p.add_argument(
         "--estimate-memory",
@@ -98,7 +93,6 @@ def plan_from_args(a: argparse.Namespace) -> RunPlan:
 
 
 def estimate_memory(plan: RunPlan, gpu_gib: float) -> int:
-    from orchestration import memory
 
     resolution = load_manifest(plan.data_uri, plan.cfg.data.train_split)["resolution"]
     print(f"estimating peak memory per worker for stages {plan.stages} on the CPU (a minute or two at 2048x1024)")
@@ -109,34 +103,30 @@ def estimate_memory(plan: RunPlan, gpu_gib: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    stop_on_sigterm()
-    plan = None
-    try:
+    plan: RunPlan | None = None
+
+    def body() -> int:
+        nonlocal plan
         plan = plan_from_args(a)
         if a.estimate_memory is not None:
             return estimate_memory(plan, a.estimate_memory)
         results = run(plan)
-    except (ConfigError, ManifestError, StorageError, LayoutError, CheckpointError, EvaluationError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
-    except RegistrationError as e:
-        print(f"train: error: training finished but {e}", file=sys.stderr)
-        return 3
-    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or `ray job stop` (SIGTERM: orchestration/stopping.py)
-        runs = f"run {plan.run_id}'s MLflow runs end KILLED; " if plan and plan.tracking_uri else ""
-        print(
-            f"train: stopped ({stop_reason(e)}); {runs}to resume run {plan.run_id} from its latest checkpoint, "
-            f"submit the same command again (--run-id {plan.run_id})"
-            if plan
-            else f"train: stopped ({stop_reason(e)})",
-            file=sys.stderr,
-            flush=True,
+        print(f"run {plan.run_id} done; final checkpoint {results.final['checkpoint']}")
+        if results.registry:
+            r = results.registry
+            print(f"registered {r['name']} version {r['version']}: {r['uri']}")
+        return 0
+
+    def stopped() -> str:
+        if plan is None:
+            return ""
+        runs = f"run {plan.run_id}'s MLflow runs end KILLED; " if plan.tracking_uri else ""
+        return (
+            f"; {runs}to resume run {plan.run_id} from its latest checkpoint, submit the same command again "
+            f"(--run-id {plan.run_id})"
         )
-        return STOPPED_EXIT
-    print(f"run {plan.run_id} done; final checkpoint {results.final['checkpoint']}")
-    if results.registry:
-        print(f"registered {results.registry['name']} version {results.registry['version']}: {results.registry['uri']}")
-    return 0
+
+    return cli.run("train", body, stopped=stopped, not_registered="training finished but ")
 
 
 if __name__ == "__main__":

@@ -10,33 +10,26 @@ Exit status: 0 trained (and registered); 2 bad input; 130 stopped.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from data.layouts import LayoutError
-from data.shards import ManifestError
-from data.storage import StorageError
-from evaluation.segscore import EvaluationError
-from orchestration.config import ConfigError, load_config
-from orchestration.segmenter_training import SegmenterPlan, train
-from orchestration.stopping import STOPPED_EXIT, finish, stop_on_sigterm, stop_reason
-from orchestration.tracking import resolve_tracking_uri
+from jobs import cli
+from orchestration.records.tracking import resolve_tracking_uri
+from orchestration.run.config import ConfigError, load_config
+from orchestration.run.stopping import finish
+from orchestration.training.segmenter_training import SegmenterPlan, train
 
 DEFAULT_STORAGE = "outputs/runs"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.train_segmenter", description=__doc__.split("\n\n")[0])
+    p = cli.parser("train_segmenter", __doc__)
     p.add_argument("--config", required=True, help="YAML recipe (see configs/): its dataset, data and segmenter")
     p.add_argument("--data", help="prepared dataset URI (overrides data.uri)")
     p.add_argument("--storage", help="storage URI (overrides train.storage; default outputs/runs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    p.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else the local store)")
-    p.add_argument("--no-tracking", action="store_true", help="train and save, do not register")
+    cli.add_tracking(p, no_tracking="train and save, do not register")
     p.add_argument("--run-id", help="resume this earlier segmenter run (same settings); default: a new run")
     a = p.parse_args(argv)
-    stop_on_sigterm()
-    try:
+
+    def body() -> None:
         cfg = load_config(a.config, a.set)
         data = a.data or cfg.data.uri
         if not data:
@@ -49,15 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             a.run_id,
         )
         result = train(plan)
-    except (ConfigError, ManifestError, StorageError, LayoutError, EvaluationError) as e:
-        print(f"train_segmenter: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"train_segmenter: stopped ({stop_reason(e)})", file=sys.stderr)
-        return STOPPED_EXIT
-    if "registry" in result:
-        print(f"segmenter: {result['registry']['uri']}")
-    return 0
+        if "registry" in result:
+            print(f"segmenter: {result['registry']['uri']}")
+
+    return cli.run("train_segmenter", body)
 
 
 if __name__ == "__main__":

@@ -65,19 +65,8 @@ def prepare_inputs(
     (used instead of computing it from `inst`).
     """
     device = torch.device(device) if device is not None else label.device
-    if opt.label_nc > 0:
-        label = _spatial(label, "label")
-        _check_label_ids(label, opt.label_nc)
-        b, h, w = label.shape
-        semantic = F.one_hot(_to(label, device).long(), opt.label_nc).permute(0, 3, 1, 2).float()
-    else:
-        if label.dim() != 4 or label.shape[1] != opt.input_nc:
-            raise ValueError(
-                f"label with label_nc=0 must be (B, input_nc={opt.input_nc}, H, W), got {tuple(label.shape)}"
-            )
-        b, _, h, w = label.shape
-        semantic = _to(label, device).float()
-
+    semantic = _semantic(opt, label, device)
+    b, h, w = semantic.shape[0], *semantic.shape[-2:]
     m = opt.size_multiple
     if h % m or w % m:
         raise ValueError(
@@ -96,29 +85,39 @@ def prepare_inputs(
         if inst.dtype.is_floating_point:
             raise ValueError(f"inst must hold integer instance ids, got dtype {inst.dtype}")
         inst_ids = _to(inst, device).long()
-
     if not opt.no_instance:
         if edges is not None:
             edges = _spatial(edges, "edges")
             same_size(edges, "edges")
-            edge_map = _to(edges, device).float().unsqueeze(1)
-        elif inst_ids is not None:
-            edge_map = instance_edges(inst_ids)
-        else:
-            raise ValueError(
-                "the model uses instance boundaries (no_instance=false): the batch needs 'inst' or 'edges'"
-            )
-        semantic = torch.cat([semantic, edge_map], 1)
-
+        semantic = torch.cat([semantic, _edge_map(edges, inst_ids, device)], 1)
     if opt.instance_feat and inst_ids is None:
         raise ValueError("instance_feat=true needs instance ids ('inst') in the batch for the feature encoder")
-
     if image is not None:
         if image.dim() != 4 or image.shape[1] != opt.output_nc:
             raise ValueError(f"image must be (B, output_nc={opt.output_nc}, H, W), got {tuple(image.shape)}")
         same_size(image, "image")
         image = _to(image, device).float()
     return Inputs(label=semantic, inst=inst_ids, image=image)
+
+
+def _semantic(opt: ModelOptions, label: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Label ids one-hot (label_nc > 0), or the given float channels (label_nc = 0): (B, C, H, W) on `device`."""
+    if opt.label_nc > 0:
+        label = _spatial(label, "label")
+        _check_label_ids(label, opt.label_nc)
+        return F.one_hot(_to(label, device).long(), opt.label_nc).permute(0, 3, 1, 2).float()
+    if label.dim() != 4 or label.shape[1] != opt.input_nc:
+        raise ValueError(f"label with label_nc=0 must be (B, input_nc={opt.input_nc}, H, W), got {tuple(label.shape)}")
+    return _to(label, device).float()
+
+
+def _edge_map(edges: torch.Tensor | None, inst_ids: torch.Tensor | None, device) -> torch.Tensor:
+    """The instance boundary channel: the precomputed one, else computed from the instance ids."""
+    if edges is not None:
+        return _to(edges, device).float().unsqueeze(1)
+    if inst_ids is not None:
+        return instance_edges(inst_ids)
+    raise ValueError("the model uses instance boundaries (no_instance=false): the batch needs 'inst' or 'edges'")
 
 
 def synthetic_batch(opt: ModelOptions, n: int, h: int, w: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ a style that does not fit, JSON nested too deep, a body over the size limit (413
 while they stream), a body that does not arrive within BODY_TIMEOUT_S (408). An answer names a field and what it
 should be, never text of the body (a client's bytes are not reflected back, nor into logs).
 
-`renderer` (see `Renderer`) does the model's work; orchestration/serve.py gives one backed by Ray Serve replicas.
+`renderer` (see `Renderer`) does the model's work; orchestration/services/serve.py gives one backed by Ray Serve replicas.
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from fastapi import Request  # at module level: FastAPI resolves the routes' (string) annotations here
+from fastapi import FastAPI, Request  # at module level: FastAPI resolves the routes' (string) annotations here
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
+from data.labels import label_set_of
 from model.options import ModelOptions
 from serving.maps import MAX_PIXELS, MapError, decode_ids
 
@@ -50,20 +53,31 @@ class RequestError(ValueError):
         self.status = status
 
 
-def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]] | None = None):
+def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]] | None = None) -> FastAPI:
     """The FastAPI app; `samples`: name -> (label PNG, instance PNG or None), the maps the editor can open."""
-    from fastapi import FastAPI
-    from fastapi.responses import FileResponse, JSONResponse, Response
-    from fastapi.staticfiles import StaticFiles
-
-    from data.labels import label_set_of
-
+    api = EditorApi(renderer, samples or {})
     app = FastAPI(title="pix2pixHD editor", docs_url="/api")
-    samples = samples or {}
-    seen = {"model": ""}
+    app.middleware("http")(api.limit_body_and_name_model)
+    app.exception_handler(RequestError)(api.bad_request)
+    app.get("/classes")(api.classes)
+    app.get("/styles/{class_id}")(api.styles)
+    app.get("/samples")(api.sample_names)
+    app.get("/samples/{name}")(api.sample)
+    app.post("/render")(api.render)
+    app.get("/")(api.page)
+    app.mount("/editor", StaticFiles(directory=EDITOR), name="editor")
+    return app
 
-    @app.middleware("http")
-    async def model_header(request: Request, call_next):
+
+class EditorApi:
+    """The routes' handlers. `seen` keeps the model version last answered, for headers of answers that did not ask
+    the renderer (errors, static files)."""
+
+    def __init__(self, renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]]):
+        self.renderer, self.samples = renderer, samples
+        self.seen = {"model": ""}
+
+    async def limit_body_and_name_model(self, request: Request, call_next):
         if request.method == "POST":
             size = request.headers.get("content-length")
             if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
@@ -72,26 +86,24 @@ def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]]
                     read += len(part)
                     if read > 4 * MAX_BODY:
                         break
-                return _error(RequestError(f"the request body is {size} bytes; the limit is {MAX_BODY}", 413))
+                return self.error(RequestError(f"the request body is {size} bytes; the limit is {MAX_BODY}", 413))
         response = await call_next(request)
-        response.headers.setdefault("X-Model-Version", seen["model"])
+        response.headers.setdefault("X-Model-Version", self.seen["model"])
         return response
 
-    async def info() -> dict:
-        i = await renderer.info()
-        seen["model"] = i["model"]
+    async def info(self) -> dict:
+        i = await self.renderer.info()
+        self.seen["model"] = i["model"]
         return i
 
-    @app.exception_handler(RequestError)
-    async def bad_request(_request, e: RequestError):
-        return _error(e)
+    async def bad_request(self, _request, e: RequestError):
+        return self.error(e)
 
-    def _error(e: RequestError):
-        return JSONResponse({"detail": str(e)}, status_code=e.status, headers={"X-Model-Version": seen["model"]})
+    def error(self, e: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=e.status, headers={"X-Model-Version": self.seen["model"]})
 
-    @app.get("/classes")
-    async def classes():
-        i = await info()
+    async def classes(self):
+        i = await self.info()
         labels = label_set_of(i["label_nc"])
         counts = i["cluster_counts"] or [0] * i["label_nc"]
         return {
@@ -113,45 +125,37 @@ def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]]
             ],
         }
 
-    @app.get("/styles/{class_id}")
-    async def styles(class_id: int):
-        i = await info()
+    async def styles(self, class_id: int):
+        i = await self.info()
         if not 0 <= class_id < i["label_nc"]:
             raise RequestError(f"class {class_id} is not one of this model's (0..{i['label_nc'] - 1})", 404)
-        tiles, model = await renderer.style_tiles(class_id)
+        tiles, model = await self.renderer.style_tiles(class_id)
         if not tiles:
             why = "has no instance features" if not i["instance_feat"] else f"has no style clusters for {class_id}"
             raise RequestError(f"{model} {why}", 404)
         urls = [f"data:image/png;base64,{base64.b64encode(t).decode()}" for t in tiles]
         return {"model": model, "class": class_id, "styles": [{"index": k, "thumbnail": u} for k, u in enumerate(urls)]}
 
-    @app.get("/samples")
-    async def sample_names():
-        return {"samples": sorted(samples)}
+    async def sample_names(self):
+        return {"samples": sorted(self.samples)}
 
-    @app.get("/samples/{name}")
-    async def sample(name: str):
-        if name not in samples:
+    async def sample(self, name: str):
+        if name not in self.samples:
             raise RequestError("no sample of that name; GET /samples lists them", 404)
-        label, inst = samples[name]
+        label, inst = self.samples[name]
         return {"label": base64.b64encode(label).decode(), "instances": inst and base64.b64encode(inst).decode()}
 
-    @app.post("/render")
-    async def render(request: Request):
+    async def render(self, request: Request):
         body = await read_body(request)
         t0 = time.perf_counter()
-        maps, styles, seed, mode = parse_render(body, await info())
-        png, model = await renderer.render(maps, styles, seed, mode)
-        seen["model"] = model
+        maps, styles, seed, mode = parse_render(body)
+        png, model = await self.renderer.render(maps, styles, seed, mode)  # checked against the model there
+        self.seen["model"] = model
         ms = (time.perf_counter() - t0) * 1000
         return Response(png, media_type="image/png", headers={"X-Model-Version": model, "X-Render-Ms": f"{ms:.0f}"})
 
-    @app.get("/")
-    async def page():
+    async def page(self):
         return FileResponse(EDITOR / "index.html")
-
-    app.mount("/editor", StaticFiles(directory=EDITOR), name="editor")
-    return app
 
 
 async def read_body(request) -> bytes:
@@ -180,9 +184,10 @@ async def read_body(request) -> bytes:
     return b"".join(parts)
 
 
-def parse_render(body: bytes, info: dict) -> tuple[np.ndarray, dict, int, str | None]:
-    """A /render body -> (maps (1, 2, H, W) int64, styles, seed, style mode), else RequestError naming the field."""
-    from serving.pyfunc import check_request
+def parse_render(body: bytes) -> tuple[np.ndarray, dict, int, str | None]:
+    """A /render body -> (maps (1, 2, H, W) int64, styles, seed, style mode), else RequestError naming the field.
+    What needs the model (the maps' size and ids, styles at all) the renderer checks, against the version it
+    renders with."""
 
     try:
         req = json.loads(body)
@@ -200,11 +205,7 @@ def parse_render(body: bytes, info: dict) -> tuple[np.ndarray, dict, int, str | 
         raise RequestError(
             f"instances are {inst.shape[1]}x{inst.shape[0]}, the label map {label.shape[1]}x{label.shape[0]}"
         )
-    maps = np.stack([label, inst])[None]
-    try:
-        check_request(maps, ModelOptions(**info["options"]))
-    except ValueError as e:
-        raise RequestError(str(e)) from None
+    maps = np.stack([label, inst])[None].astype(np.int64)
     styles = req.get("styles") or {}
     if not isinstance(styles, dict):
         raise RequestError(f"styles must be an object of instance id -> cluster index or vector, got {_kind(styles)}")
@@ -218,8 +219,6 @@ def parse_render(body: bytes, info: dict) -> tuple[np.ndarray, dict, int, str | 
     mode = req.get("style_mode")
     if mode not in (None, "random", "largest"):
         raise RequestError(f"style_mode must be 'random', 'largest' or null, got another {_kind(mode)}")
-    if styles and not info["instance_feat"]:
-        raise RequestError(f"{info['model']} has no instance features: it takes no styles")
     return maps, styles, seed, mode
 
 

@@ -8,7 +8,9 @@ here (no image registry is reachable):
 - the project's image (`pix2pixhd-orchestrator`): this checkout's venv on PATH, the Dockerfile's ENV lines;
 - `minio/minio`: moto's S3 server on :9000 (any credentials); `minio/mc` (minio-bucket): the bucket made with boto3;
 - `postgres`: Debian's PostgreSQL (`make test` installs it when missing), initialised as the image does from
-  POSTGRES_USER / POSTGRES_PASSWORD / POSTGRES_DB (password logins over TCP).
+  POSTGRES_USER / POSTGRES_PASSWORD / POSTGRES_DB (password logins over TCP);
+- `nginx`: Debian's nginx (`make test` installs it too) with the image's main configuration: the server blocks the
+  service mounts into /etc/nginx/conf.d/ are included in its `http {}`.
 Each host has its own temp dir (TMPDIR and RAY_TMPDIR name it: tests/hosts.py mounts it per host). Besides the services: client hosts
 (`client`) with nothing but the Ray token, as a user's shell. Tests may add environment per service (e.g. Ray's
 health-check period) — the only difference from the file, and stated where it is done.
@@ -122,6 +124,7 @@ class ComposeBed:
         self.work, self.log = work, log
         self.env_file = {**read_env_file(compose_file.parent / ".env.example"), **env_file_values}
         raw = yaml.safe_load(compose_file.read_text())
+        self.compose_dir = compose_file.parent  # volumes' relative paths start there
         self.file = interpolate(raw, self.env_file)
         self.image_env = image_env(REPO / "docker" / "Dockerfile")
         self.services: dict[str, Service] = {}
@@ -266,8 +269,35 @@ class ComposeBed:
             )
         elif s.image.startswith("postgres"):
             s.proc = self._postgres(s)
+        elif s.image.startswith("nginx"):
+            s.proc = self._nginx(s)
         else:
             raise ValueError(f"compose service {s.service}: no stand-in for image {s.image!r} on the test bed")
+
+    def _nginx(self, s: Service) -> subprocess.Popen:
+        """Debian's nginx in the foreground, its `http {}` including the files the service mounts into conf.d."""
+        if shutil.which("nginx", path="/usr/sbin:/usr/bin") is None:
+            raise RuntimeError("nginx is not installed: apt-get install nginx-light (make test does, as root)")
+        prefix = self.work / s.name / "nginx"
+        temps = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # nginx writes request bodies there
+        for d in temps:
+            (prefix / d).mkdir(parents=True, exist_ok=True)
+        included = []
+        for volume in s.spec.get("volumes") or []:
+            source, target = volume.split(":")[:2]
+            if target.startswith("/etc/nginx/conf.d/"):
+                included.append(f"    include {(self.compose_dir / source).resolve()};")
+        main = prefix / "nginx.conf"
+        paths = "\n".join(f"    {d}_temp_path {prefix / d};" for d in temps)
+        main.write_text(
+            # workers as root: the bed's folders are root's own (the image runs them as its nginx user)
+            f"daemon off;\nuser root;\npid {prefix / 'nginx.pid'};\nerror_log stderr info;\nworker_processes 1;\n"
+            f"events {{ worker_connections 1024; }}\nhttp {{\n    access_log off;\n{paths}\n"
+            + "\n".join(included)
+            + "\n}\n"
+        )
+        cmd = ["/usr/sbin/nginx", "-e", "stderr", "-p", str(prefix), "-c", str(main)]
+        return self.hosts.popen(s.name, cmd, self.base_env(s.name), self._log(s.name))
 
     def _postgres(self, s: Service) -> subprocess.Popen:
         """Debian's PostgreSQL, set up as the postgres image's entrypoint does on an empty volume."""

@@ -75,6 +75,15 @@ SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
 CITYSCAPES_SAMPLES = SHARED / "datasets" / "cityscapes_samples"
 
 
+@pytest.fixture(scope="session")
+def city6(tmp_path_factory) -> str:
+    """Six procedural street scenes (128x64) prepared once for the session, no validation split: read, never
+    written, by the tests that take it."""
+    from tests.helpers import prepared_city
+
+    return prepared_city(tmp_path_factory.mktemp("city6"), count=6)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real file system of 400 KiB (tmpfs, mounted by this test as root): writes past it fail with ENOSPC, as on

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def elastic_cmd(run_id: str, every: int, *extra: str) -> list[str]:
     """Stage 1 of the tiny recipe on [1, 2] workers of 2 CPUs on 3-CPU nodes: one worker per node, so losing a node
     shrinks the stage to 1; Ray Train then still reserves the maximum's CPUs, as many as fit the node left (one
-    worker's 2), and a whole CPU stays for Ray Data's tasks (orchestration/resources.py; 1-CPU workers on 2-CPU
+    worker's 2), and a whole CPU stays for Ray Data's tasks (orchestration/cluster/resources.py; 1-CPU workers on 2-CPU
     nodes left it none: the shrunk stage waited for data forever)."""
     settings = {
         "train.num_workers": "[1,2]",

@@ -373,16 +373,14 @@ def finished_run(
     """A run of configs/tiny.yaml recorded as finished up to `stage` without training (the generator as
     initialised from `seed`), on the dataset at tmp/data (written first when missing: 4 procedural scenes,
     128x64). Its storage is tmp/runs; returns the checkpoint."""
-    from data.shards import PrepareOptions, prepare
-    from data.synthetic.write import write_city
     from model.step import TrainStep
-    from orchestration import checkpoint
-    from orchestration.config import load_config
-    from orchestration.run_state import RunState, run_root
+    from orchestration.run import checkpoint
+    from orchestration.run.config import load_config
+    from orchestration.run.run_state import RunState, run_root
+    from tests.helpers import prepared_city
 
     if not (tmp / "data").exists():
-        src = write_city(tmp / "src", count=4, height=64, width=128, workers=1)
-        prepare(PrepareOptions("flat", str(src), str(tmp / "data"), workers=1), log=lambda m: None)
+        prepared_city(tmp, count=4)
     cfg = load_config("configs/tiny.yaml", list(overrides))
     state = RunState(run_root(str(tmp / "runs"), run_id))
     state.update(run_id=run_id, data_uri=str(tmp / "data"), config=cfg.to_dict())

@@ -5,7 +5,6 @@ then registers it and sends the records kept meanwhile. A job stopped by SIGTERM
 resumes."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from data.shards import PrepareOptions, load_manifest, prepare
-from data.synthetic.write import write_city
+from data.shards import load_manifest
+from tests.helpers import prepared_city
 from tests.services import Outage, make_bucket, mlflow_server
 
 pytestmark = pytest.mark.slow
@@ -24,10 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("data")
-    src = write_city(tmp / "src", count=16, height=64, width=128, workers=1)
-    prepare(PrepareOptions("flat", str(src), str(tmp / "data"), val_fraction=0.2), log=lambda m: None)
-    return str(tmp / "data")
+    return prepared_city(tmp_path_factory.mktemp("data"), count=16, val_fraction=0.2)
 
 
 def train(*args, timeout=900):
@@ -93,8 +89,8 @@ def test_storage_that_fills_up_mid_stage_stops_it_at_once_leaving_no_half_checkp
 
 def test_sigterm_at_any_moment_exits_130_and_the_run_resumes(data, tmp_path):
     """WEAK (d): SIGTERM while the job imports (before any handler of its own: Python died of the signal) and at
-    the moment Ray Train starts storing a checkpoint: exit 130 and one line each time; the same command then resumes
-    the run and finishes the stage."""
+    the moment Ray Train starts storing a checkpoint: exit 130 and one line each time, no traceback. (That the same
+    command then resumes the run: tests/test_cluster.py's stopped job.)"""
     args = [sys.executable, "-m", "jobs.train", "--config", "configs/tiny.yaml", "--data", data]
     args += ["--storage", str(tmp_path / "runs"), "--run-id", "s", "--stages", "1", "--no-tracking"]
     early = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -113,10 +109,9 @@ def test_sigterm_at_any_moment_exits_130_and_the_run_resumes(data, tmp_path):
     assert job.returncode == 130, out + err
     assert "train: stopped (by SIGTERM); to resume run s from its latest checkpoint" in err, err
     assert "Traceback" not in err, err
-
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert "[stage 1] finished: 3 epochs" in r.stdout, r.stdout
+    run = json.loads((tmp_path / "runs" / "s" / "run.json").read_text())
+    assert run["run_id"] == "s" and not run["stages"]  # nothing recorded done: the resubmission trains stage 1
+    assert not (tmp_path / "runs" / "s" / "lease.json").exists()  # released: the same command may run at once
 
 
 def test_an_unreachable_tracking_server_costs_a_bounded_delay_and_the_exit_says_not_registered(s3, data, tmp_path):
@@ -125,9 +120,9 @@ def test_an_unreachable_tracking_server_costs_a_bounded_delay_and_the_exit_says_
     from mlflow import MlflowClient
 
     from model.step import TrainStep
-    from orchestration import checkpoint
-    from orchestration.config import load_config
-    from orchestration.run_state import RunState, run_root
+    from orchestration.run import checkpoint
+    from orchestration.run.config import load_config
+    from orchestration.run.run_state import RunState, run_root
 
     storage = tmp_path / "runs"
     cfg = load_config("configs/tiny.yaml")

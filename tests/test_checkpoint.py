@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from model.step import TrainStep
-from orchestration import checkpoint
-from orchestration.checkpoint import CheckpointError
+from orchestration.run import checkpoint
+from orchestration.run.checkpoint import CheckpointError
 from tests.conftest import tiny_batch, tiny_options
 
 
@@ -16,7 +16,7 @@ def test_round_trip_restores_training_exactly(tmp_path, opt):
     checkpoint.save(tmp_path, a, stage=1, epoch=3, global_step=12, lr=1e-4, config={"name": "x"})
     state = checkpoint.load(tmp_path)
     assert (state["epoch"], state["global_step"], state["stage"]) == (3, 12, 1)
-    assert json.loads(state["config"]) == {"name": "x"}
+    assert state["config"] == {"name": "x"}
     expected_noise = torch.rand(3)
     b = TrainStep(tiny_options(), seed=9)
     checkpoint.restore(b, state)
@@ -49,7 +49,7 @@ def test_errors_name_the_stored_checkpoint_not_a_temporary_copy_and_give_no_unsa
     without PyTorch's advice to load it with weights_only=False."""
     import hashlib
 
-    from orchestration.worker import _load_checkpoint_uri
+    from orchestration.training.worker import _load_checkpoint_uri
 
     stored = tmp_path / "runs" / "r" / "stage1" / "checkpoint_0"
     checkpoint.save(stored, TrainStep(opt), stage=1, epoch=1, global_step=1, lr=1e-4, config={})
@@ -101,7 +101,7 @@ def test_on_a_real_full_disk_nothing_half_written_stays_and_the_error_is_not_a_f
     checkpoint leave no .tmp, truncated state.pt or meta.json; the image's error is StorageRefused (not retried by
     Train's failure policy) naming the path."""
     from data import storage
-    from orchestration.failures import INPUT_ERRORS
+    from orchestration.cluster.failures import INPUT_ERRORS
 
     (small_disk / "filler").write_bytes(b"x" * (360 << 10))
     image = storage.resolve(small_disk / "images" / "epoch_0001.png")
@@ -112,3 +112,14 @@ def test_on_a_real_full_disk_nothing_half_written_stays_and_the_error_is_not_a_f
     with pytest.raises(CheckpointError, match=rf"^cannot write checkpoint {where}: No space left on device$"):
         checkpoint.save(where, TrainStep(opt), stage=1, epoch=1, global_step=1, lr=1e-4, config={})
     assert sorted(p.name for p in small_disk.rglob("*")) == ["checkpoint_0", "filler", "images"]
+
+
+def test_the_config_is_stored_as_run_json_holds_it_and_old_checkpoints_still_read(tmp_path, opt):
+    """One form: a checkpoint's config is the dict run.json holds (it was a JSON string); both read back alike."""
+    import json
+
+    config = {"name": "x", "train": {"num_workers": [1, 2]}}
+    checkpoint.save(tmp_path / "new", TrainStep(opt), stage=1, epoch=1, global_step=1, lr=1e-4, config=config)
+    state = checkpoint.load(tmp_path / "new")
+    assert state["config"] == config and checkpoint.stored_config(state) == config
+    assert checkpoint.stored_config({"config": json.dumps(config, sort_keys=True)}) == config  # before 2026-12-07

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from data.synthetic.write import write_city
-from orchestration import checkpoint
+from orchestration.run import checkpoint
 from serving.maps import encode_ids
 from tests.conftest import BED_SECRET
 from tests.services import stop_tree
@@ -219,7 +219,7 @@ def run_state(s3, run_id):
 
 
 def test_best_yaml_carries_the_data_and_storage_the_sweep_ran_on(full_run, sweep, s3_env):
-    from orchestration.config import load_config
+    from orchestration.run.config import load_config
 
     assert printed_command(sweep) == printed_command_of(full_run)
     best = load_config(f"{RUNS}/sweeps/s3sweep/best.yaml")
@@ -446,11 +446,12 @@ def test_why_not_l1_a_blurred_photo_beats_the_generator_on_l1_yet_loses_on_seg_s
     from data.labels import CITYSCAPES
     from data.pipeline import PipelineConfig, read_samples
     from data.transforms import Geometry
-    from evaluation.fid import FeatureDistance, to_uint8
+    from evaluation.fid import FeatureDistance
     from evaluation.segscore import SegScore
-    from orchestration.config import Config
-    from orchestration.registry import load_generator
-    from orchestration.segmenter_registry import resolve_segmenter
+    from model.inference import to_uint8
+    from orchestration.records.registry import load_generator
+    from orchestration.records.segmenter_registry import resolve_segmenter
+    from orchestration.run.config import Config
     from tests.test_evaluation_metrics import TinyFeatures
 
     pcfg = PipelineConfig(geometry=Geometry("none", 1, 16, 16, True), instance_output="ids")
@@ -563,8 +564,9 @@ def street() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def editor(bed, full_run):
-    """jobs.serve submitted to the cluster: the proxy on the head's published port 8000; its Generator replicas
-    hold 1.5 CPUs each on the worker hosts (three quarters of the cluster's CPUs)."""
+    """jobs.serve submitted to the cluster: the proxy on the head's port 8000, which users reach through
+    editor-gateway (nginx, docker/nginx/editor.conf); its Generator replicas hold 1.5 CPUs each on the worker hosts
+    (three quarters of the cluster's CPUs)."""
     args = f"jobs.serve --model models:/{MODEL}@champion --replicas 2 --cpus 1.5 --proxy-location HeadOnly"
     log = ok(submit(bed, *args.split()))
     yield log
@@ -576,11 +578,11 @@ def shutdown_serve(bed) -> None:
     bed.run("client", [serve, "shutdown", "-y", "--address", bed.dashboard], timeout=180)
 
 
-def test_the_editor_answers_the_client_host_by_the_heads_name(bed, editor, tracking):
+def test_the_editor_answers_the_client_host_through_its_gateway(bed, editor, tracking):
     assert re.search(r"serving models:/\S+ at http://[\d.]+:8000/", editor)
     probe = (
         "import json, sys, base64, urllib.request as u; body = sys.stdin.buffer.read();"
-        "r = u.urlopen(u.Request('http://ray-head:8000/render', data=body), timeout=120);"
+        "r = u.urlopen(u.Request('http://editor-gateway:8000/render', data=body), timeout=120);"
         "print(r.headers['X-Model-Version'], r.read()[:4] == b'\\x89PNG')"
     )
     body = json.dumps({"label": base64.b64encode(encode_ids(street())).decode()})
@@ -589,9 +591,47 @@ def test_the_editor_answers_the_client_host_by_the_heads_name(bed, editor, track
     assert r.stdout.split() == [f"{MODEL}/{champion}", "True"], r.stdout + r.stderr[-2000:]
 
 
+SLOW_CLIENTS = """
+import socket, sys, time
+def slow(send):
+    s = socket.create_connection(("editor-gateway", 8000), timeout=60)
+    send(s)
+    t0 = time.monotonic()
+    answer = b""
+    while part := s.recv(65536):  # until the gateway closes the connection
+        answer += part
+    return time.monotonic() - t0, answer.split(b"\\r\\n", 1)[0].decode()
+def headers(s):  # a header line begun, never ended
+    s.sendall(b"GET /classes HTTP/1.1\\r\\nHost: editor-gateway\\r\\nX-Slow: a")
+def body(s):  # 1000 bytes promised, 10 sent
+    s.sendall(b"POST /render HTTP/1.1\\r\\nHost: editor-gateway\\r\\nContent-Length: 1000\\r\\n\\r\\n{\\"label\\": ")
+import threading
+def run(kind):  # both at once
+    took, status = slow(kind)
+    print(kind.__name__, round(took, 1), status or "closed", flush=True)
+threads = [threading.Thread(target=run, args=(kind,)) for kind in (headers, body)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+"""
+
+
+def test_the_gateway_ends_clients_that_send_headers_or_body_too_slowly(bed, editor):
+    """Serve's proxy has no header read timeout: the gateway's 10 s for headers and 15 s between body reads end such
+    connections (nginx closes a header timeout without an answer, answers a body timeout 408), and the editor never
+    saw them."""
+    r = bed.run("client", [sys.executable, "-c", SLOW_CLIENTS], timeout=120)
+    got = dict((line.split(" ", 1)[0], line.split(" ", 1)[1]) for line in r.stdout.splitlines())
+    assert set(got) == {"headers", "body"}, r.stdout + r.stderr[-2000:]
+    header_s, _ = got["headers"].split(" ", 1)
+    body_s, body_status = got["body"].split(" ", 1)
+    assert 9 <= float(header_s) <= 14, got
+    assert 14 <= float(body_s) <= 20 and body_status in ("HTTP/1.1 408 Request Time-out", "closed"), got
+
+
 def test_the_editor_page_in_chromium_on_the_client_host(bed, editor, tmp_path):
     """Chromium runs on the client host (Playwright drives it through its pipe): the page loads from
-    http://ray-head:8000/, the open list shows what is displayed, choosing a blank street opens it, a render comes."""
+    http://editor-gateway:8000/, the open list shows what is displayed, choosing a blank street opens it, a render
+    comes."""
     from playwright.sync_api import sync_playwright
 
     from tests.test_editor import ARTIFACTS, CHROMIUM
@@ -609,7 +649,7 @@ def test_the_editor_page_in_chromium_on_the_client_host(bed, editor, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 860})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto("http://ray-head:8000/")
+            page.goto("http://editor-gateway:8000/")
             page.wait_for_selector("body[data-ready='1']", timeout=90_000)
             shown = page.eval_on_selector("#open", "s => s.options[s.selectedIndex].text")
             assert shown.startswith("blank"), shown  # no --labels: the blank street opened is the one listed
@@ -714,7 +754,7 @@ def test_a_worker_host_cut_off_mid_stage_and_back_with_mlflow_down_meanwhile(bed
 
     On these 2-CPU hosts the stage does not shrink to 1 worker: the workers (0.5 CPU) both fit ray-worker-1, and
     a layout where they would not (1.5 CPU) leaves Ray Data no whole CPU beside Ray Train's reservation of the
-    maximum workers, which orchestration/resources.py refuses (BENCHMARKS.md, elastic resize). A shrink to 1 and
+    maximum workers, which orchestration/cluster/resources.py refuses (BENCHMARKS.md, elastic resize). A shrink to 1 and
     growth back are measured by benchmarks/elastic.py."""
     epochs = 14
     settings = {

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.config import ConfigError, load_config
+from orchestration.run.config import ConfigError, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -87,8 +87,8 @@ def test_empty_and_non_mapping_files_are_refused(tmp_path):
 def test_plans_hold_absolute_data_uris(tmp_path, monkeypatch):
     """Train workers run in their staging folder: a relative dataset path (make demo's outputs/demo/data) named
     nothing there and the segmenter's validation failed; plans make local URIs absolute, S3 ones stay."""
-    from orchestration.curriculum import RunPlan
-    from orchestration.segmenter_training import SegmenterPlan
+    from orchestration.training.curriculum import RunPlan
+    from orchestration.training.segmenter_training import SegmenterPlan
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"))

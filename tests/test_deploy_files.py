@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from jobs.train import parse, plan_from_args
-from orchestration.config import load_config
+from orchestration.run.config import load_config
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
-READ_BY_THE_CODE = {"AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI"}  # data/storage.py, orchestration/tracking.py
+READ_BY_THE_CODE = {"AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI"}  # data/storage.py, orchestration/records/tracking.py
 AWS_CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 
@@ -111,7 +111,7 @@ def test_the_serve_config_builds_the_application_jobs_serve_builds():
     GPU cluster here; the application graph is built and its deployments' options checked)."""
     import importlib
 
-    from orchestration.serve import ServeSettings
+    from orchestration.services.serve import ServeSettings
 
     config = yaml.safe_load((DOCKER / "serve.yaml").read_text())
     (app,) = config["applications"]
@@ -230,7 +230,14 @@ def test_mlflow_allows_the_host_names_the_nodes_use():
 
 def test_compose_publishes_the_editor_and_restarts_its_services():
     s = compose()["services"]
-    assert "8000" in {p.split(":")[-1] for p in s["ray-head"]["ports"]}  # jobs.serve binds 0.0.0.0:8000 on the head
+    # jobs.serve binds 0.0.0.0:8000 on the head, which only the gateway reaches: users get 8000 from the gateway
+    assert "8000" not in {p.split(":")[-1] for p in s["ray-head"]["ports"]}
+    gateway = s["editor-gateway"]
+    assert "8000:8000" in gateway["ports"] and gateway["depends_on"] == {"ray-head": {"condition": "service_started"}}
+    conf_file = DOCKER / gateway["volumes"][0].split(":")[0]
+    conf = conf_file.read_text()
+    assert "proxy_pass http://ray-head:8000;" in conf and "client_header_timeout 10s;" in conf
+    assert "client_body_timeout 15s;" in conf and "client_max_body_size 16m;" in conf
     assert "--num-cpus=0" in s["ray-head"]["command"]
-    for name in ("minio", "postgres", "mlflow", "ray-head", "ray-worker"):
+    for name in ("minio", "postgres", "mlflow", "ray-head", "ray-worker", "editor-gateway"):
         assert s[name].get("restart") == "unless-stopped", name

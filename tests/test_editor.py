@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -114,8 +115,8 @@ def image_of(body: bytes) -> np.ndarray:
 
 
 def test_render_answers_what_the_registry_model_renders_and_names_the_version(editor, store):
-    from orchestration.registry import load_generator
-    from orchestration.visuals import to_uint8
+    from orchestration.records.registry import load_generator
+    from orchestration.run.visuals import rgb_array
 
     status, headers, classes = request(f"{editor}/classes")
     assert status == 200, classes
@@ -124,13 +125,15 @@ def test_render_answers_what_the_registry_model_renders_and_names_the_version(ed
     car = info["classes"][26]
     assert car["name"] == "car" and car["thing"] and car["color"] == "#00008e" and car["styles"] >= 1
     label, inst = street()
+    t0 = time.perf_counter()
     status, headers, body = render(editor, label, inst, styles={"26001": 0}, seed=5)
+    took_ms = (time.perf_counter() - t0) * 1000
     assert status == 200, body
     assert headers["content-type"] == "image/png" and headers["x-model-version"] == info["model"]
-    assert int(headers["x-render-ms"]) >= 0
+    assert 0 < int(headers["x-render-ms"]) <= took_ms  # the server's own time, within what the client waited
     bundle = load_generator(f"models:/{MODEL}/{store['version']}", store["tracking"])
     x = torch.from_numpy(np.stack([label, inst])[None])
-    expected = to_uint8(bundle.render(x, {26001: 0}, 5)[0]).astype(int)
+    expected = rgb_array(bundle.render(x, {26001: 0}, 5)[0]).astype(int)
     assert np.abs(image_of(body) - expected).max() <= 1
     # other sizes: any multiple the generator takes
     status, _, big = render(editor, *street(128, 256))
@@ -292,8 +295,8 @@ def test_in_a_browser_paint_a_car_render_and_restyle_it(editor):
             opened = os.environ.get("EDITOR_OPEN")  # a sample's name (not the first) instead of a blank street
             page.select_option("#open", opened or f"blank:{h}x{w}")
             before = rendered_after(page, n)
+            assert opened or before.shape == (h, w, 3)  # the blank street of the size asked for
             h, w = before.shape[:2]
-            assert opened or before.shape == (h, w, 3)
             ids_before = set(np.unique(fetched(page, "#download-instances")).tolist())
 
             page.click("#classes li[data-id='26']")  # car

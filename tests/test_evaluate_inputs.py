@@ -5,20 +5,16 @@ TorchScript, a segmenter without its class map. (Evaluations that run: tests/tes
 import pytest
 import torch
 
-from data.shards import PrepareOptions, prepare
-from data.synthetic.write import write_city
 from jobs.evaluate import main
 from model.step import TrainStep
-from orchestration import checkpoint
-from orchestration.config import load_config
+from orchestration.run import checkpoint
+from orchestration.run.config import load_config
+from tests.helpers import prepared_city
 
 
 @pytest.fixture(scope="module")
 def city(tmp_path_factory):
-    src = write_city(tmp_path_factory.mktemp("city") / "src", count=6, height=64, width=128)
-    data = tmp_path_factory.mktemp("data") / "city"
-    prepare(PrepareOptions("flat", str(src), str(data), val_fraction=0.34, name="synthetic-city"), log=lambda m: None)
-    return str(data)
+    return prepared_city(tmp_path_factory.mktemp("city"), count=6, val_fraction=0.34, name="synthetic-city")
 
 
 def untrained(path, *overrides: str) -> str:

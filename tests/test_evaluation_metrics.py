@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from data.labels import CITY_ID, CITYSCAPES, FACES
-from evaluation.fid import FeatureDistance, load_feature_net, to_uint8
+from evaluation.fid import FeatureDistance, load_feature_net
 from evaluation.modules import file_identity
 from evaluation.segmenters import load_segmenter_file
 from evaluation.segscore import BUILT_IN, ClassMap, EvaluationError, SegScore, load_class_map
+from model.inference import to_uint8
 from model.segmenter import SegmenterOptions, UNetSegmenter
 
 

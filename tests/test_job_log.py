@@ -6,7 +6,7 @@ import inspect
 from ray._private import ray_logging
 from ray._private import worker as ray_worker
 
-from orchestration.job_log import HANDLER, drop_ray_chatter
+from orchestration.cluster.job_log import HANDLER, drop_ray_chatter
 
 WATCHER = (
     "[2026-12-06 20:23:02,589 E 15420 15461] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and "

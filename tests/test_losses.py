@@ -4,6 +4,7 @@ import torch
 from model.losses import VGGLoss, feature_matching_loss, gan_loss, l1_distance
 from model.options import ModelOptions
 from model.vgg import VGG19Features
+from tests.helpers import write_fake_vgg19
 
 
 def preds(*last_values, feat=0.0):
@@ -50,14 +51,6 @@ def test_feature_matching_does_not_backprop_into_real_features():
     loss = feature_matching_loss([[fake_feat, torch.zeros(1)]], [[real_feat, torch.zeros(1)]], 3, 1.0)
     loss.backward()
     assert real_feat.grad is None and fake_feat.grad is not None
-
-
-def write_fake_vgg19(path, seed=0):
-    torch.manual_seed(seed)
-    state = {f"features.{k}": v for k, v in VGG19Features().features.state_dict().items()}
-    state["classifier.0.weight"] = torch.zeros(4, 4)  # torchvision files carry the classifier too
-    torch.save(state, path)
-    return state
 
 
 def test_vgg_loads_torchvision_format_and_weights_the_five_slices(tmp_path):

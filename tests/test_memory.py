@@ -11,7 +11,7 @@ from benchmarks.step import Row
 from model.memory import StorageTracker, extrapolate_peak, measure_step
 from model.step import TrainStep
 from tests.conftest import tiny_batch, tiny_options
-from tests.test_losses import write_fake_vgg19
+from tests.helpers import prepared_city, write_fake_vgg19
 
 
 def test_tracker_counts_live_storages_once_and_frees_them():
@@ -74,13 +74,10 @@ def test_benchmark_rows_estimate():
 
 
 def test_train_job_estimates_each_stage_and_says_whether_it_fits(tmp_path, capsys):
-    from data.shards import PrepareOptions, prepare
-    from data.synthetic.write import write_city
     from jobs.train import main
 
-    src = write_city(tmp_path / "city", count=2, height=64, width=128, workers=1)
-    prepare(PrepareOptions("flat", str(src), str(tmp_path / "data"), workers=1), log=lambda _: None)
-    args = ["--config", "configs/tiny.yaml", "--data", str(tmp_path / "data"), "--storage", str(tmp_path / "runs")]
+    data = prepared_city(tmp_path, count=2)
+    args = ["--config", "configs/tiny.yaml", "--data", data, "--storage", str(tmp_path / "runs")]
 
     assert main([*args, "--estimate-memory", "80"]) == 0
     out = capsys.readouterr().out

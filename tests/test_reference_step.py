@@ -7,7 +7,7 @@ import torch
 from benchmarks.reference_step import ReferenceStep
 from model.step import TrainStep
 from tests.conftest import tiny_batch, tiny_options
-from tests.test_losses import write_fake_vgg19
+from tests.helpers import write_fake_vgg19
 
 
 @pytest.mark.parametrize(

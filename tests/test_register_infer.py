@@ -13,9 +13,9 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from model.step import TrainStep
-from orchestration import checkpoint
-from orchestration.config import load_config
-from orchestration.run_state import RunState, run_root
+from orchestration.run import checkpoint
+from orchestration.run.config import load_config
+from orchestration.run.run_state import RunState, run_root
 from tests.services import finished_run, free_port
 
 MODEL = "pix2pixhd-synthetic-city"
@@ -397,7 +397,7 @@ def test_a_swapped_weights_file_is_refused_by_every_loader(registered, tmp_path)
     import shutil
 
     from model.networks import build_generator
-    from orchestration.registry import DIGEST_TAG, load_generator
+    from orchestration.records.registry import DIGEST_TAG, load_generator
     from serving import pyfunc
 
     client = MlflowClient(tracking_uri=registered["tracking"], registry_uri=registered["tracking"])

@@ -3,8 +3,8 @@ worker counts and the batch rule."""
 
 import pytest
 
-from orchestration.config import ConfigError, load_config
-from orchestration.resources import Node, check
+from orchestration.cluster.resources import Node, check
+from orchestration.run.config import ConfigError, load_config
 
 ONE_CPU_NODES = [Node("10.0.0.1:1", 1.0), Node("10.0.0.2:1", 1.0)]
 

@@ -8,9 +8,9 @@ from mlflow import MlflowClient
 from data.labels import FACES
 from evaluation.segscore import ClassMap
 from model.segmenter import SegmenterOptions, UNetSegmenter
-from orchestration.config import ConfigError, load_config
-from orchestration.registry import ALIAS, _maybe_move_alias, judgement_tags
-from orchestration.selection import L1_WARNING, objective, resolve_selection
+from orchestration.judging.selection import L1_WARNING, objective, resolve_selection
+from orchestration.records.registry import ALIAS, _maybe_move_alias, judgement_tags
+from orchestration.run.config import ConfigError, load_config
 
 
 def faces_config(*overrides):

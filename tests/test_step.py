@@ -125,7 +125,7 @@ def test_instance_features_train_the_encoder():
 
 
 def test_vgg_loss_enters_the_step(tmp_path):
-    from tests.test_losses import write_fake_vgg19
+    from tests.helpers import write_fake_vgg19
 
     write_fake_vgg19(tmp_path / "vgg.pth")
     opt = tiny_options(vgg_weights=str(tmp_path / "vgg.pth"))

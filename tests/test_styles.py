@@ -88,7 +88,7 @@ def test_a_style_per_instance_index_or_vector():
             {26001: [1e308, 0.0, 0.2]},
             "the feature vector for instance 26001 holds 1e+308: its values are numbers in -1..1",
         ),
-        ({26001: [0.1, "0.2", 0.2]}, "the feature vector for instance 26001 holds '0.2'"),
+        ({26001: [0.1, "0.2", 0.2]}, "the feature vector for instance 26001 holds a str"),
     ],
     ids=[
         "index-past-clusters",
@@ -144,22 +144,18 @@ def test_two_styles_for_one_car_change_that_car_most_and_the_seed_reproduces():
     assert not torch.equal(a, same)
 
 
-def test_a_generator_with_instance_features_registers_its_clusters_and_serves_them_without_pickle(tmp_path):
+def test_a_generator_with_instance_features_registers_its_clusters_and_serves_them_without_pickle(tmp_path, city6):
     """build_bundle clusters E's features over the whole training split (here 6 scenes); the files the registry
     stores (weights with weights_only, options) give back the same generator, clusters and counts included."""
-    from data.shards import PrepareOptions, prepare
-    from data.synthetic.write import write_city
     from model.step import TrainStep
-    from orchestration.config import load_config
-    from orchestration.registry import build_bundle
+    from orchestration.records.registry import build_bundle
+    from orchestration.run.config import load_config
     from serving import pyfunc
 
-    src = write_city(tmp_path / "src", count=6, height=64, width=128, workers=1)
-    prepare(PrepareOptions("flat", str(src), str(tmp_path / "data"), workers=1), log=lambda m: None)
     cfg = load_config("configs/tiny.yaml", ["model.instance_feat=true"])
     state = TrainStep(cfg.stage_model(3)).state_dict()
     lines = []
-    bundle = build_bundle(cfg, state, 3, str(tmp_path / "data"), log=lines.append)
+    bundle = build_bundle(cfg, state, 3, city6, log=lines.append)
     assert "of 6 training samples clustered per class" in lines[0]
     assert bundle.cluster_counts.sum() > 0 and bundle.cluster_counts.max() <= 10
     loaded = pyfunc.load(pyfunc.save(bundle, tmp_path / "files"))

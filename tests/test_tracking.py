@@ -8,7 +8,7 @@ import torch
 from mlflow import MlflowClient
 
 from data import storage
-from orchestration.tracking import (
+from orchestration.records.tracking import (
     RUN_TAG,
     STAGE_TAG,
     UNREACHABLE_WAIT_S,
@@ -147,18 +147,14 @@ def test_filter_values_are_quoted_so_a_quote_cannot_break_the_search(tmp_path):
         filter_value('it\'s "x"')
 
 
-def test_instance_feature_bundle_carries_encoder_and_per_class_clusters(tmp_path):
-    from data.shards import PrepareOptions, prepare
-    from data.synthetic.write import write_city
+def test_instance_feature_bundle_carries_encoder_and_per_class_clusters(city6):
     from model.step import TrainStep
-    from orchestration.config import load_config
-    from orchestration.registry import build_bundle
+    from orchestration.records.registry import build_bundle
+    from orchestration.run.config import load_config
 
-    src = write_city(tmp_path / "src", count=6, height=64, width=128, workers=1)
-    prepare(PrepareOptions("flat", str(src), str(tmp_path / "data"), workers=1), log=lambda m: None)
     cfg = load_config("configs/tiny.yaml", ["model.instance_feat=true", "data.val_split=null"])
     state = TrainStep(cfg.stage_model(3)).state_dict()
-    bundle = build_bundle(cfg, state, 3, str(tmp_path / "data"))
+    bundle = build_bundle(cfg, state, 3, city6)
     assert bundle.E is not None and tuple(bundle.clusters.shape) == (35, 10, 3)
     assert bundle.clusters[26].abs().sum() > 0 and bundle.clusters[0].abs().sum() == 0  # cars seen, id 0 not
     label = torch.full((1, 64, 128), 7)
@@ -173,8 +169,8 @@ def test_instance_feature_bundle_carries_encoder_and_per_class_clusters(tmp_path
 def test_only_a_cluster_address_forbids_the_embedded_store(monkeypatch, address, on_cluster):
     """On a cluster the embedded store would vanish with the job's working directory: refused. RAY_ADDRESS=local
     is Ray's own local instance, the same as none: the embedded store is right there."""
-    from orchestration.config import ConfigError
-    from orchestration.tracking import resolve_tracking_uri
+    from orchestration.records.tracking import resolve_tracking_uri
+    from orchestration.run.config import ConfigError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("RAY_ADDRESS", address)

@@ -5,17 +5,13 @@ from pathlib import Path
 import pytest
 import ray
 
-from data.shards import PrepareOptions, prepare
-from data.synthetic.write import write_city
 from jobs.train import main
+from tests.helpers import prepared_city
 
 
 @pytest.fixture(scope="module")
 def data_uri(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("data")
-    src = write_city(tmp / "src", count=8, height=64, width=128, workers=1)  # one global batch of tiny.yaml
-    prepare(PrepareOptions("flat", str(src), str(tmp / "data"), workers=1), log=lambda m: None)
-    return str(tmp / "data")
+    return prepared_city(tmp_path_factory.mktemp("data"), count=8)  # one global batch of tiny.yaml
 
 
 @pytest.mark.parametrize(
@@ -156,10 +152,10 @@ def test_bad_input_fails_before_ray_starts(args, message, data_uri, tmp_path, ca
 
 def test_a_damaged_handover_checkpoint_is_caught_in_the_driver_and_names_the_good_one(data_uri, tmp_path, capsys):
     from model.step import TrainStep
-    from orchestration import checkpoint
-    from orchestration.config import load_config
-    from orchestration.curriculum import RunPlan, preflight
-    from orchestration.run_state import RunState, run_root
+    from orchestration.run import checkpoint
+    from orchestration.run.config import load_config
+    from orchestration.run.run_state import RunState, run_root
+    from orchestration.training.curriculum import RunPlan, preflight
 
     cfg = load_config("configs/tiny.yaml")
     stage1 = tmp_path / "runs" / "r" / "stage1"
@@ -204,9 +200,9 @@ def test_a_damaged_handover_checkpoint_is_caught_in_the_driver_and_names_the_goo
 def test_a_run_id_resubmitted_with_another_config_is_refused_and_run_json_kept(data_uri, tmp_path, capsys):
     """A run is its config: another model width under a finished run's id is refused naming the keys,
     before Ray, and run.json stays byte for byte; keys of how it runs (workers' CPUs, logs) may change on resume."""
-    from orchestration.config import load_config
-    from orchestration.curriculum import RunPlan, preflight
-    from orchestration.run_state import RunState, run_root
+    from orchestration.run.config import load_config
+    from orchestration.run.run_state import RunState, run_root
+    from orchestration.training.curriculum import RunPlan, preflight
 
     runs = str(tmp_path / "runs")
     cfg = load_config("configs/tiny.yaml")
@@ -229,8 +225,8 @@ def test_a_second_job_on_a_run_being_written_is_refused_at_once_naming_the_holde
     import json
     import time
 
-    from orchestration import run_lease
-    from orchestration.run_state import run_root
+    from orchestration.run import run_lease
+    from orchestration.run.run_state import run_root
 
     runs = str(tmp_path / "runs")
     root = run_root(runs, "r")
@@ -267,9 +263,9 @@ def test_a_starting_checkpoint_of_other_networks_is_refused_in_the_driver_from_i
     import time
 
     from model.step import TrainStep
-    from orchestration import checkpoint
-    from orchestration.config import load_config
-    from orchestration.run_state import RunState, run_root
+    from orchestration.run import checkpoint
+    from orchestration.run.config import load_config
+    from orchestration.run.run_state import RunState, run_root
 
     runs = str(tmp_path / "runs")
     tiny = load_config("configs/tiny.yaml")
@@ -329,10 +325,10 @@ def test_a_checkpoint_replaced_after_its_stage_is_neither_trained_from_nor_regis
     import shutil
 
     from model.step import TrainStep
-    from orchestration import checkpoint
-    from orchestration.config import ConfigError, load_config
-    from orchestration.registry import register_run
-    from orchestration.run_state import RunState, run_root
+    from orchestration.records.registry import register_run
+    from orchestration.run import checkpoint
+    from orchestration.run.config import ConfigError, load_config
+    from orchestration.run.run_state import RunState, run_root
 
     cfg = load_config("configs/tiny.yaml")
     runs = tmp_path / "runs"

@@ -63,19 +63,33 @@ def _shade(base, canvas: _Canvas, top: float, bottom: float, strength: float = 0
 
 
 def street_scene(height: int, width: int, seed: int) -> Sample:
+    """A street seen from its middle: sky, facades, trees, sidewalk and road to a vanishing point, then poles,
+    cars and people from far to near. The same seed draws the same scene (each part takes the generator in turn)."""
     rng = np.random.default_rng(seed)
     c = _Canvas(height, width, rng)
-    yy, xx = c.yy, c.xx
     horizon = rng.uniform(0.33, 0.5)
     vx = rng.uniform(0.35, 0.65)
     spread = rng.uniform(0.45, 0.75)
+    _sky(c, rng, horizon)
+    _buildings(c, rng, horizon, vx)
+    _trees(c, rng, horizon)
+    _ground(c, rng, horizon, vx, spread)
+    _objects(c, rng, horizon, vx, spread)
+    light = rng.uniform(0.8, 1.15)
+    image = np.clip(c.image * light + c.noise(3), 0, 255).astype(np.uint8)
+    return Sample(label=c.label, inst=c.inst, image=image)
 
-    # sky: lighter near the horizon
+
+def _sky(c: _Canvas, rng, horizon: float) -> None:
+    """Lighter near the horizon."""
     sky_top, sky_low = rng.uniform([40, 90, 160], [90, 140, 210]), rng.uniform([170, 190, 210], [220, 230, 245])
-    t = np.clip(yy / horizon, 0, 1)[..., None]
-    c.paint(np.ones_like(yy, bool), SKY, sky_top * (1 - t) + sky_low * t)
+    t = np.clip(c.yy / horizon, 0, 1)[..., None]
+    c.paint(np.ones_like(c.yy, bool), SKY, sky_top * (1 - t) + sky_low * t)
 
-    # buildings: a row of facades on the horizon, with window grids; a gap down the street
+
+def _buildings(c: _Canvas, rng, horizon: float, vx: float) -> None:
+    """A row of facades on the horizon, with window grids; a gap down the street."""
+    yy, xx = c.yy, c.xx
     x0 = 0.0
     while x0 < 1.0:
         bw = rng.uniform(0.07, 0.22)
@@ -90,7 +104,10 @@ def street_scene(height: int, width: int, seed: int) -> Sample:
             c.paint(mask, BUILDING, color + c.noise(5))
         x0 += bw
 
-    # trees behind the sidewalk: canopies straddling the horizon
+
+def _trees(c: _Canvas, rng, horizon: float) -> None:
+    """Canopies behind the sidewalk, straddling the horizon."""
+    yy, xx = c.yy, c.xx
     for _ in range(rng.integers(1, 5)):
         cx, cy = rng.uniform(0, 1), horizon - rng.uniform(0.0, 0.12)
         rx, ry = rng.uniform(0.04, 0.1), rng.uniform(0.06, 0.14)
@@ -98,7 +115,10 @@ def street_scene(height: int, width: int, seed: int) -> Sample:
         green = rng.uniform([40, 90, 20], [90, 150, 60])
         c.paint(mask, VEGETATION, green * (0.8 + 0.4 * np.sin(xx * 300 + yy * 170)[..., None] ** 2) + c.noise(10))
 
-    # ground: sidewalk everywhere below the horizon, road as a trapezoid from the vanishing point
+
+def _ground(c: _Canvas, rng, horizon: float, vx: float, spread: float) -> None:
+    """Sidewalk everywhere below the horizon, road as a trapezoid from the vanishing point, a dashed lane line."""
+    yy, xx = c.yy, c.xx
     depth = np.clip((yy - horizon) / (1 - horizon), 0, 1)
     half = 0.005 + spread * depth
     ground = yy >= horizon
@@ -112,10 +132,9 @@ def street_scene(height: int, width: int, seed: int) -> Sample:
     road_color[lane] = 225
     c.paint(road, ROAD, road_color)
 
-    def road_x(d: float, offset: float) -> float:  # x at depth d, offset in units of the road half-width
-        return vx + offset * (0.005 + spread * d)
 
-    # poles with signs, on the sidewalk, farther first
+def _objects(c: _Canvas, rng, horizon: float, vx: float, spread: float) -> None:
+    """Poles with signs on the sidewalk, cars on the road, people on the sidewalk: farther first."""
     objects = []
     for _ in range(rng.integers(1, 4)):
         objects.append(("pole", rng.uniform(0.15, 0.9), rng.choice([-1, 1]) * rng.uniform(1.08, 1.3)))
@@ -124,37 +143,43 @@ def street_scene(height: int, width: int, seed: int) -> Sample:
     for _ in range(rng.integers(1, 6)):
         objects.append(("person", rng.uniform(0.1, 0.95), rng.choice([-1, 1]) * rng.uniform(1.05, 1.6)))
     objects.sort(key=lambda o: o[1])
+    painters = {"pole": _pole, "car": _car, "person": _person}
     for kind, d, offset in objects:
         y1 = horizon + d * (1 - horizon)  # bottom of the object
-        cx = road_x(d, offset)
-        s = 0.15 + d  # apparent size
-        if kind == "pole":
-            pw, ph = 0.006 * s, 0.35 * s
-            pole = (np.abs(xx - cx) < pw) & (yy < y1) & (yy > y1 - ph)
-            c.paint(pole, POLE, np.array([120, 120, 120]) + c.noise(4))
-            sr = 0.025 * s
-            sign = (np.abs(xx - cx) < sr) & (np.abs(yy - (y1 - ph)) < sr * width / height)
-            c.paint(sign, SIGN, rng.choice([[230, 200, 20], [30, 80, 200], [210, 30, 30]]).astype(np.float32))
-        elif kind == "car":
-            cw, ch = 0.2 * s, 0.09 * s * width / height
-            body = (np.abs(xx - cx) < cw / 2) & (yy < y1) & (yy > y1 - ch * 0.6)
-            cabin = (np.abs(xx - cx) < cw * 0.32) & (yy <= y1 - ch * 0.6) & (yy > y1 - ch)
-            paint = rng.uniform(20, 235, 3)
-            color = _shade(paint, c, y1 - ch, y1, 0.4)
-            glass = cabin & (yy > y1 - ch * 0.92)
-            color[glass] = color[glass] * 0.35 + 40
-            wheels = (yy > y1 - ch * 0.18) & (np.abs(np.abs(xx - cx) - cw * 0.32) < cw * 0.09)
-            color[wheels] = 20
-            c.paint(body | cabin, CAR, color + c.noise(4), thing=True)
-        else:
-            pw, ph = 0.025 * s, 0.2 * s * width / height / 2
-            body = (np.abs(xx - cx) < pw / 2) & (yy < y1) & (yy > y1 - ph * 0.85)
-            head = ((xx - cx) / (pw * 0.35)) ** 2 + ((yy - (y1 - ph * 0.92)) / (ph * 0.08)) ** 2 < 1
-            shirt, trousers = rng.uniform(20, 240, 3), rng.uniform(20, 120, 3)
-            color = np.where((yy < y1 - ph * 0.45)[..., None], shirt, trousers).astype(np.float32)
-            color[head] = rng.choice([[230, 190, 160], [160, 110, 80], [100, 70, 50]])
-            c.paint(body | head, PERSON, color + c.noise(5), thing=True)
+        cx = vx + offset * (0.005 + spread * d)  # offset in units of the road's half-width at that depth
+        painters[kind](c, rng, cx, y1, 0.15 + d)  # 0.15 + d: its apparent size
 
-    light = rng.uniform(0.8, 1.15)
-    image = np.clip(c.image * light + c.noise(3), 0, 255).astype(np.uint8)
-    return Sample(label=c.label, inst=c.inst, image=image)
+
+def _pole(c: _Canvas, rng, cx: float, y1: float, s: float) -> None:
+    yy, xx = c.yy, c.xx
+    pw, ph = 0.006 * s, 0.35 * s
+    pole = (np.abs(xx - cx) < pw) & (yy < y1) & (yy > y1 - ph)
+    c.paint(pole, POLE, np.array([120, 120, 120]) + c.noise(4))
+    sr = 0.025 * s
+    sign = (np.abs(xx - cx) < sr) & (np.abs(yy - (y1 - ph)) < sr * c.w / c.h)
+    c.paint(sign, SIGN, rng.choice([[230, 200, 20], [30, 80, 200], [210, 30, 30]]).astype(np.float32))
+
+
+def _car(c: _Canvas, rng, cx: float, y1: float, s: float) -> None:
+    yy, xx = c.yy, c.xx
+    cw, ch = 0.2 * s, 0.09 * s * c.w / c.h
+    body = (np.abs(xx - cx) < cw / 2) & (yy < y1) & (yy > y1 - ch * 0.6)
+    cabin = (np.abs(xx - cx) < cw * 0.32) & (yy <= y1 - ch * 0.6) & (yy > y1 - ch)
+    paint = rng.uniform(20, 235, 3)
+    color = _shade(paint, c, y1 - ch, y1, 0.4)
+    glass = cabin & (yy > y1 - ch * 0.92)
+    color[glass] = color[glass] * 0.35 + 40
+    wheels = (yy > y1 - ch * 0.18) & (np.abs(np.abs(xx - cx) - cw * 0.32) < cw * 0.09)
+    color[wheels] = 20
+    c.paint(body | cabin, CAR, color + c.noise(4), thing=True)
+
+
+def _person(c: _Canvas, rng, cx: float, y1: float, s: float) -> None:
+    yy, xx = c.yy, c.xx
+    pw, ph = 0.025 * s, 0.2 * s * c.w / c.h / 2
+    body = (np.abs(xx - cx) < pw / 2) & (yy < y1) & (yy > y1 - ph * 0.85)
+    head = ((xx - cx) / (pw * 0.35)) ** 2 + ((yy - (y1 - ph * 0.92)) / (ph * 0.08)) ** 2 < 1
+    shirt, trousers = rng.uniform(20, 240, 3), rng.uniform(20, 120, 3)
+    color = np.where((yy < y1 - ph * 0.45)[..., None], shirt, trousers).astype(np.float32)
+    color[head] = rng.choice([[230, 190, 160], [160, 110, 80], [100, 70, 50]])
+    c.paint(body | head, PERSON, color + c.noise(5), thing=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from pathlib import Path
@@ -12,12 +11,12 @@ import torch
 from PIL import Image
 
 from data.labels import LabelSet
+from model.inference import to_uint8
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    x = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
-    return x.permute(1, 2, 0).numpy().astype(np.uint8)
+def rgb_array(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, as PIL and the image grids take it (model.inference.to_uint8)."""
+    return to_uint8(image).cpu().permute(1, 2, 0).numpy()
 
 
 def grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
@@ -52,14 +51,8 @@ def comparison_rows(labels: LabelSet, label: torch.Tensor, *images: torch.Tensor
     rows = []
     for i in range(label.shape[0]):
         lab = label[i].reshape(label.shape[-2:]).cpu().numpy()
-        rows.append([labels.colorize(lab)] + [to_uint8(batch[i]) for batch in images])
+        rows.append([labels.colorize(lab)] + [rgb_array(batch[i]) for batch in images])
     return rows
-
-
-def to_png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:

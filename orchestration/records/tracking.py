@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from data import storage
-from orchestration.ray_address import cluster_address
+from orchestration.cluster.ray_address import cluster_address
+from orchestration.run.config import ConfigError
 
 RUN_TAG, STAGE_TAG, SWEEP_TAG = "p2p.run_id", "p2p.stage", "p2p.sweep"
 LOCAL_STORE = Path("outputs/mlflow")
@@ -49,7 +50,6 @@ def resolve_tracking_uri(explicit: str | None = None, ray_job: bool = True) -> s
     """--tracking-uri, else MLFLOW_TRACKING_URI, else the embedded sqlite store — except for a job of a Ray
     cluster (`ray_job` and RAY_ADDRESS set, as under `ray job submit`): there the embedded store would live in the
     job's working-directory cache on one node and vanish with it, so that is an error saying what to set."""
-    from orchestration.config import ConfigError
 
     if explicit:
         return explicit
@@ -335,15 +335,13 @@ class Tracker:
             client.set_terminated(self.run_id, status=status)
 
     def _loop(self) -> None:
+        """The sender thread: queued records go to the server in order; an outage is waited out (backing off) and
+        retried; a record the server keeps refusing is dropped after REFUSALS_BEFORE_DROP tries."""
         client = None
         backoff = 1.0
-        refused = 0
+        self._refusals = 0
         while True:
-            while True:
-                try:
-                    self._pending.append(self._ops.get(timeout=0.2 if not self._pending else 0))
-                except queue.Empty:
-                    break
+            self._collect()
             if not self._pending and (self._closing.is_set() or self.run_id is not None):
                 if self._closing.is_set():
                     return
@@ -352,23 +350,8 @@ class Tracker:
                 return
             try:
                 client = client or quiet_client(self.uri)
-                if self.run_id is None:  # at once, even with nothing to send: a parent run exists from the start
-                    self._connect(client)
-                while self._pending:
-                    if self._abandoned:
-                        return
-                    self._send(client, self._pending[0])
-                    done = self._pending.pop(0)
-                    refused = 0
-                    if done[0] == "end":
-                        return
-                if self._down_since is not None:
-                    if _outage_ends(self.uri):
-                        self.log(
-                            f"mlflow: {self.uri} reachable again after {time.time() - self._down_since:.0f}s; "
-                            f"queued records sent"
-                        )
-                    self._down_since = None
+                if self._send_pending(client):
+                    return
                 backoff = 1.0
             except ParentNotYet:  # the server answers; the parent's tracker has not created the parent run yet
                 if self._down_since is not None and _outage_ends(self.uri):
@@ -377,29 +360,66 @@ class Tracker:
                 self._wake.wait(1.0)
                 self._wake.clear()
             except Exception as e:  # noqa: BLE001 - a server that cannot be reached is retried
-                if _refused(e) and self.run_id is not None and self._pending:
-                    # the server answered and refused this record: retried a few times, then dropped, so that one
-                    # bad record (an artifact store that refuses uploads, say) does not hold back everything after it
-                    refused += 1
-                    if refused >= REFUSALS_BEFORE_DROP:
-                        dropped = self._pending.pop(0)
-                        self.log(
-                            f"mlflow: {self.uri} refused a {dropped[0]} record for run '{self.run_name}' "
-                            f"{refused} times ({type(e).__name__}: {str(e).splitlines()[0][:200]}); dropped it"
-                        )
-                        refused = 0
+                if self._refused_record(e):
                     continue
-                if self._down_since is None:
-                    self._down_since = time.time()
-                    if _outage_starts(self.uri):
-                        self.log(
-                            f"mlflow: cannot log to {self.uri} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}); training continues, records are queued and retried "
-                            f"(waiting at most {UNREACHABLE_WAIT_S:.0f}s for the server when a stage ends)"
-                        )
+                self._server_down(e)
                 self._wake.wait(backoff)
                 self._wake.clear()
                 backoff = min(backoff * 2, 10.0)
+
+    def _collect(self) -> None:
+        """What was queued since, without waiting when records are already pending."""
+        while True:
+            try:
+                self._pending.append(self._ops.get(timeout=0.2 if not self._pending else 0))
+            except queue.Empty:
+                return
+
+    def _send_pending(self, client) -> bool:
+        """Connect (at once, even with nothing to send: a parent run exists from the start) and send what is
+        pending, oldest first. True when the tracker is done (its end sent, or abandoned)."""
+        if self.run_id is None:
+            self._connect(client)
+        while self._pending:
+            if self._abandoned:
+                return True
+            self._send(client, self._pending[0])
+            done = self._pending.pop(0)
+            self._refusals = 0
+            if done[0] == "end":
+                return True
+        if self._down_since is not None:
+            if _outage_ends(self.uri):
+                self.log(
+                    f"mlflow: {self.uri} reachable again after {time.time() - self._down_since:.0f}s; queued records sent"
+                )
+            self._down_since = None
+        return False
+
+    def _refused_record(self, e: Exception) -> bool:
+        """The server answered and refused the first pending record: retried a few times, then dropped, so that one
+        bad record (an artifact store that refuses uploads, say) does not hold back everything after it."""
+        if not (_refused(e) and self.run_id is not None and self._pending):
+            return False
+        self._refusals += 1
+        if self._refusals >= REFUSALS_BEFORE_DROP:
+            dropped = self._pending.pop(0)
+            self.log(
+                f"mlflow: {self.uri} refused a {dropped[0]} record for run '{self.run_name}' "
+                f"{self._refusals} times ({type(e).__name__}: {str(e).splitlines()[0][:200]}); dropped it"
+            )
+            self._refusals = 0
+        return True
+
+    def _server_down(self, e: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.time()
+            if _outage_starts(self.uri):
+                self.log(
+                    f"mlflow: cannot log to {self.uri} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); training continues, records are queued and retried "
+                    f"(waiting at most {UNREACHABLE_WAIT_S:.0f}s for the server when a stage ends)"
+                )
 
 
 def _encode(op: tuple) -> list:

@@ -25,12 +25,11 @@ from data.transforms import Geometry
 from evaluation.modules import pack_module, unpack_module
 from model.networks import build_encoder
 from model.styles import MIN_SHARE, cluster, instance_features
-from orchestration import checkpoint
-from orchestration.config import ConfigError, from_dict
-from orchestration.run_state import RunState
-from orchestration.stopping import signal_handlers_kept
-
-FILE = "clusters/stage3.pt"
+from orchestration.records.registry import CLUSTERS_FILE, load_generator, register_clusters, resolve_version
+from orchestration.run import checkpoint
+from orchestration.run.config import ConfigError, from_dict, pipeline_config
+from orchestration.run.run_state import RunState
+from orchestration.run.stopping import signal_handlers_kept
 
 
 def _peak_rss_mib() -> float:
@@ -67,7 +66,6 @@ def cluster_run(
     root: storage.Location, data_uri: str | None, workers: int = 1, cpus: float = 1.0, gpus: float = 0.0, log=print
 ) -> dict:
     """Cluster E's features of the run's final checkpoint over its training split; write {root}/clusters/stage3.pt."""
-    from orchestration.worker import pipeline_config
 
     state = RunState(root)
     final = state.done(3)
@@ -90,7 +88,7 @@ def cluster_run(
     found = cluster_split(E, opt, data_uri, cfg.data.train_split, pcfg, final["checkpoint"], workers, cpus, gpus, log)
     buf = io.BytesIO()
     torch.save({"clusters": found.pop("clusters"), "cluster_counts": found.pop("cluster_counts"), "meta": found}, buf)
-    out = root.join(*FILE.split("/"))
+    out = root.join(*CLUSTERS_FILE.split("/"))
     storage.write_bytes_atomic(out, buf.getvalue())
     log(f"cluster_features: written to {out.uri}")
     return {**found, "uri": out.uri}
@@ -103,8 +101,6 @@ def cluster_version(
     stored (stage 3's full resolution), and register the result as a new version: the same weights with these
     clusters. The alias is left where it is."""
     from mlflow import MlflowClient
-
-    from orchestration.registry import load_generator, register_clusters, resolve_version
 
     mv = resolve_version(spec, tracking_uri)
     name, version = mv.name, mv.version
@@ -182,14 +178,3 @@ def cluster_split(
         "driver_peak_mib": _peak_rss_mib(),
         "actor_peak_mib": actor_peak,
     }
-
-
-def stored_clusters(root: storage.Location, checkpoint_uri: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The clusters jobs.cluster_features stored for this checkpoint, or None."""
-    loc = root.join(*FILE.split("/"))
-    if not storage.exists(loc):
-        return None
-    data = torch.load(io.BytesIO(storage.read_bytes(loc)), map_location="cpu", weights_only=True)
-    if data["meta"]["checkpoint"] != checkpoint_uri:
-        return None
-    return data["clusters"], data["cluster_counts"]

@@ -21,21 +21,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import ray
+import ray.data
 import torch
 
 from data import shards, storage
-from data.labels import LabelSet
+from data.labels import LABEL_SETS, LabelSet
 from data.layouts import label_set
 from data.pipeline import PipelineConfig, build_dataset, read_samples, to_model_batch
 from data.transforms import Geometry
-from evaluation.fid import FeatureDistance, load_feature_net, to_uint8
+from evaluation.fid import FeatureDistance, load_feature_net
 from evaluation.modules import pack_module, unpack_module
+from evaluation.report import per_class_chart, table
 from evaluation.segscore import EvaluationError, SegScore, SegScoreResult
 from model.bundle import Pix2PixHDGenerator
-from orchestration import checkpoint
-from orchestration.config import from_dict
-from orchestration.run_state import RunState, run_root
-from orchestration.stopping import signal_handlers_kept
+from model.inference import to_uint8
+from orchestration.records.evaluation_tracking import log_evaluation
+from orchestration.records.registry import DIGEST_TAG, ModelNotFound, build_bundle, load_generator, pinned_version
+from orchestration.records.segmenter_registry import resolve_segmenter
+from orchestration.run import checkpoint
+from orchestration.run.config import Config, from_dict
+from orchestration.run.run_state import RunState, run_root
+from orchestration.run.stopping import signal_handlers_kept
+from orchestration.run.visuals import comparison_rows, grid, save_png, titled
+from serving.pyfunc import WEIGHTS
 
 REAL = "real photos"
 QUIET_DATA = {"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}}
@@ -128,14 +137,13 @@ def _unique(name: str, used: set[str]) -> str:
 
 
 def _checkpoint_model(uri: str, plan: EvalPlan, used: set[str], run_id: str | None) -> ModelRef:
-    from orchestration.registry import build_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
             state = checkpoint.fetch(uri, tmp)
         except (FileNotFoundError, checkpoint.CheckpointError) as e:
             raise EvaluationError(f"--model {uri}: no checkpoint there ({e})") from None
-    cfg = from_dict(json.loads(state["config"]) if isinstance(state["config"], str) else state["config"])
+    cfg = from_dict(checkpoint.stored_config(state))
     k = int(state.get("stage", 3))
     bundle = build_bundle(cfg, state, k, plan.data_uri).eval()
     name = _unique(f"{Path(uri.rstrip('/')).name} (stage {k})" if run_id is None else uri, used)
@@ -145,10 +153,6 @@ def _checkpoint_model(uri: str, plan: EvalPlan, used: set[str], run_id: str | No
 def _registry_model(spec: str, plan: EvalPlan, used: set[str]) -> ModelRef:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-
-    from orchestration.registry import DIGEST_TAG, ModelNotFound, load_generator
-    from orchestration.segmenter_registry import pinned_version
-    from serving.pyfunc import WEIGHTS
 
     if plan.tracking_uri is None:
         raise EvaluationError(f"--model {spec}: a registry URI needs MLflow tracking (--tracking-uri)")
@@ -178,7 +182,6 @@ class ScoreBatch:
     seg-score confusion matrix, its feature vector, its L1 to the photo."""
 
     def __init__(self, generators: list[bytes], segmenter, feature, pcfg: PipelineConfig, label_set_name: str):
-        from data.labels import LABEL_SETS
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.generators = [unpack_module(g).to(self.device).eval() for g in generators]
@@ -222,42 +225,11 @@ class ScoreBatch:
 def evaluate(plan: EvalPlan, log=print) -> dict:
     """Check the inputs, score every model and the real photos over the split, write the report; returns
     {"results": {name: metrics}, "report": path, ...}."""
-    import ray
-    import ray.data
-
-    from orchestration.segmenter_registry import resolve_segmenter
-
     manifest = shards.load_manifest(plan.data_uri, plan.split)  # a split that does not exist: ManifestError
     labels = label_set(manifest["layout"])
-    if not plan.models:
-        raise EvaluationError("no --model given: name one or more (a models:/ URI, a run id, a checkpoint URI)")
-    used: set[str] = set()
-    models = [resolve_model(spec, plan, used) for spec in plan.models]
-    wrong = [m for m in models if m.label_nc != labels.label_nc]
-    if wrong:
-        named = ", ".join(f"{m.spec} ({m.label_nc} labels)" for m in models)
-        raise EvaluationError(
-            f"the models do not share {plan.data_uri}'s label set ({labels.name}, {labels.label_nc} labels): {named}; "
-            f"compare models of one dataset against that dataset"
-        )
+    models = _models(plan, labels)
     cfg = _dataset_config(plan)
-    if plan.networks is not None:
-        segmenter, feature = plan.networks
-    else:
-        segmenter = resolve_segmenter(plan.segmenter, cfg, labels, plan.tracking_uri, plan.class_map, log)
-        if segmenter is not None and plan.class_map:  # a map the user wrote: it claims what this split can score
-            segmenter.class_map.check_split(manifest["class_histogram"], labels, f"{plan.data_uri} '{plan.split}'")
-        feature = load_feature_net(plan.inception) if plan.inception else None
-    if segmenter is None and plan.networks is None:  # (networks given: the caller chose what to score)
-        log(
-            "note: no segmenter (--segmenter, or one registered by jobs.train_segmenter): seg-score is unavailable; "
-            f"train one: python -m jobs.train_segmenter --config ... --data {plan.data_uri}"
-        )
-    if feature is None and plan.networks is None:
-        log(
-            "note: FID/KID unavailable: give --inception PATH (NVIDIA's TorchScript inception-2015-12-05.pt, or any "
-            "TorchScript network mapping uint8 images to one vector each)"
-        )
+    segmenter, feature = _networks(plan, cfg, labels, manifest, log)
     storage.check_writable(storage.resolve(plan.out))
     total = min(manifest["sample_count"], plan.limit or manifest["sample_count"])
     multiple = max(m.bundle.opt.size_multiple for m in models)
@@ -274,7 +246,52 @@ def evaluate(plan: EvalPlan, log=print) -> dict:
         + (f", seg-score by {segmenter.identity}" if segmenter else "")
         + (f", FID/KID by {feature.identity[:19]}" if feature else "")
     )
-    if not ray.is_initialized():  # the cluster of RAY_ADDRESS (ray job submit), else a local Ray
+    scored = _scored(plan, pcfg, models, segmenter, feature, labels)
+    sources = [REAL] + [m.name for m in models]
+    results = _accumulate(scored, sources, segmenter, feature, labels, total, log)
+    return _report(plan, cfg.dataset, models, results, segmenter, feature, labels, pcfg, log)
+
+
+def _models(plan: EvalPlan, labels: LabelSet) -> list[ModelRef]:
+    """The models named, resolved; they must share the dataset's label set."""
+    if not plan.models:
+        raise EvaluationError("no --model given: name one or more (a models:/ URI, a run id, a checkpoint URI)")
+    used: set[str] = set()
+    models = [resolve_model(spec, plan, used) for spec in plan.models]
+    if any(m.label_nc != labels.label_nc for m in models):
+        named = ", ".join(f"{m.spec} ({m.label_nc} labels)" for m in models)
+        raise EvaluationError(
+            f"the models do not share {plan.data_uri}'s label set ({labels.name}, {labels.label_nc} labels): {named}; "
+            f"compare models of one dataset against that dataset"
+        )
+    return models
+
+
+def _networks(plan: EvalPlan, cfg, labels: LabelSet, manifest, log):
+    """(segmenter, feature network): the plan's own, else the ones named or registered; a note for each missing."""
+    if plan.networks is not None:  # the caller chose what to score
+        return plan.networks
+    segmenter = resolve_segmenter(plan.segmenter, cfg, labels, plan.tracking_uri, plan.class_map, log)
+    if segmenter is not None and plan.class_map:  # a map the user wrote: it claims what this split can score
+        segmenter.class_map.check_split(manifest["class_histogram"], labels, f"{plan.data_uri} '{plan.split}'")
+    feature = load_feature_net(plan.inception) if plan.inception else None
+    if segmenter is None:
+        log(
+            "note: no segmenter (--segmenter, or one registered by jobs.train_segmenter): seg-score is unavailable; "
+            f"train one: python -m jobs.train_segmenter --config ... --data {plan.data_uri}"
+        )
+    if feature is None:
+        log(
+            "note: FID/KID unavailable: give --inception PATH (NVIDIA's TorchScript inception-2015-12-05.pt, or any "
+            "TorchScript network mapping uint8 images to one vector each)"
+        )
+    return segmenter, feature
+
+
+def _scored(plan: EvalPlan, pcfg: PipelineConfig, models, segmenter, feature, labels: LabelSet):
+    """The split as a Ray Dataset scored by a pool of ScoreBatch actors (on the cluster of RAY_ADDRESS, else a
+    local Ray)."""
+    if not ray.is_initialized():
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # progress: the lines below
         logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)
         with signal_handlers_kept():  # ray.init sets its own SIGTERM handler
@@ -282,7 +299,7 @@ def evaluate(plan: EvalPlan, log=print) -> dict:
     ds = build_dataset(plan.data_uri, plan.split, pcfg)
     if plan.limit:
         ds = ds.limit(plan.limit)
-    scored = ds.map_batches(
+    return ds.map_batches(
         ScoreBatch,
         fn_constructor_kwargs={
             "generators": [pack_module(m.bundle) for m in models],
@@ -297,14 +314,10 @@ def evaluate(plan: EvalPlan, log=print) -> dict:
         num_cpus=plan.cpus,
         num_gpus=plan.gpus or None,
     )
-    sources = [REAL] + [m.name for m in models]
-    results = _accumulate(scored, sources, segmenter, feature, labels, total, log)
-    return _report(plan, cfg.dataset, models, results, segmenter, feature, labels, pcfg, log)
 
 
 def _dataset_config(plan: EvalPlan):
     """A config naming the dataset (the registry's segmenter is `segmenter-<dataset>`), as its manifest does."""
-    from orchestration.config import Config
 
     return Config(dataset=shards.load_manifest(plan.data_uri, plan.split)["dataset"])
 
@@ -352,8 +365,6 @@ def _accumulate(scored, sources, segmenter, feature, labels, total, log) -> dict
 def _report(plan, dataset: str, models, results, segmenter, feature, labels: LabelSet, pcfg, log) -> dict:
     """The table in the log; metrics.json, report.md, grid.png and per_class_iou.png written to `plan.out` (a
     folder or an s3:// prefix, each file atomically) and, with tracking, logged to MLflow."""
-    from evaluation.report import per_class_chart, table
-    from orchestration.visuals import comparison_rows, grid, save_png, titled
 
     real = results[REAL]
     text = table(list(results.values()), real)
@@ -390,7 +401,5 @@ def _report(plan, dataset: str, models, results, segmenter, feature, labels: Lab
             storage.write_bytes_atomic(out.join(f.name), f.read_bytes())
         log(f"evaluate: report in {out.uri} ({', '.join(f.name for f in files)})")
         if plan.tracking_uri:
-            from orchestration.evaluation_tracking import log_evaluation
-
             log_evaluation(plan, models, metrics, report, files, log)
     return {"results": metrics, "files": [out.join(f.name).uri for f in files], **report}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 from pathlib import Path
 
@@ -16,11 +15,15 @@ from data.shards import content_sha256
 from evaluation.modules import file_identity, load_module
 from evaluation.segmenters import Segmenter, check_segmenter, load_segmenter_file
 from evaluation.segscore import EvaluationError, load_class_map
-from orchestration.config import Config
-from orchestration.segmenter_training import CLASS_MAP_FILE, MODEL_FILE, segmenter_model_name
-from orchestration.tracking import configure_mlflow_client, ensure_experiment, filter_value
+from orchestration.records.registry import manifest_sha256, pinned_version
+from orchestration.records.tracking import configure_mlflow_client, ensure_experiment, filter_value
+from orchestration.run.config import Config
 
-MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
+MODEL_FILE, CLASS_MAP_FILE = "segmenter.pt", "class_map.yaml"  # what a segmenter folder (and version) holds
+
+
+def segmenter_model_name(dataset: str) -> str:
+    return f"segmenter-{dataset}"
 
 
 def register_segmenter(folder: Path, cfg: Config, data_uri: str, metrics: dict, tracking_uri: str, log=print) -> dict:
@@ -29,8 +32,6 @@ def register_segmenter(folder: Path, cfg: Config, data_uri: str, metrics: dict, 
     configure_mlflow_client()
     import mlflow
     from mlflow import MlflowClient
-
-    from orchestration.registry import manifest_sha256
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     exp = ensure_experiment(client, f"pix2pixhd-{cfg.dataset}", tracking_uri)
@@ -76,22 +77,6 @@ def find_trained_alike(cfg: Config, data_uri: str, tracking_uri: str) -> str | N
         if v.tags.get("data_content_sha256") == digest and v.tags.get("settings") == settings
     ]
     return f"models:/{name}/{max(alike)}" if alike else None
-
-
-def pinned_version(client, uri: str) -> tuple[str, str]:
-    """models:/name/latest or models:/name@alias as (name, the version it is now): a score names a fixed network."""
-    m = MODEL_URI.match(uri)
-    if m is None:
-        raise EvaluationError(f"{uri}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
-    name, version, alias = m["name"], m["version"], m["alias"]
-    if alias:
-        version = client.get_model_version_by_alias(name, alias).version
-    elif version == "latest":
-        versions = client.search_model_versions(f"name = {filter_value(name)}")
-        if not versions:
-            raise EvaluationError(f"{uri}: the registry has no version of {name}")
-        version = str(max(int(v.version) for v in versions))
-    return name, str(version)
 
 
 def resolve_segmenter(

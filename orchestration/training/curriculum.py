@@ -16,9 +16,6 @@ runs of a curriculum always end: FINISHED, FAILED (an error, or a registration t
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -26,15 +23,24 @@ from data import shards, storage
 from data.layouts import label_set
 from data.pipeline import build_dataset, execution_options
 from model.networks import check_discriminator_fits
-from orchestration import checkpoint, resources
-from orchestration.config import Config, ConfigError, run_defining_differences
-from orchestration.failures import Trainer, fit
-from orchestration.job_log import drop_ray_chatter
-from orchestration.run_lease import RunLease
-from orchestration.run_state import RunState, run_root
-from orchestration.stopping import run_status, signal_handlers_kept
-from orchestration.tracking import MLFLOW_CLIENT_ENV, RUN_TAG, STAGE_TAG, Tracker, send_kept_records, unsent_file
-from orchestration.worker import StageContext, pipeline_config, train_stage
+from orchestration.cluster import resources
+from orchestration.cluster.failures import Trainer, fit
+from orchestration.judging.selection import final_judgement, resolve_selection
+from orchestration.records.registry import RegistrationError, register_run
+from orchestration.records.tracking import (
+    MLFLOW_CLIENT_ENV,
+    RUN_TAG,
+    STAGE_TAG,
+    Tracker,
+    send_kept_records,
+    unsent_file,
+)
+from orchestration.run import checkpoint
+from orchestration.run.config import Config, ConfigError, available_val_split, pipeline_config, run_defining_differences
+from orchestration.run.run_lease import RunLease
+from orchestration.run.run_state import RunState, run_root
+from orchestration.run.stopping import run_status
+from orchestration.training.worker import StageContext, train_stage
 
 
 @dataclass(frozen=True)
@@ -232,12 +238,10 @@ def run(plan: RunPlan, log=print) -> RunResult:
 
 
 def _run_checked(plan: RunPlan, checked: tuple, log) -> RunResult:
-    from orchestration.registry import RegistrationError, register_run
-    from orchestration.selection import resolve_selection
 
     labels = label_set(shards.load_manifest(plan.data_uri, plan.cfg.data.train_split)["layout"])
     selection = resolve_selection(plan.cfg, labels, plan.tracking_uri, log)  # and a segmenter that does not load
-    connect_ray(plan.cfg)  # and a request the cluster can never hold fails here
+    resources.connect_ray(plan.cfg, client_env=MLFLOW_CLIENT_ENV)  # and a request the cluster can never hold fails here
     parent, root = None, checked[0]
     if plan.tracking_uri:
         parent = Tracker(
@@ -251,8 +255,6 @@ def _run_checked(plan: RunPlan, checked: tuple, log) -> RunResult:
     try:
         result = RunResult(_run_stages(plan, checked, parent, selection, log))
         if 3 in result.stages and selection.metric != "val_L1" and "judgement" not in checked[1].data:
-            from orchestration.selection import final_judgement
-
             split = available_val_split(plan.cfg, plan.data_uri, log=lambda m: None) or plan.cfg.data.train_split
             out = root.join("evaluation").uri
             checked[1].update(
@@ -284,17 +286,6 @@ def _run_checked(plan: RunPlan, checked: tuple, log) -> RunResult:
     if parent:
         parent.close("FINISHED")
     return result
-
-
-def available_val_split(cfg: Config, data_uri: str, log=print) -> str | None:
-    """The configured validation split if the dataset has it (else images and val_L1 use training samples)."""
-    if cfg.data.val_split:
-        try:
-            shards.load_manifest(data_uri, cfg.data.val_split)
-            return cfg.data.val_split
-        except shards.ManifestError:
-            log(f"note: {data_uri} has no '{cfg.data.val_split}' split; images and val_L1 use training samples")
-    return None
 
 
 def stage_datasets(cfg: Config, k: int, data_uri: str) -> dict:
@@ -345,49 +336,8 @@ def stage_trainer(
     )
 
 
-# What the job's worker processes (Train workers and controller, Ray Data tasks) get with train.ray_logs: quiet, so
-# that the job log holds the project's lines: no stack dump of every worker process that `ray job stop` ends
-# ("*** SIGTERM received ... PC: @", Ray's C++ failure-signal handler; crashes still end the job with their error),
-# no c10d warning that a peer's address has no DNS name. train.ray_logs: info brings them back (and job_log's lines).
-QUIET_WORKER_ENV = {"RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
-
-
-def connect_ray(cfg: Config, trial_cpus: float = 0.0, what: str = "the stage") -> None:
-    """Join the cluster (RAY_ADDRESS, as under `ray job submit`) or start a local Ray; Ray's routine INFO lines
-    (Train's worker-group and checkpoint lines, Ray Data's execution and progress lines) stay out of the job log
-    unless train.ray_logs is info. Then check the request fits the cluster's nodes.
-
-    Environment variables that Ray reads go to this process now (before any thread starts: writing the environment
-    while another thread's C code reads it crashes the process) and to the job's processes in its runtime env
-    (none secret, none the submitter already set there)."""
-    import ray
-
-    if not ray.is_initialized():
-        quiet = cfg.train.ray_logs == "quiet"
-        env = {k: os.environ.get(k, v) for k, v in MLFLOW_CLIENT_ENV.items()}  # a user's own values stay
-        env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.worker_start_timeout_s)  # read by fit()
-        if quiet:
-            env.update(QUIET_WORKER_ENV)
-            # this process read the variable when it imported ray: its own handler (the driver's dump on `ray job
-            # stop`) follows the constant, which ray.init reads
-            ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-            env["RAY_DATA_LOG_LEVEL"] = "WARNING"  # Ray Data configures its loggers from it in each process
-            logging.getLogger("ray.data").setLevel(logging.WARNING)  # this process configured them on import
-            logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)  # "tqdm is not installed"
-        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
-        env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}  # a conflict is an error
-        os.environ.update(env)
-        with signal_handlers_kept():  # ray.init sets its own SIGTERM handler
-            ray.init(
-                logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
-                runtime_env={"env_vars": env} if env else None,
-            )
-        if quiet:
-            drop_ray_chatter()
-    resources.check(cfg, resources.cluster_nodes(), trial_cpus, what)
-
-
 def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, selection, log) -> dict[int, dict]:
+    """Each planned stage in turn: skipped when run.json says it finished, else fitted and recorded."""
     cfg = plan.cfg
     root, state, inits = checked
     data_sha256 = shards.content_sha256(plan.data_uri, cfg.data.train_split)  # what the stages train on
@@ -404,74 +354,86 @@ def _run_stages(plan: RunPlan, checked: tuple, parent: Tracker | None, selection
         done = state.done(k)
         if done:
             log(f"[stage {k}] already finished in run {plan.run_id} ({done['epochs']} epochs): skipped")
-            results[k] = done
-            inits[k + 1] = done["checkpoint"]
-            continue
-        model, geo = cfg.stage_model(k), cfg.stage_geometry(k)
-        low, high = cfg.workers
-        workers = f"{high}" if low == high else f"{low}-{high} (elastic)"
-        uneven = cfg.uneven_worker_counts(k)
-        if uneven:
-            log(
-                f"[stage {k}] note: at {', '.join(map(str, uneven))} workers the global batch of {cfg.global_batch(k)} "
-                f"does not split evenly: those sizes train with {', '.join(str(w * cfg.worker_batch(k, w)) for w in uneven)} "
-                f"samples per step and the lr scaled to match"
-            )
-        log(
-            f"[stage {k}] {STAGES[k - 1].what}: netG={model.netG} ngf={model.ngf} num_D={model.num_D} "
-            f"{geo.resize_or_crop}/{geo.load_size}, global batch {cfg.global_batch(k)} on {workers} workers, "
-            f"{cfg.stage(k).epochs} epochs"
-        )
-        context = StageContext(
-            cfg.to_dict(),
-            k,
-            root.uri,
-            inits.get(k),
-            labels,
-            plan.run_id,
-            plan.tracking_uri,
-            experiment_name(cfg),
-            data_uri=plan.data_uri,
-            heldout_split=val_split or cfg.data.train_split,
-            selection=selection,
-        )
-        resources.wait_until_free(cfg, f"stage {k}", log)  # others' work (Serve replicas, jobs) may hold them
-        t0 = time.perf_counter()
-        datasets = stage_datasets(cfg, k, plan.data_uri)
-        result = fit(stage_trainer(cfg, k, datasets, context, root, f"stage{k}"), f"stage {k}")
-        ckpt_uri = checkpoint_uri(result, root, f"stage {k}")
-        metrics = result.metrics or {}
-        entry = dict(
-            checkpoint=ckpt_uri,
-            checkpoint_sha256=checkpoint.stored_sha256(ckpt_uri),
-            epochs=metrics.get("epoch"),
-            global_step=metrics.get("global_step"),
-            seconds=round(time.perf_counter() - t0, 1),
-            metrics=metrics,
-        )
-        state.record(k, **entry)
-        if parent:
-            parent.tags_({f"stage{k}.checkpoint": ckpt_uri})
-            stage_run = Tracker(
+        else:
+            say_stage_plan(cfg, k, log)
+            context = StageContext(
+                cfg,
+                k,
+                root.uri,
+                inits.get(k),
+                labels,
+                plan.run_id,
                 plan.tracking_uri,
                 experiment_name(cfg),
-                {RUN_TAG: plan.run_id, STAGE_TAG: str(k)},
-                f"{plan.run_id}/stage{k}",
-                parent_tags={RUN_TAG: plan.run_id},
-                log=log,
-                unsent=unsent_file(root),
-                reopen=False,  # the worker's tracker ended it: this only adds the checkpoint's tag
+                data_uri=plan.data_uri,
+                heldout_split=val_split or cfg.data.train_split,
+                selection=selection,
             )
-            stage_run.tags_({"checkpoint": ckpt_uri})
-            stage_run.close("FINISHED", timeout=30)
-            send_kept_records(parent, root, log)
-        results[k] = state.done(k)
-        inits[k + 1] = ckpt_uri
-        log(
-            f"[stage {k}] finished: {entry['epochs']} epochs, {entry['global_step']} steps in {entry['seconds']}s; "
-            f"checkpoint {ckpt_uri}"
-        )
+            done = _fit_stage(plan, k, context, root, state, parent, log)
+        results[k] = done
+        inits[k + 1] = done["checkpoint"]
     return results
+
+
+def say_stage_plan(cfg: Config, k: int, log) -> None:
+    """What stage k trains, at what size, on how many workers (and a note when a worker count splits the global
+    batch unevenly)."""
+    model, geo = cfg.stage_model(k), cfg.stage_geometry(k)
+    low, high = cfg.workers
+    workers = f"{high}" if low == high else f"{low}-{high} (elastic)"
+    uneven = cfg.uneven_worker_counts(k)
+    if uneven:
+        log(
+            f"[stage {k}] note: at {', '.join(map(str, uneven))} workers the global batch of {cfg.global_batch(k)} "
+            f"does not split evenly: those sizes train with {', '.join(str(w * cfg.worker_batch(k, w)) for w in uneven)} "
+            f"samples per step and the lr scaled to match"
+        )
+    log(
+        f"[stage {k}] {STAGES[k - 1].what}: netG={model.netG} ngf={model.ngf} num_D={model.num_D} "
+        f"{geo.resize_or_crop}/{geo.load_size}, global batch {cfg.global_batch(k)} on {workers} workers, "
+        f"{cfg.stage(k).epochs} epochs"
+    )
+
+
+def _fit_stage(plan: RunPlan, k: int, context: StageContext, root, state: RunState, parent, log) -> dict:
+    """Stage k's fit() once the cluster has room, recorded in run.json (and its MLflow run tagged with the
+    checkpoint); returns run.json's entry."""
+    cfg = plan.cfg
+    resources.wait_until_free(cfg, f"stage {k}", log)  # others' work (Serve replicas, jobs) may hold them
+    t0 = time.perf_counter()
+    datasets = stage_datasets(cfg, k, plan.data_uri)
+    result = fit(stage_trainer(cfg, k, datasets, context, root, f"stage{k}"), f"stage {k}")
+    ckpt_uri = checkpoint_uri(result, root, f"stage {k}")
+    metrics = result.metrics or {}
+    entry = dict(
+        checkpoint=ckpt_uri,
+        checkpoint_sha256=checkpoint.stored_sha256(ckpt_uri),
+        epochs=metrics.get("epoch"),
+        global_step=metrics.get("global_step"),
+        seconds=round(time.perf_counter() - t0, 1),
+        metrics=metrics,
+    )
+    state.record(k, **entry)
+    if parent:
+        parent.tags_({f"stage{k}.checkpoint": ckpt_uri})
+        stage_run = Tracker(
+            plan.tracking_uri,
+            experiment_name(cfg),
+            {RUN_TAG: plan.run_id, STAGE_TAG: str(k)},
+            f"{plan.run_id}/stage{k}",
+            parent_tags={RUN_TAG: plan.run_id},
+            log=log,
+            unsent=unsent_file(root),
+            reopen=False,  # the worker's tracker ended it: this only adds the checkpoint's tag
+        )
+        stage_run.tags_({"checkpoint": ckpt_uri})
+        stage_run.close("FINISHED", timeout=30)
+        send_kept_records(parent, root, log)
+    log(
+        f"[stage {k}] finished: {entry['epochs']} epochs, {entry['global_step']} steps in {entry['seconds']}s; "
+        f"checkpoint {ckpt_uri}"
+    )
+    return state.done(k)
 
 
 def checkpoint_uri(result, root: storage.Location, what: str) -> str:

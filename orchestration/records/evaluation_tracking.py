@@ -6,7 +6,7 @@ and the split's content)."""
 
 from __future__ import annotations
 
-from orchestration.tracking import RUN_TAG, STAGE_TAG, configure_mlflow_client, ensure_experiment, filter_value
+from orchestration.records.tracking import RUN_TAG, STAGE_TAG, configure_mlflow_client, ensure_experiment, filter_value
 
 
 def _training_run(client, model, experiment_id: str) -> str | None:

@@ -1,20 +1,23 @@
 """The registry's generator and its editor on Ray Serve: two deployments in one application.
 
 - `Generator`: the model replicas (CPUs / a GPU each, fixed count or autoscaled on ongoing requests). Each loads
-  the version `models:/NAME@ALIAS` names now, and looks again at most every `reload_s` seconds when a request
-  comes: a new champion is served without a restart (the request that notices it waits for the load). Requests
-  are batched (`serve.batch`): those of one size go through G together, which pays on a GPU.
-- `Editor`: the HTTP ingress (serving/editor_api.py, FastAPI): decodes and checks PNG maps, calls a replica,
+  the version `models:/NAME@ALIAS` names now, and a thread of it looks again every `reload_s` seconds: a new
+  champion is loaded beside the old one and swapped in, without a restart and without a request waiting for the
+  load. A render is one call: the replica checks the maps against its version's options, then batches them
+  (`serve.batch`: requests of one size go through G together, which pays on a GPU).
+- `Editor`: the HTTP ingress (serving/editor_api.py, FastAPI): decodes the PNG maps, calls a replica once,
   answers PNG; serves the editor page. Light: one replica is plenty.
 
 `python -m jobs.serve --model models:/pix2pixhd-synthetic-city@champion` builds it with `build(...)`; `serve run
-docker/serve.yaml` does the same from a Serve config (`import_path: orchestration.serve:app`).
+docker/serve.yaml` does the same from a Serve config (`import_path: orchestration.services.serve:app`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -22,7 +25,17 @@ import numpy as np
 import torch
 from ray import serve
 
+from data import storage
+from data.labels import label_set_of
+from data.layouts import list_maps
+from model.bundle import Pix2PixHDGenerator
+from orchestration.cluster.ray_address import cluster_address
+from orchestration.records.registry import load_generator, resolve_version
+from orchestration.records.tracking import resolve_tracking_uri
+from orchestration.run.visuals import rgb_array
 from serving.editor_api import RequestError, build_api
+from serving.maps import encode_rgb
+from serving.pyfunc import check_request
 
 log = logging.getLogger("ray.serve")
 
@@ -54,72 +67,95 @@ def _tile_map(class_id: int, thing: bool, background: int, m: int) -> np.ndarray
     return np.stack([label, inst])[None].astype(np.int64)
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """One version as a replica serves it: the generator, its name, what /classes says of it, its style tiles."""
+
+    bundle: Pix2PixHDGenerator
+    version: str  # NAME/VERSION
+    info: dict
+    tiles: dict  # class id -> PNG thumbnails, made on first ask
+
+
+def loaded(bundle: Pix2PixHDGenerator, version: str) -> Loaded:
+    opt = bundle.opt
+    info = {
+        "model": version,
+        "options": asdict(opt),
+        "label_nc": opt.label_nc,
+        "size_multiple": opt.size_multiple,
+        "instance_feat": opt.instance_feat,
+        "cluster_counts": bundle.cluster_counts.tolist() if opt.instance_feat else [],
+    }
+    return Loaded(bundle, version, info, {})
+
+
 @serve.deployment(name="Generator")
 class Generator:
-    def __init__(self, settings: dict):
-        from orchestration.tracking import resolve_tracking_uri
+    """Renders for the ingress, one call per request. The version the model URI names is looked up every
+    `reload_s` seconds by a thread of the replica, which loads a new one beside the old and then swaps: requests
+    never wait for a load, those during it are answered by the old version."""
 
+    def __init__(self, settings: dict):
         self.s = ServeSettings(**settings)
         self.tracking_uri = resolve_tracking_uri(self.s.tracking_uri, ray_job=False)
         self.device = torch.device("cuda" if self.s.gpus and torch.cuda.is_available() else "cpu")
-        self.bundle, self.version, self.checked, self.tiles = None, "", 0.0, {}
-        self._refresh(force=True)
+        self.current = self._load(resolve_version(self.s.model, self.tracking_uri))
         self._batched.set_max_batch_size(self.s.max_batch)
         self._batched.set_batch_wait_timeout_s(self.s.batch_wait_s)
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="model-reload", daemon=True).start()
 
-    def _refresh(self, force: bool = False) -> None:
-        """Load the version the model URI names now, if it is not the one loaded. Registry trouble after the first
-        load keeps the loaded version serving (logged)."""
-        from orchestration.registry import load_generator, resolve_version
+    def _load(self, mv) -> Loaded:
+        version = f"{mv.name}/{mv.version}"
+        return loaded(load_generator(f"models:/{version}", self.tracking_uri).to(self.device).eval(), version)
 
-        if not force and time.monotonic() - self.checked < self.s.reload_s:
-            return
-        self.checked = time.monotonic()
+    def _watch(self) -> None:
+        while not self._stop.wait(self.s.reload_s):
+            self.reload()
+
+    def reload(self) -> None:
+        """Load the version the model URI names now, if it is not the one served. Registry trouble keeps the
+        loaded version serving (logged)."""
         try:
             mv = resolve_version(self.s.model, self.tracking_uri)
-            name, version = mv.name, mv.version
-            if f"{name}/{version}" == self.version:
+            if f"{mv.name}/{mv.version}" == self.current.version:
                 return
-            bundle = load_generator(f"models:/{name}/{version}", self.tracking_uri).to(self.device).eval()
+            fresh = self._load(mv)
         except Exception as e:  # noqa: BLE001 - serving goes on with the loaded version
-            if self.bundle is None:
-                raise
-            log.warning("registry check for %s failed (%s); still serving %s", self.s.model, e, self.version)
+            log.warning("registry check for %s failed (%s); still serving %s", self.s.model, e, self.current.version)
             return
-        if self.version:
-            log.info("%s now names %s/%s (was %s): loaded", self.s.model, name, version, self.version)
-        self.bundle, self.version, self.tiles = bundle, f"{name}/{version}", {}
+        log.info("%s now names %s (was %s): loaded", self.s.model, fresh.version, self.current.version)
+        self.current = fresh
 
     async def info(self) -> dict:
-        self._refresh()
-        opt = self.bundle.opt
-        counts = self.bundle.cluster_counts.tolist() if opt.instance_feat else []
-        return {
-            "model": self.version,
-            "options": asdict(opt),
-            "label_nc": opt.label_nc,
-            "size_multiple": opt.size_multiple,
-            "instance_feat": opt.instance_feat,
-            "cluster_counts": counts,
-        }
+        return self.current.info
 
     async def render(self, maps: np.ndarray, styles: dict, seed: int, mode: str | None):
-        """-> (PNG bytes, version), or ("error", message) for a style that does not fit."""
-        self._refresh()
-        return await self._batched((maps, styles, seed, mode))
+        """-> (PNG bytes, version), or ("error", message) for maps or styles this version does not take."""
+        cur = self.current
+        try:
+            check_request(maps, cur.bundle.opt)
+            if styles and not cur.bundle.opt.instance_feat:
+                raise ValueError(f"{cur.version} has no instance features: it takes no styles")
+        except ValueError as e:
+            return ("error", str(e))
+        return await self._batched((cur, maps, styles, seed, mode))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def _batched(self, requests: list[tuple]) -> list:
-        from orchestration.visuals import to_uint8
-        from serving.maps import encode_rgb
-
-        bundle, version = self.bundle, self.version
-
         def work() -> list:
-            out = bundle.render_many([(torch.from_numpy(m), s, seed, mode) for m, s, seed, mode in requests])
-            return [
-                ("error", str(o)) if isinstance(o, ValueError) else (encode_rgb(to_uint8(o[0])), version) for o in out
-            ]
+            out: list = [None] * len(requests)
+            groups: dict[int, list[int]] = {}
+            for i, r in enumerate(requests):  # a swap within a batch: each version renders its own requests
+                groups.setdefault(id(r[0]), []).append(i)
+            for idx in groups.values():
+                cur = requests[idx[0]][0]
+                images = cur.bundle.render_many([(torch.from_numpy(requests[i][1]), *requests[i][2:]) for i in idx])
+                for i, o in zip(idx, images, strict=True):
+                    png = None if isinstance(o, ValueError) else encode_rgb(rgb_array(o[0]))
+                    out[i] = ("error", str(o)) if png is None else (png, cur.version)
+            return out
 
         # off the replica's event loop: a render of the largest size (tens of seconds on a CPU) must not hold its
         # other calls (info for /classes, style tiles) until it ends
@@ -127,16 +163,11 @@ class Generator:
 
     async def style_tiles(self, class_id: int) -> tuple[list[bytes], str]:
         """Each style of the class rendered on a thumbnail (its object on road, or the class alone)."""
-        from data.labels import label_set_of
-        from orchestration.visuals import to_uint8
-        from serving.maps import encode_rgb
-
-        self._refresh()
-        bundle = self.bundle
-        opt = bundle.opt
+        cur = self.current
+        bundle, opt = cur.bundle, cur.bundle.opt
         if not opt.instance_feat or int(bundle.cluster_counts[class_id]) == 0:
-            return [], self.version
-        if class_id not in self.tiles:
+            return [], cur.version
+        if class_id not in cur.tiles:
             labels = label_set_of(opt.label_nc)
             thing = bool(labels and class_id in labels.instance_classes)
             background = labels.names.index("road") if labels and "road" in labels.names else class_id
@@ -144,8 +175,8 @@ class Generator:
             inst = int(x[0, 1, x.shape[2] // 2, x.shape[3] // 2])
             n = int(bundle.cluster_counts[class_id])
             images = bundle.render_many([(x, {inst: k}, 0, "largest") for k in range(n)])
-            self.tiles[class_id] = [encode_rgb(to_uint8(i[0])) for i in images]
-        return self.tiles[class_id], self.version
+            cur.tiles[class_id] = [encode_rgb(rgb_array(i[0])) for i in images]
+        return cur.tiles[class_id], cur.version
 
 
 class HandleRenderer:
@@ -184,8 +215,6 @@ def load_samples(s: ServeSettings) -> dict[str, tuple[bytes, bytes | None]]:
     """The first `max_samples` label maps of `s.labels` (with their instance maps), as PNG bytes."""
     if not s.labels:
         return {}
-    from data import storage
-    from data.layouts import list_maps
 
     labels = list_maps(s.labels)
     instances = list_maps(s.instances) if s.instances else {}
@@ -212,5 +241,37 @@ def build(s: ServeSettings):
 
 
 def app(args: dict):
-    """`serve run` / Serve config entry point (import_path: orchestration.serve:app); args are ServeSettings."""
+    """`serve run` / Serve config entry point (import_path: orchestration.services.serve:app); args are ServeSettings."""
     return build(ServeSettings(**args))
+
+
+def check_inputs(s: ServeSettings) -> None:
+    """What a replica would find wrong, found before anything is deployed: the --labels folder, the model URI."""
+
+    load_samples(s)
+    resolve_version(s.model, s.tracking_uri)
+
+
+def deploy(s: ServeSettings, host: str, port: int, proxy_location: str, log=print) -> None:
+    """Deploy the editor on the Ray of RAY_ADDRESS (a cluster: return once it runs) or a local one of its own
+    (serve until Ctrl-C / SIGTERM, then shut Serve and that Ray down)."""
+    import ray
+
+    on_cluster = cluster_address() is not None
+    ray.init(address=cluster_address(), logging_config=ray.LoggingConfig(log_level="WARNING"))
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
+    t0 = time.perf_counter()
+    serve.run(build(s), name="pix2pixhd-editor", route_prefix="/")
+    shown = ray.util.get_node_ip_address() if host == "0.0.0.0" else host  # this node's (the head's) address
+    log(f"serving {s.model} at http://{shown}:{port}/ (editor), POST /render; ready in {time.perf_counter() - t0:.0f}s")
+    if on_cluster:
+        return
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    ray.shutdown()

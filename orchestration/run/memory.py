@@ -20,7 +20,7 @@ from model.inputs import synthetic_batch
 from model.memory import step_peak
 from model.step import TrainStep, resolve_compile, resolve_precision
 from model.vgg import random_weights_file
-from orchestration.config import Config
+from orchestration.run.config import Config
 
 CUDA_CONTEXT_GIB = 1.0  # CUDA context, cuDNN workspaces and allocator slack on top of the tensors counted
 

@@ -24,22 +24,28 @@ from data import shards, storage
 from data.layouts import label_set
 from evaluation.quality import QUALITY
 from model.step import LOSS_NAMES
-from orchestration.config import Config, ConfigError, from_dict
-from orchestration.curriculum import (
-    available_val_split,
+from orchestration.cluster.failures import fit
+from orchestration.cluster.ray_address import cluster_address
+from orchestration.cluster.resources import connect_ray
+from orchestration.judging.selection import objective, resolve_selection
+from orchestration.records.tracking import (
+    MLFLOW_CLIENT_ENV,
+    STAGE_TAG,
+    SWEEP_TAG,
+    Tracker,
+    send_kept_records,
+    unsent_file,
+)
+from orchestration.run.config import Config, ConfigError, available_val_split
+from orchestration.run.stopping import run_status
+from orchestration.training.curriculum import (
     checkpoint_uri,
-    connect_ray,
     experiment_name,
     stage_datasets,
     stage_trainer,
     verified_init,
 )
-from orchestration.failures import fit
-from orchestration.ray_address import cluster_address
-from orchestration.selection import objective, resolve_selection
-from orchestration.stopping import run_status
-from orchestration.tracking import STAGE_TAG, SWEEP_TAG, Tracker, send_kept_records, unsent_file
-from orchestration.worker import StageContext
+from orchestration.training.worker import StageContext
 
 SAMPLED = ("lambda_feat", "lambda_vgg", "lr", "gan_mode")
 TRIAL_TAG = "p2p.trial"
@@ -61,11 +67,16 @@ class SweepPlan:
         self.data_uri = storage.resolve(self.data_uri).uri  # absolute: trials and best.yaml name it wherever they run
 
 
-def trial_config(base: dict, sampled: dict) -> Config:
-    """The base configuration with a trial's sampled values applied."""
-    cfg = from_dict(base)
+def trial_config(base: Config, sampled: dict) -> Config:
+    """The base configuration with a trial's sampled values applied: to the model section, and a sampled lr also
+    to the swept stage when that stage sets its own (stageK.lr overrides model.lr: the sample would do nothing)."""
+    cfg = base
     model = {k: v for k, v in sampled.items() if k in SAMPLED and v is not None}
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
+    k = cfg.sweep.stage
+    if "lr" in model and cfg.stage(k).lr:
+        cfg = dataclasses.replace(cfg, **{f"stage{k}": dataclasses.replace(cfg.stage(k), lr=model["lr"])})
+    return cfg
 
 
 def _trial(config: dict, fixed: dict) -> None:
@@ -79,7 +90,7 @@ def _trial(config: dict, fixed: dict) -> None:
     trial = tune.get_context().get_trial_id()
     root = storage.resolve(fixed["storage"]).join(trial)  # a run folder of its own: checkpoints, images, records
     context = StageContext(
-        cfg.to_dict(),
+        cfg,
         k,
         root.uri,
         fixed["init_checkpoint"],
@@ -197,7 +208,7 @@ def run_sweep(plan: SweepPlan, log=print) -> dict:
     space = search_space(cfg, log)
     val_split = available_val_split(cfg, plan.data_uri, log)
     selection = resolve_selection(cfg, label_set(manifest["layout"]), plan.tracking_uri, log)
-    connect_ray(cfg, trial_cpus=w.trial_cpus, what="each sweep trial")
+    connect_ray(cfg, trial_cpus=w.trial_cpus, what="each sweep trial", client_env=MLFLOW_CLIENT_ENV)
     datasets = stage_datasets(cfg, k, plan.data_uri)
 
     parent, callbacks = None, []
@@ -254,16 +265,12 @@ def _tune(
     callbacks: list,
     log,
 ) -> dict:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
+    """Run (or resume) the Tune experiment and write its best trial's config as best.yaml."""
     keep_credentials_out_of_runtime_envs()
-
     cfg, w = plan.cfg, plan.cfg.sweep
-    k = w.stage
     fixed = {
-        "base": cfg.to_dict(),
-        "stage": k,
+        "base": cfg,
+        "stage": w.stage,
         "storage": root.join("trials").uri,
         "datasets": datasets,
         "init_checkpoint": init,
@@ -274,34 +281,10 @@ def _tune(
         "selection": selection,
     }
     metric, mode = objective(cfg, selection)
-    trainable = tune.with_resources(tune.with_parameters(_trial, fixed=fixed), {"CPU": w.trial_cpus})
-    tune_path = root.join("tune")
-    run_config = tune.RunConfig(
-        name="tune", storage_path=root.path, storage_filesystem=root.fs, callbacks=callbacks, verbose=0
-    )
-    if plan.resume and tune.Tuner.can_restore(tune_path.path, storage_filesystem=tune_path.fs):
-        log(f"sweep {plan.name}: resuming from {tune_path}")
-        tuner = tune.Tuner.restore(
-            tune_path.path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=tune_path.fs
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=metric,
-                mode=mode,
-                num_samples=w.num_samples,
-                max_concurrent_trials=max_concurrent(cfg),
-                scheduler=ASHAScheduler(
-                    max_t=cfg.stage(k).epochs, grace_period=w.grace_period, reduction_factor=w.reduction_factor
-                ),
-            ),
-            run_config=run_config,
-        )
+    tuner = _tuner(plan, space, fixed, metric, mode, root, callbacks, log)
     t0 = time.perf_counter()
     log(
-        f"sweep {plan.name}: {w.num_samples} trials of stage {k}, {max_concurrent(cfg)} at a time, over "
+        f"sweep {plan.name}: {w.num_samples} trials of stage {w.stage}, {max_concurrent(cfg)} at a time, over "
         f"{', '.join(space)}"
     )
     results = tuner.fit()
@@ -309,23 +292,7 @@ def _tune(
     if best is None or best.metrics is None or metric not in best.metrics:
         raise RuntimeError(f"sweep {plan.name}: no trial reported {metric}; see the trial errors above")
     chosen = {key: best.config[key] for key in SAMPLED if key in best.config}
-    best_cfg = trial_config(cfg.to_dict(), chosen)
-    # the data and storage the sweep ran on, as absolute URIs: the printed command works as it stands, wherever
-    # it is submitted (a relative data.uri named a folder in the sweep job's working-directory cache)
-    best_cfg = dataclasses.replace(
-        best_cfg,
-        data=dataclasses.replace(best_cfg.data, uri=plan.data_uri),
-        train=dataclasses.replace(best_cfg.train, storage=storage.resolve(plan.storage_uri).uri),
-    )
-    yaml_text = (
-        f"# best trial of sweep {plan.name}: {metric}={best.metrics[metric]:.4f}, {chosen}\n" + best_cfg.to_yaml()
-    )
-    config_loc = root.join("best.yaml")
-    storage.write_bytes_atomic(config_loc, yaml_text.encode())
-    out = plan.out or (None if cluster_address() else f"outputs/sweeps/{plan.name}/best.yaml")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(yaml_text)
+    config_loc, out = _write_best(plan, root, chosen, f"{metric}={best.metrics[metric]:.4f}")
     errors = sum(1 for r in results if r.error is not None)
     log(f"sweep {plan.name}: {len(results)} trials ({errors} errored) in {time.perf_counter() - t0:.0f}s")
     log(f"best trial: {metric}={best.metrics[metric]:.4f} with {chosen}")
@@ -342,3 +309,55 @@ def _tune(
         "config_uri": config_loc.uri,
         "trials": len(results),
     }
+
+
+def _tuner(plan: SweepPlan, space: dict, fixed: dict, metric: str, mode: str, root, callbacks: list, log):
+    """A new Tuner over `space` (ASHA stops weak trials early), or the stored one of an interrupted sweep."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    cfg, w = plan.cfg, plan.cfg.sweep
+    trainable = tune.with_resources(tune.with_parameters(_trial, fixed=fixed), {"CPU": w.trial_cpus})
+    tune_path = root.join("tune")
+    if plan.resume and tune.Tuner.can_restore(tune_path.path, storage_filesystem=tune_path.fs):
+        log(f"sweep {plan.name}: resuming from {tune_path}")
+        return tune.Tuner.restore(
+            tune_path.path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=tune_path.fs
+        )
+    scheduler = ASHAScheduler(
+        max_t=cfg.stage(w.stage).epochs, grace_period=w.grace_period, reduction_factor=w.reduction_factor
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            num_samples=w.num_samples,
+            max_concurrent_trials=max_concurrent(cfg),
+            scheduler=scheduler,
+        ),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=root.path, storage_filesystem=root.fs, callbacks=callbacks, verbose=0
+        ),
+    )
+
+
+def _write_best(plan: SweepPlan, root, chosen: dict, score: str):
+    """best.yaml in the sweep's storage (and locally): the base config with the chosen values and, as absolute
+    URIs, the data and storage the sweep ran on, so that the printed command works wherever it is submitted (a
+    relative data.uri named a folder in the sweep job's working-directory cache)."""
+    best_cfg = trial_config(plan.cfg, chosen)
+    best_cfg = dataclasses.replace(
+        best_cfg,
+        data=dataclasses.replace(best_cfg.data, uri=plan.data_uri),
+        train=dataclasses.replace(best_cfg.train, storage=storage.resolve(plan.storage_uri).uri),
+    )
+    yaml_text = f"# best trial of sweep {plan.name}: {score}, {chosen}\n" + best_cfg.to_yaml()
+    config_loc = root.join("best.yaml")
+    storage.write_bytes_atomic(config_loc, yaml_text.encode())
+    out = plan.out or (None if cluster_address() else f"outputs/sweeps/{plan.name}/best.yaml")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(yaml_text)
+    return config_loc, out

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
+import io
 import logging
+import re
 import tempfile
 import time
 import traceback
@@ -26,16 +27,20 @@ import numpy as np
 import torch
 
 from data import storage
+from data.pipeline import iter_local_batches
+from evaluation.segscore import EvaluationError
 from model.bundle import Pix2PixHDGenerator
 from model.networks import build_encoder, build_generator
 from model.styles import cluster, instance_features
-from orchestration import checkpoint
-from orchestration.config import Config, ConfigError, from_dict
-from orchestration.run_state import RunState
-from orchestration.tracking import RUN_TAG, STAGE_TAG, configure_mlflow_client, ensure_experiment, filter_value
+from orchestration.records.tracking import RUN_TAG, STAGE_TAG, configure_mlflow_client, ensure_experiment, filter_value
+from orchestration.run import checkpoint
+from orchestration.run.config import Config, ConfigError, from_dict, pipeline_config
+from orchestration.run.run_state import RunState
 from serving import pyfunc
 
 ALIAS = "champion"
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
+CLUSTERS_FILE = "clusters/stage3.pt"  # in a run's storage: jobs.cluster_features --run writes it
 DIGEST_TAG = "sha256."  # version tags sha256.weights.pt, sha256.options.json: the files it serves
 METRIC = "val_L1"  # lower is better; what versions are judged by without a segmenter or feature network
 JUDGED_METRIC, JUDGED_VALUE, JUDGED_BY = "judged.metric", "judged.value", "judged.by"
@@ -75,8 +80,6 @@ def build_bundle(cfg: Config, state: dict, k: int, data_uri: str, log=print, clu
 def _clusters(cfg: Config, k: int, E, data_uri: str, log=print) -> tuple[torch.Tensor, torch.Tensor]:
     """E's features of every instance larger than 1/64 of its image over the whole training split, clustered per
     class with k-means++ (model/styles.py, as the reference). Streams the split: memory holds the vectors only."""
-    from data.pipeline import iter_local_batches
-    from orchestration.worker import pipeline_config
 
     per_class: dict[int, list] = {}
     pcfg = dataclasses.replace(pipeline_config(cfg, k), instance_output="ids", batch_size=8)
@@ -112,7 +115,6 @@ def register_run(
         f"python -m jobs.register --run {run_id} --storage {root.uri.rsplit('/', 1)[0]} --tracking-uri {tracking_uri}"
     )
     check_recorded_digests(state, final["checkpoint"], run_id)
-    from orchestration.feature_clusters import stored_clusters
 
     stored = stored_clusters(root, final["checkpoint"])
     for attempt in range(1, attempts + 1):
@@ -180,7 +182,7 @@ def register(
         state = None
         if cfg is None:
             state = checkpoint.fetch(final_checkpoint, tmp)
-            cfg = from_dict(json.loads(state["config"]))
+            cfg = from_dict(checkpoint.stored_config(state))
         name = model_name(cfg)
         existing = client.search_registered_models(f"name = {filter_value(name)}") and client.search_model_versions(
             f"name = {filter_value(name)} and tags.checkpoint = {filter_value(final_checkpoint)}"
@@ -381,13 +383,27 @@ def _signature():
     )
 
 
+def pinned_version(client, uri: str) -> tuple[str, str]:
+    """models:/name/latest or models:/name@alias as (name, the version it is now): a score names a fixed network."""
+    m = MODEL_URI.match(uri)
+    if m is None:
+        raise EvaluationError(f"{uri}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+    name, version, alias = m["name"], m["version"], m["alias"]
+    if alias:
+        version = client.get_model_version_by_alias(name, alias).version
+    elif version == "latest":
+        versions = client.search_model_versions(f"name = {filter_value(name)}")
+        if not versions:
+            raise EvaluationError(f"{uri}: the registry has no version of {name}")
+        version = str(max(int(v.version) for v in versions))
+    return name, str(version)
+
+
 def resolve_version(spec: str, tracking_uri: str):
     """The ModelVersion that models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS names now; a URI of
     another form, one that names nothing, or a registry that does not answer is a one-line ModelNotFound."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-
-    from orchestration.segmenter_registry import pinned_version
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
@@ -413,8 +429,6 @@ def load_generator(model_uri: str, tracking_uri: str | None = None) -> Pix2PixHD
     try:
         if model_uri.startswith("models:/"):  # the version's recorded digests; the files of that very version
             from mlflow import MlflowClient
-
-            from orchestration.segmenter_registry import pinned_version
 
             client = MlflowClient(tracking_uri=where, registry_uri=where)
             try:
@@ -453,3 +467,14 @@ def _load_files(folder: Path, model_uri: str, expected: dict[str, str] | None = 
             f"again to get a version of weights and options: python -m jobs.register --run RUN_ID --storage ..."
         )
     return pyfunc.load(folder / flavor["data"], expected)
+
+
+def stored_clusters(root: storage.Location, checkpoint_uri: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The clusters jobs.cluster_features stored for this checkpoint, or None."""
+    loc = root.join(*CLUSTERS_FILE.split("/"))
+    if not storage.exists(loc):
+        return None
+    data = torch.load(io.BytesIO(storage.read_bytes(loc)), map_location="cpu", weights_only=True)
+    if data["meta"]["checkpoint"] != checkpoint_uri:
+        return None
+    return data["clusters"], data["cluster_counts"]

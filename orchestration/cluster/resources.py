@@ -19,13 +19,18 @@ as `train.when_busy` says.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from orchestration.config import Config, ConfigError
+from orchestration.cluster.job_log import drop_ray_chatter
+from orchestration.run.config import Config, ConfigError
+from orchestration.run.stopping import signal_handlers_kept
 
 
 class ResourcesBusy(ConfigError):
@@ -251,3 +256,48 @@ def holders_line() -> str:
         where = ", ".join(sorted({str(n) for _, n in items}))
         parts.append(f"{label}: {len(items)} x {{{res}}} on {where}")
     return "Held by: " + "; ".join(parts)
+
+
+# What the job's worker processes (Train workers and controller, Ray Data tasks) get with train.ray_logs: quiet, so
+# that the job log holds the project's lines: no stack dump of every worker process that `ray job stop` ends
+# ("*** SIGTERM received ... PC: @", Ray's C++ failure-signal handler; crashes still end the job with their error),
+# no c10d warning that a peer's address has no DNS name. train.ray_logs: info brings them back (and job_log's lines).
+QUIET_WORKER_ENV = {"RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+
+def connect_ray(
+    cfg: Config, trial_cpus: float = 0.0, what: str = "the stage", client_env: dict[str, str] | None = None
+) -> None:
+    """Join the cluster (RAY_ADDRESS, as under `ray job submit`) or start a local Ray; Ray's routine INFO lines
+    (Train's worker-group and checkpoint lines, Ray Data's execution and progress lines) stay out of the job log
+    unless train.ray_logs is info. Then check the request fits the cluster's nodes. `client_env`: defaults of
+    environment variables the job's processes need (e.g. its MLflow clients'), a user's own values kept.
+
+    Environment variables that Ray reads go to this process now (before any thread starts: writing the environment
+    while another thread's C code reads it crashes the process) and to the job's processes in its runtime env
+    (none secret, none the submitter already set there)."""
+    import ray
+
+    if not ray.is_initialized():
+        quiet = cfg.train.ray_logs == "quiet"
+        env = {k: os.environ.get(k, v) for k, v in (client_env or {}).items()}  # a user's own values stay
+        env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.worker_start_timeout_s)  # read by fit()
+        if quiet:
+            env.update(QUIET_WORKER_ENV)
+            # this process read the variable when it imported ray: its own handler (the driver's dump on `ray job
+            # stop`) follows the constant, which ray.init reads
+            ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+            env["RAY_DATA_LOG_LEVEL"] = "WARNING"  # Ray Data configures its loggers from it in each process
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # this process configured them on import
+            logging.getLogger("ray.experimental.tqdm_ray").setLevel(logging.ERROR)  # "tqdm is not installed"
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+        env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}  # a conflict is an error
+        os.environ.update(env)
+        with signal_handlers_kept():  # ray.init sets its own SIGTERM handler
+            ray.init(
+                logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
+                runtime_env={"env_vars": env} if env else None,
+            )
+        if quiet:
+            drop_ray_chatter()
+    check(cfg, cluster_nodes(), trial_cpus, what)

@@ -31,15 +31,13 @@ from data.layouts import label_set
 from data.pipeline import PipelineConfig, build_dataset, execution_options, iter_epoch, iter_local_batches, started
 from evaluation.segscore import BUILT_IN, UNSCORED, ClassMap, SegScore
 from model.segmenter import SegmenterOptions, UNetSegmenter
-from orchestration.config import Config, ConfigError, check_name, differing_keys, from_dict
-from orchestration.worker import emit, quiet_ray_train_reports, reduce_sum
-from orchestration.worker import pipeline_config as stage_pipeline_config
-
-MODEL_FILE, CLASS_MAP_FILE = "segmenter.pt", "class_map.yaml"
-
-
-def segmenter_model_name(dataset: str) -> str:
-    return f"segmenter-{dataset}"
+from orchestration.cluster.failures import Trainer, fit
+from orchestration.cluster.resources import connect_ray, wait_until_free
+from orchestration.records.segmenter_registry import CLASS_MAP_FILE, MODEL_FILE, register_segmenter
+from orchestration.records.tracking import MLFLOW_CLIENT_ENV
+from orchestration.run.config import Config, ConfigError, available_val_split, check_name, differing_keys, from_dict
+from orchestration.run.config import pipeline_config as stage_pipeline_config
+from orchestration.training.worker import emit, quiet_ray_train_reports, reduce_sum
 
 
 @dataclass
@@ -88,17 +86,15 @@ def train_loop(context: dict) -> None:
     """One Ray Train worker: cross-entropy on the real photos' label maps, Adam with cosine decay; rank 0 scores
     the whole validation split each epoch; a checkpoint each epoch."""
     quiet_ray_train_reports()
-    cfg = from_dict(context["config"])
+    cfg = context["config"]  # the Config itself, validated in the driver
     labels = LABEL_SETS[context["label_set"]]
     s = cfg.segmenter
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
     net = build_network(cfg, labels.label_nc).to(device)
     optim = torch.optim.Adam(net.parameters(), lr=s.lr)
-    class_map = service_class_map(context["class_histogram"], labels.name)
     start = 0
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -113,16 +109,8 @@ def train_loop(context: dict) -> None:
     for epoch in range(start, s.epochs):
         for group in optim.param_groups:
             group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * epoch / s.epochs))
-        model.train()
-        t0, loss_sum, seen = time.perf_counter(), torch.zeros(2), 0
-        for batch in upcoming:
-            image, label = (batch["image"].to(device) + 1) / 2, batch["label"].long().to(device)
-            loss = torch.nn.functional.cross_entropy(model(image), label)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            loss_sum += torch.tensor([loss.item() * len(label), len(label)])
-            seen += len(label)
+        t0 = time.perf_counter()
+        loss_sum, seen = _segmenter_epoch(model, optim, upcoming, device)
         took = time.perf_counter() - t0
         if epoch + 1 < s.epochs:
             upcoming = started(iter_epoch(shard, pcfg, epoch + 1))
@@ -133,25 +121,45 @@ def train_loop(context: dict) -> None:
             "img_per_s": totals[2].item() / took,
         }
         if rank == 0:  # the whole validation split, read here (a second Ray Dataset could deadlock the split's)
-            score = SegScore(class_map, labels)
-            model.eval()
-            with torch.no_grad():
-                for batch in iter_local_batches(context["data_uri"], context["val_split"], pcfg):
-                    score.update(net((batch["image"].to(device) + 1) / 2).cpu(), batch["label"])
-            r = score.result()
-            metrics.update(val_miou=r.miou, val_pixel_acc=r.pixel_accuracy)
+            metrics |= _validate(net, model, context, pcfg, labels, device)
             emit(
-                f"[segmenter] epoch {epoch + 1}/{s.epochs} loss={metrics['loss']:.3f} val mIoU={r.miou:.3f} "
-                f"pixel acc={r.pixel_accuracy:.3f} {metrics['img_per_s']:.1f} img/s"
+                f"[segmenter] epoch {epoch + 1}/{s.epochs} loss={metrics['loss']:.3f} val mIoU={metrics['val_miou']:.3f} "
+                f"pixel acc={metrics['val_pixel_acc']:.3f} {metrics['img_per_s']:.1f} img/s"
             )
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
                 state = {"net": net.state_dict(), "optim": optim.state_dict(), "epoch": epoch + 1}
-                state |= {k: context[k] for k in ("config", "label_set", "class_histogram")}
+                state |= {"config": cfg.to_dict()} | {k: context[k] for k in ("label_set", "class_histogram")}
                 torch.save(state, Path(tmp) / "state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _segmenter_epoch(model, optim, batches, device) -> tuple[torch.Tensor, int]:
+    """One pass over this worker's share: (summed loss x samples, samples), samples seen."""
+    model.train()
+    loss_sum, seen = torch.zeros(2), 0
+    for batch in batches:
+        image, label = (batch["image"].to(device) + 1) / 2, batch["label"].long().to(device)
+        loss = torch.nn.functional.cross_entropy(model(image), label)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        loss_sum += torch.tensor([loss.item() * len(label), len(label)])
+        seen += len(label)
+    return loss_sum, seen
+
+
+def _validate(net, model, context: dict, pcfg: PipelineConfig, labels, device) -> dict:
+    """mIoU and pixel accuracy over the whole validation split (under the service class map)."""
+    score = SegScore(service_class_map(context["class_histogram"], labels.name), labels)
+    model.eval()
+    with torch.no_grad():
+        for batch in iter_local_batches(context["data_uri"], context["val_split"], pcfg):
+            score.update(net((batch["image"].to(device) + 1) / 2).cpu(), batch["label"])
+    r = score.result()
+    return {"val_miou": r.miou, "val_pixel_acc": r.pixel_accuracy}
 
 
 def export(state: dict, into: Path) -> tuple[Path, ClassMap]:
@@ -190,11 +198,6 @@ def claim_run_folder(segmenters: storage.Location, plan: SegmenterPlan, log=prin
 
 def train(plan: SegmenterPlan, log=print) -> dict:
     """Train, export, and (with a tracking URI) register; returns the final metrics and where the model went."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-
-    from orchestration.curriculum import available_val_split, connect_ray
-    from orchestration.failures import Trainer, fit
-
     cfg = plan.cfg
     manifest = shards.load_manifest(plan.data_uri, cfg.data.train_split)
     labels = label_set(manifest["layout"])
@@ -204,42 +207,22 @@ def train(plan: SegmenterPlan, log=print) -> dict:
     segmenters = storage.resolve(plan.storage_uri).join("segmenters", cfg.dataset)
     storage.check_writable(segmenters)
     claim_run_folder(segmenters, plan, log)
-    connect_ray(cfg, what="the segmenter")
-    from orchestration.resources import wait_until_free
-
+    connect_ray(cfg, what="the segmenter", client_env=MLFLOW_CLIENT_ENV)
     wait_until_free(cfg, "the segmenter", log)
-    pcfg = pipeline_config(cfg)
-    datasets = {"train": build_dataset(plan.data_uri, cfg.data.train_split, pcfg)}
-    t = cfg.train
-    resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.use_gpu else {})
     g = cfg.segmenter_geometry()
     log(
         f"[segmenter] U-Net width {cfg.segmenter.width} depth {cfg.segmenter.depth} on {labels.name} real photos "
         f"({g.resize_or_crop}/{g.load_size}), {cfg.workers[1]} workers x batch {cfg.segmenter.batch_size}, "
         f"{cfg.segmenter.epochs} epochs"
     )
-    trainer = Trainer(
-        train_loop,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "label_set": labels.name,
-            "class_histogram": list(manifest.data.get("class_histogram") or [1] * labels.label_nc),
-            "data_uri": plan.data_uri,
-            "val_split": val_split or cfg.data.train_split,
-        },
-        scaling_config=ScalingConfig(num_workers=cfg.workers[1], use_gpu=t.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=plan.run_id,
-            storage_path=segmenters.path,
-            storage_filesystem=segmenters.fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING" if t.ray_logs == "quiet" else "INFO"),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=execution_options()),
-    )
-    result = fit(trainer, "the segmenter")
+    loop_config = {
+        "config": cfg,
+        "label_set": labels.name,
+        "class_histogram": list(manifest.data.get("class_histogram") or [1] * labels.label_nc),
+        "data_uri": plan.data_uri,
+        "val_split": val_split or cfg.data.train_split,
+    }
+    result = fit(_trainer(plan, loop_config, segmenters), "the segmenter")
     if result.error is not None or result.checkpoint is None:
         raise RuntimeError(f"the segmenter's training failed: {result.error or 'no checkpoint'}")
     metrics = dict(result.metrics or {})
@@ -251,11 +234,31 @@ def train(plan: SegmenterPlan, log=print) -> dict:
         checkpoint_uri = ("s3://" if segmenters.is_s3 else "") + result.checkpoint.path
         summary = {"metrics": metrics, "checkpoint": checkpoint_uri, "scored": len(cmap.scored)}
         if plan.tracking_uri:
-            from orchestration.segmenter_registry import register_segmenter
-
             summary["registry"] = register_segmenter(out, cfg, plan.data_uri, metrics, plan.tracking_uri, log)
     log(
         f"[segmenter] done: val mIoU {metrics.get('val_miou', float('nan')):.3f} over {len(cmap.scored)} scored "
         f"classes; checkpoint {checkpoint_uri}"
     )
     return summary
+
+
+def _trainer(plan: SegmenterPlan, loop_config: dict, segmenters: storage.Location) -> Trainer:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+
+    cfg, t = plan.cfg, plan.cfg.train
+    resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.use_gpu else {})
+    return Trainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers[1], use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=plan.run_id,
+            storage_path=segmenters.path,
+            storage_filesystem=segmenters.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING" if t.ray_logs == "quiet" else "INFO"),
+        ),
+        datasets={"train": build_dataset(plan.data_uri, cfg.data.train_split, pipeline_config(cfg))},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=execution_options()),
+    )

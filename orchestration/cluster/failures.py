@@ -9,8 +9,7 @@ errors at once; the driver turns them into `InputError`, which the jobs report i
 exit 2).
 
 The policy is handed to Ray Train's controller through `_initialize_and_run_controller`, a private method of
-Ray 2.60's DataParallelTrainer: tests/test_bad_input_runs.py (no RETRY of an altered shard, a full disk) fails if a
-Ray upgrade changes it.
+Ray 2.60's DataParallelTrainer: tests/test_failure_policy.py fails if a Ray upgrade changes that route.
 """
 
 from __future__ import annotations
@@ -19,12 +18,8 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 
-from data.shards import ManifestError
-from data.storage import StorageRefused
-from orchestration.checkpoint import CheckpointError
-from orchestration.config import ConfigError
-
-INPUT_ERRORS = (ManifestError, CheckpointError, ConfigError, StorageRefused)
+from orchestration.run.config import ConfigError
+from orchestration.run.input_errors import INPUT_ERRORS
 
 
 class InputError(ConfigError):

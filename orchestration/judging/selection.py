@@ -12,11 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data.labels import LabelSet
-from evaluation.fid import load_feature_net
+from evaluation.fid import FeatureNet, load_feature_net
 from evaluation.modules import pack_module, unpack_module
 from evaluation.quality import SELECTION, QualityJudge
+from evaluation.segmenters import Segmenter
 from evaluation.segscore import ClassMap
-from orchestration.config import Config, ConfigError
+from orchestration.judging.evaluate import EvalPlan, evaluate
+from orchestration.records.segmenter_registry import resolve_segmenter
+from orchestration.run.config import Config, ConfigError
 
 L1_WARNING = (
     "note: generators are judged by val_L1, which rewards blur (a generator that paints each region's average "
@@ -55,8 +58,6 @@ class Selection:
 
     def networks(self):
         """(Segmenter, FeatureNet) for jobs.evaluate's pass, unpacked here."""
-        from evaluation.fid import FeatureNet
-        from evaluation.segmenters import Segmenter
 
         seg = Segmenter(unpack_module(self.segmenter), self.class_map, self.segmenter_id) if self.segmenter else None
         feature = None
@@ -70,7 +71,6 @@ class Selection:
 
 
 def resolve_selection(cfg: Config, labels: LabelSet, tracking_uri: str | None, log=print) -> Selection:
-    from orchestration.segmenter_registry import resolve_segmenter
 
     e = cfg.eval
     wanted = e.metric
@@ -122,7 +122,6 @@ EVALUATE_KEYS = {"val_seg_miou": "seg_miou", "val_kid": "kid", "val_fid": "fid"}
 def final_judgement(selection: Selection, checkpoint_uri: str, data_uri: str, split: str, out: str, log=print) -> dict:
     """The final generator judged on the whole `split` (a jobs.evaluate pass) by the selection metric; val_L1 runs
     are judged by the last epoch's val_L1 instead (the caller's). Stored in run.json for the registry."""
-    from orchestration.evaluate import EvalPlan, evaluate
 
     plan = EvalPlan([checkpoint_uri], data_uri, split, out=out, networks=selection.networks())
     log(f"judging the final generator on the whole '{split}' split by {selection.metric}")

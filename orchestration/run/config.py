@@ -27,9 +27,11 @@ from typing import Any, Literal
 
 import yaml
 
-from data import strict_yaml
+from data import shards, storage, strict_yaml
+from data.pipeline import PipelineConfig
 from data.transforms import Geometry
 from model.options import ModelOptions
+from model.step import COMPILE_MODES
 
 
 class ConfigError(ValueError):
@@ -163,7 +165,7 @@ class SweepConfig:
     lambda_vgg: list[float] = field(default_factory=lambda: [1.0, 30.0])
     lr: list[float] | None = None  # log-uniform range, e.g. [5e-5, 5e-4]
     gan_mode: list[str] | None = None  # choices, e.g. [lsgan, hinge]
-    metric: str = "auto"  # auto: the eval section's metric and direction (orchestration/selection.py)
+    metric: str = "auto"  # auto: the eval section's metric and direction (orchestration/judging/selection.py)
     mode: Literal["auto", "min", "max"] = "auto"
     grace_period: int = at_least(1, 1)  # ASHA: epochs before a trial can be stopped
     reduction_factor: int = at_least(2, 2)
@@ -337,7 +339,6 @@ class Config:
 
 
 def _check_compile(value: str) -> None:
-    from model.step import COMPILE_MODES
 
     if value in ("auto", "none", *COMPILE_MODES):
         return
@@ -513,8 +514,6 @@ def _read_config(path: str | Path) -> str:
     """A config file's text from a local path or a storage URI (s3://, file://)."""
     text_path = str(path)
     if "://" in text_path:
-        from data import storage
-
         try:
             return storage.read_bytes(storage.resolve(text_path)).decode()
         except FileNotFoundError:
@@ -563,3 +562,30 @@ def from_dict(raw: dict) -> Config:
     cfg = _build(Config, raw, "")
     cfg.validate()
     return cfg
+
+
+def pipeline_config(cfg: Config, k: int, world_size: int | None = None) -> PipelineConfig:
+    """Stage k's data pipeline; with `world_size`, the batch is one worker's share of the global batch."""
+    d = cfg.data
+    return PipelineConfig(
+        geometry=cfg.stage_geometry(k),
+        instance_output=cfg.instance_output(),
+        batch_size=cfg.worker_batch(k, world_size) if world_size else cfg.stage_batch_size(k),
+        seed=cfg.train.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        read_cpus=d.read_cpus,
+        decode_cpus=d.decode_cpus,
+        prefetch_batches=d.prefetch_batches,
+        verify=d.verify,
+    )
+
+
+def available_val_split(cfg: Config, data_uri: str, log=print) -> str | None:
+    """The configured validation split if the dataset has it (else images and val_L1 use training samples)."""
+    if cfg.data.val_split:
+        try:
+            shards.load_manifest(data_uri, cfg.data.val_split)
+            return cfg.data.val_split
+        except shards.ManifestError:
+            log(f"note: {data_uri} has no '{cfg.data.val_split}' split; images and val_L1 use training samples")
+    return None

@@ -19,7 +19,7 @@ import time
 import uuid
 
 from data import storage
-from orchestration.config import ConfigError
+from orchestration.run.config import ConfigError
 
 STALE_S = 120.0
 HEARTBEAT_S = 20.0

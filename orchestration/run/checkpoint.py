@@ -83,7 +83,7 @@ def save(
         lr=lr,
         rng=rng_state(),
         world_size=world_size,
-        config=json.dumps(config, sort_keys=True),
+        config=json.loads(json.dumps(config)),  # the dict run.json holds too (JSON types: lists, not tuples)
     )
     meta = {
         "stage": stage,
@@ -157,6 +157,13 @@ def load(directory: str | Path, stored: str | None = None) -> dict[str, Any]:
             f"not written by this project; it is not loaded with weights_only=False, which would run code stored "
             f"in it"
         ) from None
+
+
+def stored_config(state: dict[str, Any]) -> dict:
+    """The config a checkpoint was trained with, as run.json holds it (checkpoints before 2026-12-07 stored it as a
+    JSON string)."""
+    config = state["config"]
+    return json.loads(config) if isinstance(config, str) else config
 
 
 def restore(step: TrainStep, state: dict[str, Any]) -> None:

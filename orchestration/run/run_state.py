@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 from data import storage
-from orchestration.config import check_name
+from orchestration.run.config import check_name
 
 
 def run_root(storage_uri: str, run_id: str, what: str = "--run-id") -> storage.Location:

@@ -22,16 +22,21 @@ import numpy as np
 import torch
 
 from data.labels import CITYSCAPES
+from data.layouts import label_set
 from data.pipeline import read_samples
-from data.shards import PrepareOptions, prepare
+from data.shards import PrepareOptions, load_manifest, prepare
 from data.synthetic.write import write_city
-from orchestration import checkpoint
-from orchestration.config import load_config
-from orchestration.curriculum import RunPlan, RunResult, experiment_name, run
-from orchestration.registry import load_generator
-from orchestration.tracking import resolve_tracking_uri
-from orchestration.visuals import comparison_rows, grid, save_png, titled, to_uint8
-from orchestration.worker import pipeline_config
+from model.step import TrainStep
+from model.styles import change_near, instance_class
+from orchestration.judging.evaluate import EvalPlan, evaluate
+from orchestration.records.registry import build_bundle, load_generator
+from orchestration.records.segmenter_registry import find_trained_alike, resolve_segmenter
+from orchestration.records.tracking import resolve_tracking_uri
+from orchestration.run import checkpoint
+from orchestration.run.config import load_config, pipeline_config
+from orchestration.run.visuals import comparison_rows, grid, rgb_array, save_png, titled
+from orchestration.training.curriculum import RunPlan, RunResult, experiment_name, run
+from orchestration.training.segmenter_training import SegmenterPlan, train
 
 
 @dataclass
@@ -60,7 +65,6 @@ class DemoSettings:
 
 def stage_generator(uri: str, cfg, k: int, data_uri: str):
     """Stage k's checkpoint as the registry would hold it (with instance features: its E's styles clustered)."""
-    from orchestration.registry import build_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         state = checkpoint.fetch(uri, tmp)
@@ -87,7 +91,6 @@ def two_styles(pulled, cfg, data_uri: str, out: Path, n: int = 16) -> dict | Non
     """The editing figure (paper Fig. 8): the largest car of the held-out scenes rendered in the two of its class's
     styles that lie farthest apart, every other instance's style from the same seed. Writes styles.png (label |
     style a | style b | change, darker = more) and returns how much of the change lies near that car."""
-    from model.styles import change_near, instance_class
 
     if not pulled.opt.instance_feat:
         return None
@@ -117,8 +120,8 @@ def two_styles(pulled, cfg, data_uri: str, out: Path, n: int = 16) -> dict | Non
     heat = (255 - (change / change.max().clamp_min(1e-8) * 255)).round().to(torch.uint8).numpy()
     tiles = [
         CITYSCAPES.colorize(held["label"][i].numpy()),
-        to_uint8(first),
-        to_uint8(second),
+        rgb_array(first),
+        rgb_array(second),
         np.repeat(heat[..., None], 3, 2),
     ]
     titles = ["label", f"car {car_id}: style {a}", f"car {car_id}: style {b}", "change"]
@@ -135,8 +138,6 @@ def two_styles(pulled, cfg, data_uri: str, out: Path, n: int = 16) -> dict | Non
 
 def demo_segmenter(cfg, data_uri: str, out: Path, tracking_uri: str) -> str:
     """The registry URI of a segmenter for these scenes: one trained alike before, else trained now."""
-    from orchestration.segmenter_registry import find_trained_alike
-    from orchestration.segmenter_training import SegmenterPlan, train
 
     found = find_trained_alike(cfg, data_uri, tracking_uri)
     if found:
@@ -148,7 +149,6 @@ def demo_segmenter(cfg, data_uri: str, out: Path, tracking_uri: str) -> str:
 
 def untrained_checkpoint(cfg, into: Path) -> str:
     """The final stage's generator as initialised (seed 0), saved as a checkpoint: the table's floor."""
-    from model.step import TrainStep
 
     step = TrainStep(cfg.stage_model(3), seed=0)
     return str(checkpoint.save(into, step, stage=3, epoch=0, global_step=0, lr=0.0, config=cfg.to_dict()))
@@ -157,10 +157,6 @@ def untrained_checkpoint(cfg, into: Path) -> str:
 def seg_score_table(cfg, data_uri: str, result: RunResult, segmenter_uri: str, tracking_uri: str, out: Path):
     """seg-score of the real photos, the final, the untrained and the stage-1 generator on the held-out split
     (stage 1 at its own half size, beside the real photos at that size); markdown and the rows' metrics."""
-    from data.layouts import label_set
-    from data.shards import load_manifest
-    from orchestration.evaluate import EvalPlan, evaluate
-    from orchestration.segmenter_registry import resolve_segmenter
 
     split = cfg.data.val_split or cfg.data.train_split
     labels = label_set(load_manifest(data_uri, split)["layout"])
