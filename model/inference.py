@@ -9,13 +9,13 @@ from model.inputs import prepare_inputs
 from model.options import ModelOptions
 
 
-@torch.no_grad()
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Generator output or a photo in [-1, 1] -> uint8 of the same shape (channels first): the one quantisation of
     images the project makes (pictures, PNGs served, FID/KID features)."""
     return ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+@torch.no_grad()
 def generate(
     G: nn.Module,
     opt: ModelOptions,

@@ -44,7 +44,7 @@ CLUSTERS_FILE = "clusters/stage3.pt"  # in a run's storage: jobs.cluster_feature
 DIGEST_TAG = "sha256."  # version tags sha256.weights.pt, sha256.options.json: the files it serves
 METRIC = "val_L1"  # lower is better; what versions are judged by without a segmenter or feature network
 JUDGED_METRIC, JUDGED_VALUE, JUDGED_BY = "judged.metric", "judged.value", "judged.by"
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]  # the checkout: model/ and serving/ travel with a version
 FINAL_STAGE = 3
 
 
