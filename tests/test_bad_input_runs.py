@@ -87,7 +87,7 @@ def test_storage_that_fills_up_mid_stage_stops_it_at_once_leaving_no_half_checkp
     assert took < 180, took
 
 
-def test_sigterm_at_any_moment_exits_130_and_the_run_resumes(data, tmp_path):
+def test_sigterm_at_any_moment_exits_130_leaving_a_resumable_run(data, tmp_path):
     """WEAK (d): SIGTERM while the job imports (before any handler of its own: Python died of the signal) and at
     the moment Ray Train starts storing a checkpoint: exit 130 and one line each time, no traceback. (That the same
     command then resumes the run: tests/test_cluster.py's stopped job.)"""
