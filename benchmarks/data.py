@@ -25,7 +25,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from data import shards
-from data.pipeline import Decode, ModelBatches, PipelineConfig, build_dataset, columns, iter_epoch, started
+from data.pipeline import Decode, ModelBatches, build_dataset, columns, iter_epoch, started
+from data.pipeline_config import PipelineConfig
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
 from data.transforms import Geometry

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.pipeline import PipelineConfig, build_dataset
+from data.pipeline import build_dataset
+from data.pipeline_config import PipelineConfig
 from data.shards import PrepareOptions, load_manifest, prepare
 from data.synthetic.write import write_city
 from data.transforms import Geometry

@@ -444,7 +444,8 @@ def test_why_not_l1_a_blurred_photo_beats_the_generator_on_l1_yet_loses_on_seg_s
     the photo in L1 than the trained generator's image, yet the segmenter finds less of the scene in it than in
     the photo, and its KID to the real training photos is higher than the photos' own."""
     from data.labels import CITYSCAPES
-    from data.pipeline import PipelineConfig, read_samples
+    from data.pipeline import read_samples
+    from data.pipeline_config import PipelineConfig
     from data.transforms import Geometry
     from evaluation.fid import FeatureDistance
     from evaluation.segscore import SegScore

@@ -136,3 +136,15 @@ def test_each_room_of_orchestration_imports_only_the_rooms_before_it():
                 wrong.append(f"{path.relative_to(REPO)}:{node.lineno} ({parts[1]}) imports {target} ({room})")
     assert not wrong, "imports against orchestration's room order:\n" + "\n".join(wrong)
     assert sorted(p.name for p in (REPO / "orchestration").iterdir() if p.suffix == ".py") == ["__init__.py"]
+
+
+def test_the_run_room_imports_neither_ray_nor_mlflow():
+    """orchestration/run/__init__.py's promise, checked in a fresh interpreter (imports are transitive)."""
+    import subprocess
+    import sys
+
+    names = sorted(p.stem for p in (REPO / "orchestration" / "run").glob("*.py") if p.stem != "__init__")
+    code = "import sys\n" + "".join(f"import orchestration.run.{n}\n" for n in names)
+    code += "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]

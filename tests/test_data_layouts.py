@@ -275,7 +275,8 @@ def test_fewer_samples_on_a_rerun_leave_no_unlisted_shards(city, tmp_path):
 
 
 def test_a_shard_altered_in_place_names_shard_and_sample_whatever_the_verify_level(city, tmp_path):
-    from data.pipeline import PipelineConfig, read_samples
+    from data.pipeline import read_samples
+    from data.pipeline_config import PipelineConfig
     from data.shards import ShardContentError
     from data.transforms import Geometry
 

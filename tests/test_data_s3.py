@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from data.layouts import discover, load
-from data.pipeline import PipelineConfig, build_dataset, iter_epoch
+from data.pipeline import build_dataset, iter_epoch
+from data.pipeline_config import PipelineConfig
 from data.shards import ManifestError, PrepareOptions, prepare
 from data.storage import StorageError
 from data.synthetic.write import write_city, write_faces

@@ -74,7 +74,8 @@ def test_numpy_edges_match_the_model_definition():
 def test_collate_function_builds_model_batches_from_read_only_arrays():
     import warnings
 
-    from data.pipeline import ModelBatches, PipelineConfig, to_model_batch
+    from data.pipeline import ModelBatches, to_model_batch
+    from data.pipeline_config import PipelineConfig
 
     rng = np.random.default_rng(0)
     arrays = {

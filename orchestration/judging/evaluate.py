@@ -28,7 +28,8 @@ import torch
 from data import shards, storage
 from data.labels import LABEL_SETS, LabelSet
 from data.layouts import label_set
-from data.pipeline import PipelineConfig, build_dataset, read_samples, to_model_batch
+from data.pipeline import build_dataset, read_samples, to_model_batch
+from data.pipeline_config import PipelineConfig
 from data.transforms import Geometry
 from evaluation.fid import FeatureDistance, load_feature_net
 from evaluation.modules import pack_module, unpack_module

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from data import shards, storage, strict_yaml
-from data.pipeline import PipelineConfig
+from data.pipeline_config import PipelineConfig
 from data.transforms import Geometry
 from model.options import ModelOptions
 from model.step import COMPILE_MODES

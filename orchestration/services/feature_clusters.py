@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from data import shards, storage
-from data.pipeline import PipelineConfig, build_dataset, to_model_batch
+from data.pipeline import build_dataset, to_model_batch
+from data.pipeline_config import PipelineConfig
 from data.transforms import Geometry
 from evaluation.modules import pack_module, unpack_module
 from model.networks import build_encoder

@@ -28,7 +28,8 @@ import torch
 from data import shards, storage
 from data.labels import CITYSCAPES, LABEL_SETS
 from data.layouts import label_set
-from data.pipeline import PipelineConfig, build_dataset, execution_options, iter_epoch, iter_local_batches, started
+from data.pipeline import build_dataset, execution_options, iter_epoch, iter_local_batches, started
+from data.pipeline_config import PipelineConfig
 from evaluation.segscore import BUILT_IN, UNSCORED, ClassMap, SegScore
 from model.segmenter import SegmenterOptions, UNetSegmenter
 from orchestration.cluster.failures import Trainer, fit

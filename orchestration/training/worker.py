@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 from data import storage
 from data.labels import LABEL_SETS
-from data.pipeline import PipelineConfig, iter_epoch, read_samples, started
+from data.pipeline import iter_epoch, read_samples, started
+from data.pipeline_config import PipelineConfig
 from model.inference import generate
 from model.step import LOSS_NAMES, TrainStep
 from orchestration.records.tracking import RUN_TAG, STAGE_TAG, Tracker, unsent_file
