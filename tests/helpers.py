@@ -20,6 +20,16 @@ def prepared_city(root: Path, count: int, height: int = 64, width: int = 128, **
     return str(root / "data")
 
 
+def untrained_checkpoint(where, cfg, stage: int, seed: int = 0, epoch: int = 1, lr: float = 1e-4) -> Path:
+    """A checkpoint of `cfg`'s stage-`stage` networks as initialised from `seed`, saved as a stage's would be
+    (global step = epoch)."""
+    from model.step import TrainStep
+    from orchestration.run import checkpoint
+
+    step = TrainStep(cfg.stage_model(stage), seed=seed)
+    return checkpoint.save(where, step, stage=stage, epoch=epoch, global_step=epoch, lr=lr, config=cfg.to_dict())
+
+
 def write_fake_vgg19(path, seed=0):
     torch.manual_seed(seed)
     state = {f"features.{k}": v for k, v in VGG19Features().features.state_dict().items()}

@@ -373,25 +373,15 @@ def finished_run(
     """A run of configs/tiny.yaml recorded as finished up to `stage` without training (the generator as
     initialised from `seed`), on the dataset at tmp/data (written first when missing: 4 procedural scenes,
     128x64). Its storage is tmp/runs; returns the checkpoint."""
-    from model.step import TrainStep
-    from orchestration.run import checkpoint
     from orchestration.run.config import load_config
     from orchestration.run.run_state import RunState, run_root
-    from tests.helpers import prepared_city
+    from tests.helpers import prepared_city, untrained_checkpoint
 
     if not (tmp / "data").exists():
         prepared_city(tmp, count=4)
     cfg = load_config("configs/tiny.yaml", list(overrides))
     state = RunState(run_root(str(tmp / "runs"), run_id))
     state.update(run_id=run_id, data_uri=str(tmp / "data"), config=cfg.to_dict())
-    ckpt = checkpoint.save(
-        tmp / "runs" / run_id / f"stage{stage}" / "checkpoint_0",
-        TrainStep(cfg.stage_model(stage), seed=seed),
-        stage=stage,
-        epoch=1,
-        global_step=1,
-        lr=1e-4,
-        config=cfg.to_dict(),
-    )
+    ckpt = untrained_checkpoint(tmp / "runs" / run_id / f"stage{stage}" / "checkpoint_0", cfg, stage, seed=seed)
     state.record(stage, checkpoint=str(ckpt), epochs=1, global_step=1, metrics={"val_L1": 0.5})
     return ckpt

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from data.shards import load_manifest
-from tests.helpers import prepared_city
+from tests.helpers import prepared_city, untrained_checkpoint
 from tests.services import Outage, make_bucket, mlflow_server
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,14 @@ def train(*args, timeout=900):
     return r, time.monotonic() - t0
 
 
+def stopped_at_once(r, cause: str) -> None:
+    """Exit 2 with `train: error: stage 1 stopped, not retried: <cause>`, and no restart of the stage."""
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-4000:]
+    assert re.search(r"train: error: stage 1 stopped, not retried: " + cause, r.stderr), r.stderr[-3000:]
+    assert "RETRY" not in out and "resuming from its checkpoint" not in out
+
+
 def test_a_shard_altered_after_prepare_stops_the_stage_at_once_naming_shard_and_sample(data, tmp_path):
     shard = Path(load_manifest(data, "train").shard_locations[0].path)
     raw = bytearray(shard.read_bytes())
@@ -52,14 +60,10 @@ def test_a_shard_altered_after_prepare_stops_the_stage_at_once_naming_shard_and_
     finally:
         raw[at + 8] ^= 0xFF
         shard.write_bytes(bytes(raw))
-    out = r.stdout + r.stderr
-    assert r.returncode == 2, out[-4000:]
-    assert re.search(
-        r"train: error: stage 1 stopped, not retried: \S+/train/shard-00000.parquet: sample \S+ "
-        r"\(index \d+\) is not what prepare_data wrote",
-        r.stderr,
-    ), r.stderr[-3000:]
-    assert "RETRY" not in out and "resuming from its checkpoint" not in out
+    stopped_at_once(
+        r,
+        r"\S+/train/shard-00000.parquet: sample \S+ \(index \d+\) is not what prepare_data wrote",
+    )
     assert took < 180, took
 
 
@@ -73,14 +77,10 @@ def test_storage_that_fills_up_mid_stage_stops_it_at_once_leaving_no_half_checkp
         "--set",
         "train.max_failures=3",
     )
-    out = r.stdout + r.stderr
-    assert r.returncode == 2, out[-4000:]
-    assert re.search(
-        rf"train: error: stage 1 stopped, not retried: cannot store stage 1's checkpoint \(epoch 1, step \d+\) in "
-        rf"{runs}/full/stage1: .*No space left on device\. Free space",
-        r.stderr,
-    ), r.stderr[-3000:]
-    assert "RETRY" not in out and "resuming from its checkpoint" not in out
+    stopped_at_once(
+        r,
+        rf"cannot store stage 1's checkpoint \(epoch 1, step \d+\) in {runs}/full/stage1: .*No space left on device\. Free space",
+    )
     left = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*"))
     assert not [p for p in left if "checkpoint_" in p or ".tmp" in p], left
     assert "full/stage1/images/epoch_0001.png" in left and "full/run.json" in left
@@ -119,22 +119,12 @@ def test_an_unreachable_tracking_server_costs_a_bounded_delay_and_the_exit_says_
     job kept meanwhile."""
     from mlflow import MlflowClient
 
-    from model.step import TrainStep
-    from orchestration.run import checkpoint
     from orchestration.run.config import load_config
     from orchestration.run.run_state import RunState, run_root
 
     storage = tmp_path / "runs"
     cfg = load_config("configs/tiny.yaml")
-    stage2 = checkpoint.save(
-        storage / "prev" / "stage2" / "checkpoint_0",
-        TrainStep(cfg.stage_model(2)),
-        stage=2,
-        epoch=2,
-        global_step=2,
-        lr=4e-4,
-        config=cfg.to_dict(),
-    )
+    stage2 = untrained_checkpoint(storage / "prev" / "stage2" / "checkpoint_0", cfg, 2, epoch=2, lr=4e-4)
     RunState(run_root(str(storage), "prev")).record(2, checkpoint=str(stage2), epochs=2, global_step=2)
     make_bucket(s3, "down")
     with mlflow_server(tmp_path, s3, "down") as server:

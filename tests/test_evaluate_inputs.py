@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from jobs.evaluate import main
-from model.step import TrainStep
-from orchestration.run import checkpoint
 from orchestration.run.config import load_config
-from tests.helpers import prepared_city
+from tests.helpers import prepared_city, untrained_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +17,7 @@ def city(tmp_path_factory):
 
 def untrained(path, *overrides: str) -> str:
     cfg = load_config("configs/tiny.yaml", list(overrides))
-    checkpoint.save(path, TrainStep(cfg.stage_model(1)), stage=1, epoch=0, global_step=0, lr=0.0, config=cfg.to_dict())
-    return str(path)
+    return str(untrained_checkpoint(path, cfg, 1, epoch=0, lr=0.0))
 
 
 def evaluate(capsys, *args: str) -> tuple[int, str]:

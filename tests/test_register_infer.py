@@ -12,10 +12,9 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from model.step import TrainStep
-from orchestration.run import checkpoint
 from orchestration.run.config import load_config
 from orchestration.run.run_state import RunState, run_root
+from tests.helpers import untrained_checkpoint
 from tests.services import finished_run, free_port
 
 MODEL = "pix2pixhd-synthetic-city"
@@ -340,15 +339,7 @@ def test_cluster_features_runs_on_ray_over_the_whole_split_and_registration_stor
     cfg = load_config("configs/tiny.yaml", ["model.instance_feat=true"])
     state = RunState(run_root(registered["storage"], "styled"))
     state.update(run_id="styled", data_uri=str(registered["tmp"] / "data"), config=cfg.to_dict())
-    ckpt = checkpoint.save(
-        registered["tmp"] / "runs" / "styled" / "stage3" / "checkpoint_0",
-        TrainStep(cfg.stage_model(3), seed=7),
-        stage=3,
-        epoch=1,
-        global_step=1,
-        lr=1e-4,
-        config=cfg.to_dict(),
-    )
+    ckpt = untrained_checkpoint(registered["tmp"] / "runs" / "styled" / "stage3" / "checkpoint_0", cfg, 3, seed=7)
     state.record(3, checkpoint=str(ckpt), epochs=1, global_step=1, metrics={"val_L1": 0.9})
     env_run = cli(*f"jobs.cluster_features --run styled --storage {registered['storage']}".split(), timeout=600)
     assert env_run.returncode == 0, env_run.stderr[-3000:]

@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from jobs.train import main
-from tests.helpers import prepared_city
+from tests.helpers import prepared_city, untrained_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +151,6 @@ def test_bad_input_fails_before_ray_starts(args, message, data_uri, tmp_path, ca
 
 
 def test_a_damaged_handover_checkpoint_is_caught_in_the_driver_and_names_the_good_one(data_uri, tmp_path, capsys):
-    from model.step import TrainStep
-    from orchestration.run import checkpoint
     from orchestration.run.config import load_config
     from orchestration.run.run_state import RunState, run_root
     from orchestration.training.curriculum import RunPlan, preflight
@@ -161,9 +159,7 @@ def test_a_damaged_handover_checkpoint_is_caught_in_the_driver_and_names_the_goo
     stage1 = tmp_path / "runs" / "r" / "stage1"
     older, newer = stage1 / "checkpoint_2026-11-26_10-00-01", stage1 / "checkpoint_2026-11-26_10-00-02"
     for epoch, where in ((2, older), (3, newer)):
-        checkpoint.save(
-            where, TrainStep(cfg.stage_model(1)), stage=1, epoch=epoch, global_step=epoch, lr=1e-4, config=cfg.to_dict()
-        )
+        untrained_checkpoint(where, cfg, 1, epoch=epoch)
     RunState(run_root(str(tmp_path / "runs"), "r")).record(1, checkpoint=str(newer), epochs=3, global_step=3)
     state = newer / "state.pt"
     data = bytearray(state.read_bytes())
@@ -262,7 +258,6 @@ def test_a_starting_checkpoint_of_other_networks_is_refused_in_the_driver_from_i
     the model keys: not found by each worker in turn, three tries and a size-mismatch traceback."""
     import time
 
-    from model.step import TrainStep
     from orchestration.run import checkpoint
     from orchestration.run.config import load_config
     from orchestration.run.run_state import RunState, run_root
@@ -270,26 +265,10 @@ def test_a_starting_checkpoint_of_other_networks_is_refused_in_the_driver_from_i
     runs = str(tmp_path / "runs")
     tiny = load_config("configs/tiny.yaml")
     wide = load_config("configs/tiny.yaml", [f"model.ngf={tiny.model.ngf * 2}"])
-    one = checkpoint.save(
-        tmp_path / "runs" / "wide" / "stage1" / "checkpoint_0",
-        TrainStep(wide.stage_model(1)),
-        stage=1,
-        epoch=1,
-        global_step=1,
-        lr=1e-4,
-        config=wide.to_dict(),
-    )
+    one = untrained_checkpoint(tmp_path / "runs" / "wide" / "stage1" / "checkpoint_0", wide, 1)
     RunState(run_root(runs, "wide")).record(1, checkpoint=str(one), epochs=1, global_step=1)
     deep = load_config("configs/tiny.yaml", [f"model.n_blocks_local={tiny.model.n_blocks_local + 1}"])
-    two = checkpoint.save(
-        tmp_path / "two",
-        TrainStep(deep.stage_model(2)),
-        stage=2,
-        epoch=1,
-        global_step=1,
-        lr=1e-4,
-        config=deep.to_dict(),
-    )
+    two = untrained_checkpoint(tmp_path / "two", deep, 2)
     args = ["--config", "configs/tiny.yaml", "--data", data_uri, "--storage", runs]
     t0 = time.monotonic()
     assert main([*args, "--run-id", "b", "--from-run", "wide", "--stages", "2,3"]) == 2
@@ -302,15 +281,7 @@ def test_a_starting_checkpoint_of_other_networks_is_refused_in_the_driver_from_i
     assert f"model.n_blocks_local={tiny.model.n_blocks_local + 1} (this config: {tiny.model.n_blocks_local})" in err
     assert time.monotonic() - t0 < 40
     assert not ray.is_initialized()
-    same = checkpoint.save(
-        tmp_path / "same",
-        TrainStep(tiny.stage_model(1)),
-        stage=1,
-        epoch=1,
-        global_step=1,
-        lr=1e-4,
-        config=tiny.to_dict(),
-    )
+    same = untrained_checkpoint(tmp_path / "same", tiny, 1)
     meta = checkpoint.verify(str(same))
     assert checkpoint.architecture_differences(meta, 2, tiny.stage_model(1), tiny.stage_model(2)) == []
     more_d = load_config(
@@ -324,7 +295,6 @@ def test_a_checkpoint_replaced_after_its_stage_is_neither_trained_from_nor_regis
     one (its own meta.json agrees with it) is refused by the next stage and by registration, before Ray or MLflow."""
     import shutil
 
-    from model.step import TrainStep
     from orchestration.records.registry import register_run
     from orchestration.run import checkpoint
     from orchestration.run.config import ConfigError, load_config
@@ -334,16 +304,9 @@ def test_a_checkpoint_replaced_after_its_stage_is_neither_trained_from_nor_regis
     runs = tmp_path / "runs"
     root = run_root(str(runs), "r")
 
-    def saved(where, stage, seed):
-        import torch
-
-        torch.manual_seed(seed)
-        step = TrainStep(cfg.stage_model(stage), seed=seed)
-        return checkpoint.save(where, step, stage=stage, epoch=1, global_step=1, lr=1e-4, config=cfg.to_dict())
-
-    one = saved(runs / "r" / "stage1" / "checkpoint_0", 1, 0)
+    one = untrained_checkpoint(runs / "r" / "stage1" / "checkpoint_0", cfg, 1, seed=0)
     RunState(root).record(1, checkpoint=str(one), checkpoint_sha256=checkpoint.stored_sha256(str(one)), epochs=1)
-    other = saved(tmp_path / "other", 1, 1)
+    other = untrained_checkpoint(tmp_path / "other", cfg, 1, seed=1)
     shutil.rmtree(one)
     shutil.copytree(other, one)  # verifies on its own: not what run.json recorded
     args = ["--config", "configs/tiny.yaml", "--data", data_uri, "--storage", str(runs), "--run-id", "r"]
@@ -353,7 +316,7 @@ def test_a_checkpoint_replaced_after_its_stage_is_neither_trained_from_nor_regis
     assert "(replaced since stage 1 finished)" in err
     assert not ray.is_initialized()
 
-    three = saved(runs / "r" / "stage3" / "checkpoint_0", 3, 2)
+    three = untrained_checkpoint(runs / "r" / "stage3" / "checkpoint_0", cfg, 3, seed=2)
     RunState(root).record(3, checkpoint=str(three), checkpoint_sha256="0" * 64, epochs=1)
     RunState(root).update(data_uri=data_uri, config=cfg.to_dict())
     with pytest.raises(ConfigError, match=r"run.json's stage 3 names 000000000000...: the checkpoint was replaced"):
