@@ -3,13 +3,16 @@ format (random weights: nothing downloads)."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data.shards import PrepareOptions, prepare
 from data.synthetic.write import write_city
 from model.vgg import VGG19Features
+from serving.maps import encode_ids
 
 
 def prepared_city(root: Path, count: int, height: int = 64, width: int = 128, **options) -> str:
@@ -28,6 +31,21 @@ def untrained_checkpoint(where, cfg, stage: int, seed: int = 0, epoch: int = 1, 
 
     step = TrainStep(cfg.stage_model(stage), seed=seed)
     return checkpoint.save(where, step, stage=stage, epoch=epoch, global_step=epoch, lr=lr, config=cfg.to_dict())
+
+
+def png64(ids: np.ndarray) -> str:
+    """A map of ids as the editor's API takes it: a PNG, base64."""
+    return base64.b64encode(encode_ids(ids)).decode()
+
+
+def street(h: int = 64, w: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Label and instance maps of a street: sky over road, one car (instance 26001)."""
+    label = np.full((h, w), 23)  # sky
+    label[h // 2 :] = 7  # road
+    inst = label.copy()
+    label[h // 2 + 4 : h // 2 + 20, w // 4 : w // 4 + 32] = 26
+    inst[label == 26] = 26001
+    return label, inst
 
 
 def write_fake_vgg19(path, seed=0):

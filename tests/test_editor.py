@@ -26,6 +26,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from serving.maps import encode_ids
+from tests.helpers import png64, street
 from tests.services import finished_run, free_port, serving
 
 MODEL = "pix2pixhd-synthetic-city"
@@ -90,19 +91,6 @@ def request(url: str, body: bytes | None = None, headers: dict | None = None):
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
-
-
-def png64(ids: np.ndarray) -> str:
-    return base64.b64encode(encode_ids(ids)).decode()
-
-
-def street(h: int = 64, w: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    label = np.full((h, w), 23)  # sky
-    label[h // 2 :] = 7  # road
-    inst = label.copy()
-    label[h // 2 + 4 : h // 2 + 20, w // 4 : w // 4 + 32] = 26
-    inst[label == 26] = 26001
-    return label, inst
 
 
 def render(url: str, label, inst=None, **fields):

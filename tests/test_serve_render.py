@@ -20,7 +20,7 @@ from orchestration.run.config import load_config
 from orchestration.services import serve as served
 from serving.editor_api import EditorApi
 from serving.maps import encode_ids
-from tests.test_editor import png64, street
+from tests.helpers import png64, street
 
 
 class Counting:
