@@ -131,7 +131,7 @@ def test_each_room_of_orchestration_imports_only_the_rooms_before_it():
             continue
         mine = ROOMS.index(parts[1])
         for node, target, _ in project_imports(ast.parse(path.read_text()), known):
-            room = target.split(".")[1] if target.startswith("orchestration.") and target.count(".") >= 1 else None
+            room = target.split(".")[1] if target.startswith("orchestration.") else None
             if room in ROOMS and ROOMS.index(room) > mine:
                 wrong.append(f"{path.relative_to(REPO)}:{node.lineno} ({parts[1]}) imports {target} ({room})")
     assert not wrong, "imports against orchestration's room order:\n" + "\n".join(wrong)

@@ -5,8 +5,8 @@
 RUNNING, the run's lease is released, and the job exits with `STOPPED_EXIT` and a resumable run (checkpoints and
 run.json are written atomically: a stop at any moment leaves the last complete one). A second SIGTERM while that
 cleanup runs is noted and ignored (a signal raised inside a `finally` would cut it short). `ray.init` installs a
-handler of its own (sys.exit): `signal_handlers_kept` keeps ours. Before `main` installs it, `jobs/__init__` ends a job stopped
-while it imports (nothing written yet) with the same exit code.
+handler of its own (sys.exit): `signal_handlers_kept` keeps ours. Before `main` installs it, `jobs/__init__` ends a
+job stopped while it imports (nothing written yet) with the same exit code.
 """
 
 from __future__ import annotations
