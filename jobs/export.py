@@ -1,7 +1,13 @@
-"""Export a registered generator for deployment: ONNX (the route to TensorRT), checked against PyTorch.
+"""Export a generator: ONNX for deployment (the route to TensorRT), or NVIDIA's pix2pixHD files.
 
 python -m jobs.export --model models:/pix2pixhd-cityscapes@champion --format onnx --out generator.onnx
     [--height 512 --width 1024] [--tracking-uri URI]
+python -m jobs.export --model CHECKPOINT_URI|models:/NAME@ALIAS --format reference --out DIR
+
+--format reference writes latest_net_G.pth, latest_net_D.pth (from a checkpoint: the registry holds no D),
+latest_net_E.pth and features_clustered_010.npy (with instance features) and opt.txt, as the reference code names
+and reads them (its test.py: --checkpoints_dir, --name, --which_epoch latest). A checkpoint's generator is its
+average when it trained with model.ema_beta.
 
 The graph's inputs: `maps` (B, 2, H, W) int64, and `features` (B, feat_num, H, W) for a generator with instance
 features (serving/onnx_export.py); batch, height and width are dynamic. After writing, onnxruntime runs the file
@@ -21,6 +27,7 @@ from model.styles import feature_map
 from orchestration.records.registry import load_generator
 from orchestration.records.tracking import resolve_tracking_uri
 from orchestration.run.stopping import finish
+from orchestration.services.reference_files import export_reference
 
 TOLERANCE = 1e-4
 
@@ -51,12 +58,15 @@ def check_onnx(bundle, path: Path, height: int, width: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("export", __doc__)
     p.add_argument("--model", required=True, help="e.g. models:/pix2pixhd-cityscapes@champion")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--format", choices=["onnx", "reference"], default="onnx")
+    p.add_argument("--out", required=True, help="the file to write (reference: the folder)")
     p.add_argument("--height", type=int, help="traced height (default: 2 x the generator's size multiple)")
     p.add_argument("--width", type=int, help="traced width (default: 4 x the generator's size multiple)")
     cli.add_tracking(p)
     a = p.parse_args(argv)
+    if a.format == "reference":
+        uri = resolve_tracking_uri(a.tracking_uri, ray_job=False) if a.model.startswith("models:/") else None
+        return cli.run("export", lambda: export_reference(a.model, a.out, uri) and None, also=(ValueError,))
     try:
         import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
     except ImportError:

@@ -66,6 +66,9 @@ class ModelOptions:
     # At the end of niter_fix_global the reference builds a new Adam for G (and E): every moment starts afresh.
     # True keeps the enhancer's moments instead (one Adam throughout; what this project did before 2026-11-27).
     keep_adam_after_fix_global: bool = False
+    # Generator averaging (model/averaging.py): 0 = off (the reference code's behaviour); e.g. 0.999 keeps an
+    # exponential moving average of G's and E's weights, which is validated, judged, registered and rendered.
+    ema_beta: float = 0.0
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -84,6 +87,8 @@ class ModelOptions:
                 raise ValueError(f"option {name}={getattr(self, name)} must be >= 0")
         if not self.lr > 0:
             raise ValueError(f"option lr={self.lr} must be > 0 (the paper's is 0.0002)")
+        if not 0 <= self.ema_beta < 1:
+            raise ValueError(f"option ema_beta={self.ema_beta} must lie in [0, 1): 0 is off, 0.999 imaginaire's")
         if not 0 <= self.beta1 < 1:
             raise ValueError(f"option beta1={self.beta1} must lie in [0, 1) (the paper's is 0.5)")
         if self.label_nc == 0 and self.input_nc < 1:

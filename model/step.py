@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.averaging import Averaged
 from model.inputs import Inputs, prepare_inputs
 from model.losses import VGGLoss, feature_matching_loss, gan_loss
 from model.networks import (
@@ -139,6 +140,9 @@ class TrainStep:
         if opt.vgg_enabled:
             vgg = VGG19Features.from_file(opt.vgg_weights).to(self.device, memory_format=self.memory_format)
             self.vgg_loss = VGGLoss(vgg, opt.lambda_vgg)
+        # built before compilation, so the averages are plain modules (rendered eagerly, saved by name)
+        self.G_avg = Averaged(self.G, opt.ema_beta) if opt.ema_beta else None
+        self.E_avg = Averaged(self.E, opt.ema_beta) if opt.ema_beta and self.E is not None else None
         if activation_checkpointing:
             for m in (self.G, self.vgg_loss):
                 if m is not None:
@@ -194,6 +198,21 @@ class TrainStep:
         if not isinstance(self.G, LocalEnhancer):
             raise ValueError("load_stage1_generator needs netG='local'")
         return load_global_into_local(self.G, state)
+
+    def restart_averages(self) -> None:
+        """The averages start again from the current weights (a stage that starts from the previous one's)."""
+        for avg in (self.G_avg, self.E_avg):
+            if avg is not None:
+                avg.restart()
+
+    @property
+    def G_eval(self) -> nn.Module:
+        """The G that is validated and shipped: the average when `ema_beta` is set."""
+        return self.G_avg.module if self.G_avg is not None else self.G
+
+    @property
+    def E_eval(self) -> nn.Module | None:
+        return self.E_avg.module if self.E_avg is not None else self.E
 
     def set_epoch(self, epoch: int, lr_scale: float = 1.0) -> float:
         """Set both optimizers' lr for 0-based `epoch` (times `lr_scale`); returns it."""
@@ -274,6 +293,9 @@ class TrainStep:
         loss_D = 0.5 * (loss_D_fake + loss_D_real)
         loss_G.backward()
         self.opt_G.step()
+        for avg in (self.G_avg, self.E_avg):
+            if avg is not None:
+                avg.update()
         loss_D.backward()
         self.opt_D.step()
         losses = (loss_G_GAN, loss_G_Feat, loss_G_VGG, loss_D_real, loss_D_fake)
@@ -290,6 +312,10 @@ class TrainStep:
         }
         if self.E is not None:
             state["E"] = self.E.state_dict()
+        for net, avg in (("G", self.G_avg), ("E", self.E_avg)):
+            if avg is not None:
+                state[f"{net}_ema"] = avg.module.state_dict()
+                state[f"{net}_ema_updates"] = avg.updates
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -300,3 +326,19 @@ class TrainStep:
             self.E.load_state_dict(state["E"])
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_D.load_state_dict(state["opt_D"])
+        self.load_averages(state)
+
+    def load_averages(self, state: dict[str, Any]) -> bool:
+        """The averages a state holds; one it lacks (averaging turned on later) starts from the loaded weights.
+        Returns whether every average came from the state."""
+        found = True
+        for net, avg in (("G", self.G_avg), ("E", self.E_avg)):
+            if avg is None:
+                continue
+            if f"{net}_ema" in state:
+                avg.module.load_state_dict(state[f"{net}_ema"])
+                avg.updates = int(state.get(f"{net}_ema_updates", 0))
+            else:
+                avg.restart()
+                found = False
+        return found

@@ -307,7 +307,11 @@ def test_checkpoints_images_and_mlflow_runs_of_the_curriculum(full_run, s3, trac
     for r in stages:
         assert {"G_GAN", "D_real", "lr", "img_per_s", "data_wait", "val_L1", "workers"} <= set(r.data.metrics)
         assert r.data.tags["checkpoint"].startswith(f"{RUNS}/{run_id}/stage{r.data.tags['p2p.stage']}/checkpoint_")
-        assert [a.path for a in c.list_artifacts(r.info.run_id, "images")]
+        # each epoch's grid in the image view at the epoch's step; rank 0's host in system metrics
+        images = [a.path for a in c.list_artifacts(r.info.run_id, "images")]
+        steps = {int(m.group(1)) for p in images if (m := re.match(r"images/held-out\+step\+(\d+)\+", p))}
+        assert steps == {m.step for m in c.get_metric_history(r.info.run_id, "val_L1")}, images
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(r.data.metrics)
 
 
 def test_the_generator_is_registered_once_with_the_champion_alias(full_run, s3, tracking):

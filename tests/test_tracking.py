@@ -1,11 +1,14 @@
 """Tracker and registry bundle against a real (sqlite) MLflow store, no server."""
 
+import io
+import re
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 
 from data import storage
 from orchestration.records.tracking import (
@@ -42,6 +45,38 @@ def test_a_resumed_stage_logs_into_the_same_mlflow_run(tmp_path):
     assert stage[0].info.status == "FINISHED" and stage[0].data.params["model.ngf"] == "8"
     assert [(m.step, m.value) for m in c.get_metric_history(stage[0].info.run_id, "G_GAN")] == [(1, 1.0), (2, 0.5)]
     assert [a.path for a in c.list_artifacts(stage[0].info.run_id, "images")] == ["images/epoch_0002.png"]
+
+
+def test_images_carry_their_step_and_a_stage_run_has_system_metrics(tmp_path):
+    """The UI's image view reads images/<key>+step+<n>+...png (and the loggedImages tag); system metrics are
+    sampled every system_metrics_s while the run is open."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    t = Tracker(uri, "exp", {RUN_TAG: "r3"}, "r3", system_metrics_s=0.5)
+    for step, colour in ((57, (255, 0, 0)), (114, (0, 0, 255))):
+        t.image(png_of(colour), "held-out", step)
+    t.flush()
+    time.sleep(2.5)  # a few samples
+    assert t.close("FINISHED")
+    c = MlflowClient(tracking_uri=uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("exp").experiment_id])
+    paths = [a.path for a in c.list_artifacts(run.info.run_id, "images")]
+    shown = {}
+    for path in paths:
+        m = re.fullmatch(r"images/held-out\+step\+(\d+)\+timestamp\+\d+\+[-0-9a-f]+\.png", path)
+        if m:
+            with Image.open(c.download_artifacts(run.info.run_id, path, str(tmp_path))) as im:
+                shown[int(m.group(1))] = im.getpixel((0, 0))
+    assert shown == {57: (255, 0, 0), 114: (0, 0, 255)}, paths
+    assert run.data.tags["mlflow.loggedImages"] == "True"
+    samples = c.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(samples) >= 2 and all(0 <= s.value <= 100 for s in samples)
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def png_of(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 4), colour).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_only_the_parent_tracker_creates_the_parent_run(tmp_path):
@@ -104,8 +139,9 @@ def test_records_kept_during_an_outage_reach_the_server_once_it_answers(s3, tmp_
     for step in (1, 2, 3):
         t.metrics({"G_GAN": 1.0 / step}, step)
     t.artifact(b"\x89PNG fake", "images/epoch_0003.png")
+    t.image(png_of((0, 255, 0)), "held-out", 3)
     assert t.close("FINISHED") is False
-    assert any("6 tracking records" in m for m in messages), messages  # params, 3 metrics, artifact, end
+    assert any("7 tracking records" in m for m in messages), messages  # params, 3 metrics, artifact, image, end
     assert any(f"are kept in {t.unsent}" in m for m in messages), messages
     assert len(storage.list_files(unsent_folder(root))) == 1
     assert send_unsent(uri, root, log=messages.append) == 0  # still down: kept, not lost
@@ -127,6 +163,7 @@ def test_records_kept_during_an_outage_reach_the_server_once_it_answers(s3, tmp_
         ]
         art = c.download_artifacts(stage.info.run_id, "images/epoch_0003.png", str(tmp_path))
         assert Path(art).read_bytes() == b"\x89PNG fake"
+        assert any(a.path.startswith("images/held-out+step+3+") for a in c.list_artifacts(stage.info.run_id, "images"))
         assert send_unsent(uri, root) == 0  # nothing left: nothing sent twice
 
 

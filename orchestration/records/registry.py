@@ -29,6 +29,7 @@ import torch
 from data import storage
 from data.pipeline import iter_local_batches
 from evaluation.segscore import EvaluationError
+from model.averaging import shipped
 from model.bundle import Pix2PixHDGenerator
 from model.networks import build_encoder, build_generator
 from model.styles import cluster, instance_features
@@ -65,10 +66,10 @@ def build_bundle(cfg: Config, state: dict, k: int, data_uri: str, log=print, clu
     jobs.cluster_features, else E's features clustered here over the training split."""
     opt = cfg.stage_model(k)
     G = build_generator(opt)
-    G.load_state_dict(state["G"])
+    G.load_state_dict(shipped(state, "G"))
     if opt.instance_feat:
         E = build_encoder(opt)
-        E.load_state_dict(state["E"])
+        E.load_state_dict(shipped(state, "E"))
         if clusters is not None:
             log("registry: using the clusters jobs.cluster_features stored for this checkpoint")
         clusters, counts = clusters if clusters is not None else _clusters(cfg, k, E, data_uri, log)

@@ -16,6 +16,7 @@ outputs/mlflow (the embedded default).
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import queue
@@ -26,6 +27,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from data import storage
 from orchestration.cluster.ray_address import cluster_address
@@ -194,6 +197,7 @@ class Tracker:
         unsent: str | None = None,
         create_parent: bool = False,
         reopen: bool = True,
+        system_metrics_s: float = 0.0,
     ):
         """`unsent`: a storage URI (a file in `unsent_folder(run)`) where `close` keeps what the server did not
         receive in time, for `send_unsent`; without it those records are lost with the process.
@@ -202,7 +206,9 @@ class Tracker:
         and only it, unless `create_parent` (a tracker that replays kept records with no parent tracker beside it).
         Two processes that each searched for the parent and found none would otherwise create two parents, as
         they did when a worker's and the driver's trackers reconnected together after an outage; the stray one
-        stayed RUNNING. `reopen`: see `find_or_create_run`."""
+        stayed RUNNING. `reopen`: see `find_or_create_run`. `system_metrics_s`: every so many seconds, MLflow's
+        system metrics of this host (CPU, memory, disk, network; GPU with pynvml) go to the run, from the moment
+        the run is found until it ends (0: none)."""
         self.uri, self.experiment, self.tags, self.run_name, self.parent_tags = (
             uri,
             experiment,
@@ -213,6 +219,7 @@ class Tracker:
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.unsent = unsent
         self.create_parent, self.reopen = create_parent, reopen
+        self.system_metrics_s, self._monitor = system_metrics_s, None
         self._abandoned = False  # close gave up and kept the records in `unsent`: the thread sends no more
         # here, not in the sending thread: writing the environment while another thread's C code reads it (pyarrow's
         # S3 client does) crashes the process
@@ -239,6 +246,10 @@ class Tracker:
 
     def artifact(self, data: bytes, path: str) -> None:
         self._ops.put(("artifact", data, path))
+
+    def image(self, png: bytes, key: str, step: int) -> None:
+        """A PNG as an MLflow image of `key` at `step` (the UI's image view and its step slider)."""
+        self._ops.put(("image", png, key, step))
 
     @property
     def unreachable(self) -> bool:
@@ -301,6 +312,13 @@ class Tracker:
             else:
                 raise ParentNotYet(self.parent_tags)
         self.run_id = find_or_create_run(client, exp, self.tags, self.run_name, parent, reopen=self.reopen)
+        if self.system_metrics_s and self._monitor is None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=self.system_metrics_s, resume_logging=True, tracking_uri=self.uri
+            )
+            self._monitor.start()
 
     def _send(self, client, op) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -323,10 +341,17 @@ class Tracker:
                 local = Path(tmp) / Path(path).name
                 local.write_bytes(data)
                 client.log_artifact(self.run_id, str(local), str(Path(path).parent) if "/" in path else None)
+        elif kind == "image":
+            _, png, key, step = op
+            with Image.open(io.BytesIO(png)) as im:
+                client.log_image(self.run_id, im.convert("RGB"), key=key, step=step, synchronous=True)
         elif kind == "flush":
             op[1].set()
         elif kind == "end":
             _, status, end_children = op
+            if self._monitor is not None:
+                self._monitor.finish()  # its last samples, before the run ends
+                self._monitor = None
             if end_children:
                 experiment = client.get_run(self.run_id).info.experiment_id
                 query = f"tags.`mlflow.parentRunId` = '{self.run_id}' and attributes.status = 'RUNNING'"
@@ -423,14 +448,14 @@ class Tracker:
 
 
 def _encode(op: tuple) -> list:
-    if op[0] == "artifact":
-        return ["artifact", base64.b64encode(op[1]).decode(), op[2]]
+    if op[0] in ("artifact", "image"):
+        return [op[0], base64.b64encode(op[1]).decode(), *op[2:]]
     return list(op)
 
 
 def _decode(op: list) -> tuple:
-    if op[0] == "artifact":
-        return ("artifact", base64.b64decode(op[1]), op[2])
+    if op[0] in ("artifact", "image"):
+        return (op[0], base64.b64decode(op[1]), *op[2:])
     return tuple(op)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from data import storage
+from model.averaging import shipped
 from model.networks import network_shapes, state_shapes
 from model.options import ModelOptions
 from model.step import TrainStep
@@ -271,17 +272,26 @@ def fetch(uri: str, into: str | Path) -> dict[str, Any]:
 
 def init_from_previous_stage(step: TrainStep, state: dict[str, Any], stage: int) -> str:
     """Start stage 2 from stage 1 (G1 into the enhancer's global part, D scales shifted, fresh optimizers) or
-    stage 3 from stage 2 (everything, optimizers included). Returns a one-line report."""
+    stage 3 from stage 2 (everything, optimizers and averages included). With generator averaging, stage 2 starts
+    from stage 1's averaged G1 and E (what stage 1 ships) and averages afresh from there. Returns a one-line
+    report."""
     if stage == 2:
-        report = step.load_stage1_generator(state["G"])
+        report = step.load_stage1_generator(shipped(state, "G"))
         shift = step.opt.num_D - _scales(state["D"])
         missing, _ = step.D.load_state_dict(shift_discriminator_scales(state["D"], shift), strict=False)
         if step.E is not None and "E" in state:
-            step.E.load_state_dict(state["E"])
+            step.E.load_state_dict(shipped(state, "E"))
+        step.restart_averages()
+        averaged = " (stage 1's averages)" if "G_ema" in state else ""
         return (
-            f"stage 1 -> 2: loaded {len(report['loaded'])} G1 tensors into the global generator, "
+            f"stage 1 -> 2: loaded {len(report['loaded'])} G1 tensors{averaged} into the global generator, "
             f"{len(report['initialised'])} enhancer parameters new; D scales 0..{shift - 1} new "
             f"({len(missing)} tensors), the rest from stage 1"
         )
     step.load_state_dict(state)
-    return f"stage {stage - 1} -> {stage}: loaded G, D{', E' if step.E is not None else ''} and both optimizers"
+    nets = f"G, D{', E' if step.E is not None else ''} and both optimizers"
+    if step.G_avg is not None and "G_ema" not in state:
+        nets += "; the generator's average starts here (stage 2 kept none)"
+    elif step.G_avg is not None:
+        nets += f", the generator's average ({step.G_avg.updates} updates)"
+    return f"stage {stage - 1} -> {stage}: loaded {nets}"

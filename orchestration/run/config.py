@@ -132,6 +132,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute G's residual blocks in backward: less memory, more time
     image_every: int = at_least(1, 1)  # epochs between image grids
     log_every: int = at_least(0, 0)  # steps between progress lines; 0 = once per epoch
+    system_metrics_s: float = at_least(0.0, 5.0)  # rank 0's host CPU/memory/GPU into the stage's MLflow run; 0: off
     val_samples: int = at_least(0, 4)  # held-out samples shown in image grids
     seed: int = at_least(0, 0)
 
@@ -467,6 +468,7 @@ OPERATIONAL_KEYS = tuple(
         "activation_checkpointing",
         "image_every",
         "log_every",
+        "system_metrics_s",
         "save_epoch_freq",
         "checkpoint_every_steps",
     ]

@@ -24,6 +24,7 @@ from data.pipeline import build_dataset, to_model_batch
 from data.pipeline_config import PipelineConfig
 from data.transforms import Geometry
 from evaluation.modules import pack_module, unpack_module
+from model.averaging import shipped
 from model.networks import build_encoder
 from model.styles import MIN_SHARE, cluster, instance_features
 from orchestration.records.registry import CLUSTERS_FILE, load_generator, register_clusters, resolve_version
@@ -84,7 +85,7 @@ def cluster_run(
         ckpt = checkpoint.fetch(final["checkpoint"], tmp)
     opt = cfg.stage_model(3)
     E = build_encoder(opt)
-    E.load_state_dict(ckpt["E"])
+    E.load_state_dict(shipped(ckpt, "E"))
     pcfg = dataclasses.replace(pipeline_config(cfg, 3), instance_output="ids", batch_size=8, verify="size")
     found = cluster_split(E, opt, data_uri, cfg.data.train_split, pcfg, final["checkpoint"], workers, cpus, gpus, log)
     buf = io.BytesIO()

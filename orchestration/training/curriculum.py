@@ -192,9 +192,10 @@ def verified_init(uri: str, stage: int, cfg: Config, log=print, recorded: str | 
             f"run.json names {recorded[:12]}... (replaced since stage {stage - 1} finished). Restore it, or start from "
             f"a checkpoint you trust with --init-checkpoint URI"
         )
-    if meta.get("stage") != stage - 1:
+    if meta.get("stage") != stage - 1 and not (stage == 3 and meta.get("stage") == 3):  # stage 3 may go on
         raise ConfigError(
             f"{uri} is a stage {meta.get('stage')} checkpoint; stage {stage} starts from a stage {stage - 1} one"
+            + (" (or a stage-3 one, to fine-tune it)" if stage == 3 else "")
         )
     differ = checkpoint.architecture_differences(meta, stage, cfg.stage_model(stage - 1), cfg.stage_model(stage))
     if differ:

@@ -198,6 +198,7 @@ class StageLoop:
             parent_tags={RUN_TAG: ctx.run_id},
             log=self.say,
             unsent=unsent_file(storage.resolve(ctx.run_root)),
+            system_metrics_s=self.cfg.train.system_metrics_s,
         )
         tracker.params(
             {
@@ -326,7 +327,12 @@ class StageLoop:
         t_val = time.perf_counter()
         features = _features(step, heldout)
         fake = generate(
-            step.G, self.opt, heldout["label"], inst=heldout.get("inst"), edges=heldout.get("edges"), features=features
+            step.G_eval,
+            self.opt,
+            heldout["label"],
+            inst=heldout.get("inst"),
+            edges=heldout.get("edges"),
+            features=features,
         )
         metrics["val_L1"] = (fake.float() - heldout["image"]).abs().mean().item()
         if self.judge is not None and (last or (epoch + 1) % cfg.eval.every == 0):
@@ -340,8 +346,8 @@ class StageLoop:
             )
             name = f"epoch_{epoch + 1:04d}.png"
             storage.write_bytes_atomic(self.stage_root.join("images", name), png)
-            if self.tracker:
-                self.tracker.artifact(png, f"images/{name}")
+            if self.tracker:  # the UI's image view: the grid of each epoch at its step
+                self.tracker.image(png, "held-out", self.global_step)
         metrics["val_seconds"] = time.perf_counter() - t_val  # benchmarks.validation: its share of an epoch
 
     def report(self, metrics: dict, epoch: int, last: bool, lr: float) -> None:
@@ -408,8 +414,8 @@ def emit(line: str) -> None:
 
 
 def _features(step: TrainStep, heldout: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """Instance features for rendering held-out samples: E's output on the real image (reconstruction)."""
-    if step.E is None:
+    """Instance features for rendering held-out samples: (averaged) E's output on the real image (reconstruction)."""
+    if step.E_eval is None:
         return None
     with torch.no_grad():
-        return step.E(heldout["image"], heldout["inst"])
+        return step.E_eval(heldout["image"], heldout["inst"])
