@@ -166,7 +166,10 @@ def test_options_that_differ_are_named_with_the_first_tensor_that_does_not_fit(r
     args = f"--checkpoints {folder} --opt {wrong} --config configs/tiny.yaml --to-run bad --storage {tmp_path}"
     r = cli("jobs.import_reference", *args.split())
     assert r.returncode == 2, r.stderr
-    assert f"{folder}/latest_net_G.pth has model.1.weight of shape (16, 39, 7, 7); this project's G expects (32," in r.stderr
+    assert (
+        f"{folder}/latest_net_G.pth has model.1.weight of shape (16, 39, 7, 7); this project's G expects (32,"
+        in r.stderr
+    )
     assert "probably ngf" in r.stderr
     assert not (tmp_path / "bad").exists()  # nothing written
 
