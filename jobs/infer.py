@@ -1,7 +1,8 @@
 """Render images from label maps with a registered generator.
 
     python -m jobs.infer --model models:/pix2pixhd-<dataset>@champion --labels DIR|URI [--instances DIR|URI]
-        --out DIR [--device cpu|cuda] [--tracking-uri URI]
+        --out DIR [--device cpu|cuda] [--tracking-uri URI] [--styles JSON] [--seed N]
+        [--style-photo PHOTO --style-instances INSTANCES]
 
 Label maps: single-channel PNGs of class ids (e.g. *_gtFine_labelIds.png), any size the network accepts
 (a multiple of 2^(downsamplings)); instance maps pair with them by stem. Writes <stem>_synthesized.png, and for
@@ -9,6 +10,9 @@ a generator with instance features a style sheet per class (styles_<id>_<name>.p
 each of the class's styles) so one sees what style k looks like before choosing it with --styles.
 Everything is checked before the first image is written: the output folder, every label / instance pair (mode,
 size, ids), then the model (one line when it or its server cannot be found) and the sizes it accepts.
+--style-photo / --style-instances: the paper's styles from a real photo (the reference's use_encoded_image): each
+instance of a map takes the feature the encoder computes for the same instance id in the photo; ids the photo does
+not have keep the seed's draw (the output says which); --styles still wins for the ids it names.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from orchestration.records.registry import load_generator
 from orchestration.records.tracking import resolve_tracking_uri
 from orchestration.run.stopping import finish
 from orchestration.run.visuals import grid, rgb_array, save_png, titled
-from serving.maps import MapError, decode_ids
+from serving.maps import MapError, decode_ids, decode_photo
 from serving.pyfunc import parse_styles
 
 
@@ -102,6 +106,15 @@ def write_style_sheets(G, x: torch.Tensor, out: Path) -> list[Path]:
     return written
 
 
+def read_style_photo(photo: str, instances: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """--style-photo and --style-instances as (1, 3, H, W) in [-1, 1] and (1, H, W) ids."""
+    try:
+        image = decode_photo(storage.read_bytes(storage.resolve(photo)), photo)
+    except MapError as e:
+        raise ValueError(str(e)) from None
+    return torch.from_numpy(image)[None], torch.from_numpy(read_ids(storage.resolve(instances)))[None]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("infer", __doc__)
     p.add_argument("--model", required=True, help="e.g. models:/pix2pixhd-cityscapes@champion")
@@ -121,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("random", "largest"),
         help="instance features: the style of instances not in --styles (default: the model's style_mode)",
     )
+    p.add_argument("--style-photo", help="instance features: a photo whose instances lend their styles")
+    p.add_argument("--style-instances", help="the instance map of --style-photo (ids as in the maps)")
     a = p.parse_args(argv)
+    if bool(a.style_photo) != bool(a.style_instances):
+        p.error("--style-photo and --style-instances go together: a photo and its instance map")
 
     def body() -> None:
         out = Path(a.out)
@@ -135,11 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         sizes = check_pairs(labels, instances)
         G = load_generator(a.model, resolve_tracking_uri(a.tracking_uri, ray_job=False)).to(a.device)
         check_model_accepts(G, sizes, labels)
+        photo = read_style_photo(a.style_photo, a.style_instances) if a.style_photo else None
         for n, (stem, loc) in enumerate(labels.items()):
             label = read_ids(loc)
             inst = read_ids(instances[stem]) if stem in instances else label
             x = torch.from_numpy(np.stack([label, inst])[None])
-            image = G.render(x, styles, a.seed, a.style_mode)[0]
+            chosen = styles
+            if photo is not None:
+                taken = G.photo_styles(*photo, x)
+                chosen = {**taken.styles, **styles}
+                print(f"{loc}: {taken.said()} ({a.style_photo})")
+            image = G.render(x, chosen, a.seed, a.style_mode)[0]
             Image.fromarray(rgb_array(image)).save(out / f"{stem}_synthesized.png")
             print(f"{loc} -> {out / f'{stem}_synthesized.png'} ({label.shape[1]}x{label.shape[0]})")
             if n == 0 and G.opt.instance_feat:

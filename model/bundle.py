@@ -9,13 +9,28 @@ or the largest cluster's; `render` takes explicit styles per instance.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from model.inputs import prepare_inputs
 from model.networks import Encoder
 from model.options import ModelOptions
-from model.styles import feature_map
+from model.styles import feature_map, instance_class
+
+
+@dataclass
+class PhotoStyles:
+    styles: dict[int, list[float]]  # instance id -> E's feature of that instance in the photo
+    missing: list[int]  # instance ids of the maps the photo does not have
+
+    def said(self) -> str:
+        taken = ", ".join(map(str, sorted(self.styles))) or "none"
+        rest = ", ".join(map(str, self.missing))
+        return f"instances {taken} styled as in the photo" + (
+            f"; {rest} not in it: styled by the seed's draw" if self.missing else ""
+        )
 
 
 class Pix2PixHDGenerator(nn.Module):
@@ -75,6 +90,38 @@ class Pix2PixHDGenerator(nn.Module):
             for i, image in zip(idx, images.split(1), strict=True):
                 out[i] = image
         return out
+
+    @torch.no_grad()
+    def photo_styles(self, photo: torch.Tensor, photo_inst: torch.Tensor, x: torch.Tensor) -> PhotoStyles:
+        """The paper's styles from a real image (the reference's use_encoded_image): each instance of the maps `x`
+        (B, 2, H, W) takes the feature E computes for the same instance id in `photo` (1, 3, h, w) in [-1, 1] with
+        its instance map `photo_inst` (1, h, w); ids the photo lacks are listed apart (they keep the seed's draw)."""
+        if self.E is None:
+            raise ValueError("this generator has no encoder (instance_feat is off): it takes no styles from a photo")
+        if photo.shape[-2:] != photo_inst.shape[-2:]:
+            raise ValueError(
+                f"the style photo is {photo.shape[-2]}x{photo.shape[-1]} (height x width) but its instance map is "
+                f"{photo_inst.shape[-2]}x{photo_inst.shape[-1]}: give the instance map of that photo"
+            )
+        m = 2**self.opt.n_downsample_E
+        if photo.shape[-2] % m or photo.shape[-1] % m:
+            raise ValueError(
+                f"the style photo is {photo.shape[-2]}x{photo.shape[-1]}; the encoder takes multiples of {m}"
+            )
+        label, inst = x[:, 0], x[:, 1]
+        wanted = inst.unique().tolist()
+        for i in wanted:  # an instance id names its class: the label map must agree
+            classes = label[inst == i].unique().tolist()
+            if classes != [instance_class(i)]:
+                raise ValueError(
+                    f"instance {i} is of class {instance_class(i)} by its id, but the label map marks its pixels "
+                    f"as class {', '.join(map(str, classes))}: the instance map does not belong to this label map"
+                )
+        device = next(self.E.parameters()).device
+        features = self.E.eval()(photo.to(device).float(), photo_inst.to(device).long())[0]
+        found = set(photo_inst.unique().tolist())
+        styles = {i: features[:, photo_inst[0] == i][:, 0].tolist() for i in wanted if i in found}
+        return PhotoStyles(styles, sorted(i for i in wanted if i not in found))
 
     def generator_input(
         self, x: torch.Tensor, styles: dict | None = None, seed: int = 0, mode: str | None = None

@@ -44,6 +44,21 @@ def decode_ids(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarr
     return np.asarray(img).astype(np.int64)
 
 
+def decode_photo(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A photo (PNG or JPEG) -> (3, H, W) float32 in [-1, 1], the generator's range."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise MapError(f"{what}: {w}x{h} is larger than this server takes ({max_pixels} pixels)", 413)
+        rgb = np.asarray(img.convert("RGB"), np.float32)
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, MapError):
+            raise
+        raise MapError(f"{what}: not an image PIL reads ({type(e).__name__}: {str(e)[:120]})") from None
+    return rgb.transpose(2, 0, 1) / 127.5 - 1.0
+
+
 def encode_ids(ids: np.ndarray) -> bytes:
     """(H, W) ids -> PNG: 8-bit grey when every id fits, else 16-bit grey."""
     ids = np.asarray(ids)

@@ -9,12 +9,16 @@ Request (MLflow's scoring protocol): `{"inputs": [[label ids (H x W)], [instance
 — one int tensor (B, 2, H, W), H and W any multiples of the generator's `size_multiple` (2^downsamplings), at least twice it —
 answered with `{"predictions": ...}`, the images (B, 3, H, W) in [-1, 1]. Optional params, for generators with
 instance features: `seed` (the random style of each instance), `style_mode` ("random" or "largest"), `styles`
-(a JSON object: instance id -> cluster index of its class, or a feature vector). A wrong shape, dtype, size,
+(a JSON object: instance id -> cluster index of its class, or a feature vector), `style_photo` and
+`style_instances` (base64 PNG/JPEG of a photo and base64 PNG of its instance map: each instance takes the style E
+computes for the same id in the photo; `styles` still wins for the ids it names). A wrong shape, dtype, size,
 label id or style is HTTP 400 with a message that names it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 from dataclasses import asdict
@@ -23,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.bundle import Pix2PixHDGenerator
+from model.bundle import PhotoStyles, Pix2PixHDGenerator
 from model.networks import build_encoder, build_generator
 from model.options import ModelOptions
+from serving.maps import decode_ids, decode_photo
 
 WEIGHTS, OPTIONS, DIGESTS = "weights.pt", "options.json", "sha256.json"
 
@@ -122,13 +127,30 @@ class GeneratorModel:
             check_request(x, self.bundle.opt)
             styles = parse_styles(params.get("styles") or "")
             mode = params.get("style_mode") or None
+            maps = torch.from_numpy(x.astype(np.int64))
+            if params.get("style_photo") or params.get("style_instances"):
+                styles = {**self.photo_styles(params, maps).styles, **styles}
             with torch.no_grad():
-                out = self.bundle.render(torch.from_numpy(x.astype(np.int64)), styles, int(params.get("seed", 0)), mode)
+                out = self.bundle.render(maps, styles, int(params.get("seed", 0)), mode)
         except ValueError as e:
             from mlflow.exceptions import MlflowException
 
             raise MlflowException.invalid_parameter_value(str(e)) from None
         return out.float().numpy()
+
+    def photo_styles(self, params: dict, maps: torch.Tensor) -> PhotoStyles:
+        if not (params.get("style_photo") and params.get("style_instances")):
+            raise ValueError("style_photo and style_instances go together: a photo and its instance map")
+        photo = decode_photo(_base64(params["style_photo"], "style_photo"), "style_photo")
+        inst = decode_ids(_base64(params["style_instances"], "style_instances"), "style_instances")
+        return self.bundle.photo_styles(torch.from_numpy(photo)[None], torch.from_numpy(inst)[None], maps)
+
+
+def _base64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{what} is not base64 (a PNG or JPEG file, base64-encoded)") from None
 
 
 def parse_styles(text: str) -> dict[int, int | list[float]]:

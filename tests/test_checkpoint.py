@@ -123,3 +123,38 @@ def test_the_config_is_stored_as_run_json_holds_it_and_old_checkpoints_still_rea
     state = checkpoint.load(tmp_path / "new")
     assert state["config"] == config and checkpoint.stored_config(state) == config
     assert checkpoint.stored_config({"config": json.dumps(config, sort_keys=True)}) == config  # before 2026-12-07
+
+
+def test_resume_keeps_the_generator_average_and_stages_hand_it_on(tmp_path):
+    """model.ema_beta: the average (and its update count) is checkpointed; a resumed step averages on exactly as
+    the uninterrupted one; the average, not the raw weights, is what is validated and what stage 2 starts from."""
+    opt = tiny_options(ema_beta=0.99, instance_feat=True)
+    batch = tiny_batch(opt)
+    a = TrainStep(opt)
+    for _ in range(3):
+        a.step(batch)
+    assert a.G_avg.updates == 3 and a.G_eval is a.G_avg.module
+    assert any(not torch.equal(p, q) for p, q in zip(a.G.parameters(), a.G_eval.parameters(), strict=True))
+    checkpoint.save(tmp_path, a, stage=3, epoch=1, global_step=3, lr=1e-4, config={})
+    b = TrainStep(opt, seed=5)
+    checkpoint.restore(b, checkpoint.load(tmp_path))
+    assert b.G_avg.updates == 3 and b.E_avg.updates == 3
+    torch.manual_seed(0)
+    a.step(batch)
+    torch.manual_seed(0)
+    b.step(batch)
+    for x, y in ((a.G_eval, b.G_eval), (a.E_eval, b.E_eval)):
+        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values(), strict=True))
+    # a checkpoint without an average (ema turned on later) starts one from its weights, said by the stage report
+    plain = TrainStep(tiny_options(instance_feat=True))
+    c = TrainStep(opt)
+    assert "average starts here" in checkpoint.init_from_previous_stage(c, plain.state_dict(), 3)
+    assert all(torch.equal(p, q) for p, q in zip(c.G.parameters(), c.G_eval.parameters(), strict=True))
+    # stage 1 -> 2: G1 from stage 1's average
+    s1 = TrainStep(tiny_options(netG="global", ngf=8, num_D=1, ema_beta=0.99))
+    for _ in range(2):
+        s1.step(tiny_batch(s1.opt))
+    s2 = TrainStep(tiny_options(netG="local", ngf=4, num_D=2, ema_beta=0.99))
+    assert "(stage 1's averages)" in checkpoint.init_from_previous_stage(s2, s1.state_dict(), 2)
+    for name, t in s2.G.model.state_dict().items():
+        assert torch.equal(t, s1.G_eval.model.state_dict()[name]) and torch.equal(s2.G_eval.model.state_dict()[name], t)

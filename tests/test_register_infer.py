@@ -91,6 +91,18 @@ def test_infer_renders_every_label_map_and_a_style_sheet_per_class(registered, t
     assert road.width > 2 * 128 and "style sheets (each class's styles on" in r.stdout
 
 
+def test_infer_takes_the_styles_of_a_photo_and_says_which_instances_it_styled(registered, tmp_path):
+    src = registered["src"]
+    photo, inst = sorted((src / "train_img").glob("*.png"))[1], sorted((src / "train_inst").glob("*.png"))[1]
+    both = ("--instances", str(src / "train_inst"), "--style-photo", str(photo))
+    r = infer(registered, tmp_path / "out", *both, "--style-instances", str(inst))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "styled as in the photo" in r.stdout and "not in it: styled by the seed's draw" in r.stdout
+    assert len(list((tmp_path / "out").glob("*_synthesized.png"))) == 4
+    r = infer(registered, tmp_path / "alone", *both)
+    assert r.returncode == 2 and "--style-photo and --style-instances go together" in r.stderr
+
+
 @pytest.mark.parametrize(
     "model, tracking, message",
     [

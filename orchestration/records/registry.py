@@ -379,7 +379,13 @@ def _signature():
         inputs=None,
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
         params=ParamSchema(
-            [ParamSpec("seed", "long", 0), ParamSpec("style_mode", "string", ""), ParamSpec("styles", "string", "")]
+            [
+                ParamSpec("seed", "long", 0),
+                ParamSpec("style_mode", "string", ""),
+                ParamSpec("styles", "string", ""),
+                ParamSpec("style_photo", "string", ""),
+                ParamSpec("style_instances", "string", ""),
+            ]
         ),
     )
 
