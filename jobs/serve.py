@@ -2,7 +2,7 @@
 
     python -m jobs.serve --model models:/pix2pixhd-synthetic-city@champion [--tracking-uri URI]
         [--host 127.0.0.1 --port 8000] [--replicas N [--max-replicas M]] [--cpus C --gpus G] [--max-batch B]
-        [--reload-s S] [--labels DIR --instances DIR]
+        [--reload-s S] [--labels DIR --instances DIR [--images DIR]]
 
 Then open http://HOST:PORT/ (the editor) or POST /render (see serving/editor_api.py). On a running cluster
 (RAY_ADDRESS set, not `local`) it deploys there and returns once the application is running; on a machine without one it
@@ -48,6 +48,7 @@ def parse(argv: list[str] | None) -> tuple[ServeSettings, argparse.Namespace]:
     p.add_argument("--reload-s", type=float, default=d.reload_s, help="how often to look for a new alias target")
     p.add_argument("--labels", help="label maps the editor offers to open (folder or URI)")
     p.add_argument("--instances", help="their instance maps (paired by stem)")
+    p.add_argument("--images", help="their photos (paired by stem): the editor's 'styles from this sample's photo'")
     a = p.parse_args(argv)
     names = {f.name for f in fields(ServeSettings)}
     values = {k: v for k, v in vars(a).items() if k in names}

@@ -3,7 +3,9 @@
     GET  /                 the editor page (serving/editor/: plain HTML and JS modules, no build step, no CDN)
     GET  /classes          the model and its label set: ids, names, colours, which are things, styles per class
     GET  /styles/{class}   one thumbnail per style cluster of the class (PNG data URLs)
-    GET  /samples          label maps to start from; GET /samples/{name}: its label and instance PNGs
+    GET  /samples          label maps to start from; GET /samples/{name}: its label and instance PNGs (and
+                           whether it has a photo); GET /samples/{name}/photo-styles: each of its instances' style
+                           in its photo, as E encodes it (feature vectors /render takes as styles)
     POST /render           {"label": PNG, "instances": PNG, "styles": {"26001": 2}, "seed": 0, "style_mode": null}
                            (PNGs base64) -> image/png
 
@@ -23,7 +25,7 @@ import binascii
 import json
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the routes' (string) annotations here
@@ -46,6 +48,16 @@ class Renderer(Protocol):
 
     async def style_tiles(self, class_id: int) -> tuple[list[bytes], str]: ...
 
+    async def photo_styles(self, sample: Sample) -> tuple[dict, str]: ...  # {instance id: vector}, version
+
+
+class Sample(NamedTuple):
+    """A map the editor can open: file bytes of its label map, instance map and photo (the last two optional)."""
+
+    label: bytes
+    instances: bytes | None = None
+    photo: bytes | None = None
+
 
 class RequestError(ValueError):
     def __init__(self, message: str, status: int = 400):
@@ -53,8 +65,9 @@ class RequestError(ValueError):
         self.status = status
 
 
-def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]] | None = None) -> FastAPI:
-    """The FastAPI app; `samples`: name -> (label PNG, instance PNG or None), the maps the editor can open."""
+def build_api(renderer: Renderer, samples: dict[str, tuple] | None = None) -> FastAPI:
+    """The FastAPI app; `samples`: name -> Sample (label PNG, instance PNG or None, photo or None), the maps the
+    editor can open."""
     api = EditorApi(renderer, samples or {})
     app = FastAPI(title="pix2pixHD editor", docs_url="/api")
     app.middleware("http")(api.limit_body_and_name_model)
@@ -63,6 +76,7 @@ def build_api(renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]]
     app.get("/styles/{class_id}")(api.styles)
     app.get("/samples")(api.sample_names)
     app.get("/samples/{name}")(api.sample)
+    app.get("/samples/{name}/photo-styles")(api.photo_styles)
     app.post("/render")(api.render)
     app.get("/")(api.page)
     app.mount("/editor", StaticFiles(directory=EDITOR), name="editor")
@@ -73,8 +87,8 @@ class EditorApi:
     """The routes' handlers. `seen` keeps the model version last answered, for headers of answers that did not ask
     the renderer (errors, static files)."""
 
-    def __init__(self, renderer: Renderer, samples: dict[str, tuple[bytes, bytes | None]]):
-        self.renderer, self.samples = renderer, samples
+    def __init__(self, renderer: Renderer, samples: dict[str, tuple]):
+        self.renderer, self.samples = renderer, {name: Sample(*s) for name, s in samples.items()}
         self.seen = {"model": ""}
 
     async def limit_body_and_name_model(self, request: Request, call_next):
@@ -142,8 +156,21 @@ class EditorApi:
     async def sample(self, name: str):
         if name not in self.samples:
             raise RequestError("no sample of that name; GET /samples lists them", 404)
-        label, inst = self.samples[name]
-        return {"label": base64.b64encode(label).decode(), "instances": inst and base64.b64encode(inst).decode()}
+        label, inst, photo = self.samples[name]
+        return {
+            "label": base64.b64encode(label).decode(),
+            "instances": inst and base64.b64encode(inst).decode(),
+            "photo": photo is not None,
+        }
+
+    async def photo_styles(self, name: str):
+        if name not in self.samples:
+            raise RequestError("no sample of that name; GET /samples lists them", 404)
+        if self.samples[name].photo is None:
+            raise RequestError("this sample has no photo: serve the editor with --images (the samples' photos)", 404)
+        styles, model = await self.renderer.photo_styles(self.samples[name])
+        self.seen["model"] = model
+        return {"model": model, "styles": styles}
 
     async def render(self, request: Request):
         body = await read_body(request)

@@ -75,6 +75,8 @@ def editor(store):
         str(store["src"] / "train_label"),
         "--instances",
         str(store["src"] / "train_inst"),
+        "--images",
+        str(store["src"] / "train_img"),
     ]
     url = f"http://127.0.0.1:{port}"
     try:
@@ -325,6 +327,50 @@ def test_in_a_browser_paint_a_car_render_and_restyle_it(editor):
             assert near["share"] > 0 and near["density"] > 2.5, near
             page.screenshot(path=str(ARTIFACTS / "editor-styled.png"))
             assert page.inner_text("#model").startswith(f"{MODEL}/") and not errors, errors
+        finally:
+            browser.close()
+
+
+def test_a_samples_objects_take_the_styles_of_its_photo(editor, store):
+    """GET /samples/{name}/photo-styles: E's feature of each instance in the sample's photo (vectors /render takes
+    as styles), the same as the registered model computes; in the page, the button sets them and renders."""
+    from playwright.sync_api import sync_playwright
+
+    from data.layouts import list_maps
+    from orchestration.records.registry import load_generator
+    from serving.maps import decode_ids, decode_photo
+
+    name = json.loads(request(f"{editor}/samples")[2])["samples"][0]
+    status, _, body = request(f"{editor}/samples/{name}")
+    assert status == 200 and json.loads(body)["photo"] is True
+    status, _, body = request(f"{editor}/samples/{name}/photo-styles")
+    assert status == 200, body
+    answer = json.loads(body)
+    styles = {int(k): v for k, v in answer["styles"].items()}
+    src = store["src"]
+    label, inst, image = (list_maps(str(src / d))[name].path for d in ("train_label", "train_inst", "train_img"))
+    label, inst = (decode_ids(Path(f).read_bytes(), f) for f in (label, inst))
+    assert set(styles) == set(np.unique(inst).tolist())
+    bundle = load_generator(f"models:/{answer['model']}", store["tracking"])
+    photo = torch.from_numpy(decode_photo(Path(image).read_bytes(), "photo"))[None]
+    maps = torch.from_numpy(np.stack([label, inst])[None])
+    expected = bundle.photo_styles(photo, maps[:, 1], maps).styles
+    assert all(np.allclose(styles[i], expected[i], atol=1e-6) for i in styles)
+    status, _, body = request(f"{editor}/samples/nope/photo-styles")
+    assert status == 404 and "no sample of that name" in json.loads(body)["detail"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(editor)
+            page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+            assert page.input_value("#open") == name  # the first sample opens with the page
+            seeded = rendered_after(page, 0)
+            n = renders(page)
+            page.click("#photo-styles")
+            from_photo = rendered_after(page, n)
+            assert f"styles of {len(styles)} objects taken from the photo of {name}" in page.inner_text("#status")
+            assert np.abs(from_photo - seeded).sum() > 0
         finally:
             browser.close()
 

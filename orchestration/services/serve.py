@@ -33,8 +33,8 @@ from orchestration.cluster.ray_address import cluster_address
 from orchestration.records.registry import load_generator, resolve_version
 from orchestration.records.tracking import resolve_tracking_uri
 from orchestration.run.visuals import rgb_array
-from serving.editor_api import RequestError, build_api
-from serving.maps import encode_rgb
+from serving.editor_api import RequestError, Sample, build_api
+from serving.maps import decode_ids, decode_photo, encode_rgb
 from serving.pyfunc import check_request
 
 log = logging.getLogger("ray.serve")
@@ -54,6 +54,7 @@ class ServeSettings:
     reload_s: float = 30.0  # how often (at most) a replica asks the registry which version the alias names
     labels: str | None = None  # label maps the editor offers to open (a folder or URI), paired with `instances`
     instances: str | None = None
+    images: str | None = None  # their photos: the editor offers each sample's objects the styles of its photo
     max_samples: int = 24
 
 
@@ -161,6 +162,19 @@ class Generator:
         # other calls (info for /classes, style tiles) until it ends
         return await asyncio.to_thread(work)
 
+    async def photo_styles(self, sample: Sample) -> tuple:
+        """-> ({instance id: E's feature of it in the sample's photo}, version), or ("error", message)."""
+        cur = self.current
+        try:
+            label = decode_ids(sample.label, "the sample's label map")
+            inst = decode_ids(sample.instances, "its instance map") if sample.instances else label
+            photo = torch.from_numpy(decode_photo(sample.photo, "its photo"))[None]
+            maps = torch.from_numpy(np.stack([label, inst])[None])
+            taken = await asyncio.to_thread(cur.bundle.photo_styles, photo.to(self.device), maps[:, 1], maps)
+        except ValueError as e:
+            return ("error", str(e))
+        return {str(k): v for k, v in taken.styles.items()}, cur.version
+
     async def style_tiles(self, class_id: int) -> tuple[list[bytes], str]:
         """Each style of the class rendered on a thumbnail (its object on road, or the class alone)."""
         cur = self.current
@@ -197,6 +211,12 @@ class HandleRenderer:
     async def style_tiles(self, class_id: int):
         return await self.handle.style_tiles.remote(class_id)
 
+    async def photo_styles(self, sample: Sample):
+        result = await self.handle.photo_styles.remote(sample)
+        if result[0] == "error":
+            raise RequestError(result[1])
+        return result
+
 
 # the ingress only parses and awaits the Generator: 64 requests in flight per replica, not Serve's default 5, so
 # that a few slow clients (each held at most editor_api.BODY_TIMEOUT_S) do not queue everyone else behind them
@@ -211,15 +231,20 @@ class Editor:
         return build_api(HandleRenderer(self.generator), self.samples)
 
 
-def load_samples(s: ServeSettings) -> dict[str, tuple[bytes, bytes | None]]:
-    """The first `max_samples` label maps of `s.labels` (with their instance maps), as PNG bytes."""
+def load_samples(s: ServeSettings) -> dict[str, Sample]:
+    """The first `max_samples` label maps of `s.labels` (with their instance maps and photos), as file bytes."""
     if not s.labels:
         return {}
 
     labels = list_maps(s.labels)
     instances = list_maps(s.instances) if s.instances else {}
+    photos = list_maps(s.images) if s.images else {}
+
+    def read(found: dict, stem: str) -> bytes | None:
+        return storage.read_bytes(found[stem]) if stem in found else None
+
     return {
-        stem: (storage.read_bytes(loc), storage.read_bytes(instances[stem]) if stem in instances else None)
+        stem: Sample(storage.read_bytes(loc), read(instances, stem), read(photos, stem))
         for stem, loc in list(labels.items())[: s.max_samples]
     }
 

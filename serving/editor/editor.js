@@ -11,7 +11,9 @@ const state = {
   width: 0, height: 0,
   label: null, // Uint8Array: class ids
   inst: null, // Uint16Array: instance ids (class * 1000 + k for things, the class id for stuff)
-  styles: new Map(), // instance id -> cluster index
+  styles: new Map(), // instance id -> cluster index, or a feature vector (a style taken from a photo)
+  sample: null, // the name of the open sample when it has a photo
+  note: "", // said under the image once the next render is shown
   cls: 7, // the class the brush paints
   selected: null, // instance id picked with the object tool
   undo: [], redo: [],
@@ -203,8 +205,9 @@ async function showObject() {
   if (id === null || !state.inst.includes(id)) { $("object").textContent = "pick an object with the object / style tool"; return; }
   const c = id >= 1000 ? Math.floor(id / 1000) : id, cls = state.info.classes[c];
   const chosen = state.styles.get(id);
+  const shown = chosen === undefined ? "from the seed" : Array.isArray(chosen) ? "from the photo" : chosen;
   $("object").textContent = `${cls.name} ${id >= 1000 ? `#${id % 1000} (instance ${id})` : `(instance ${id})`}: ` +
-    (cls.styles ? `style ${chosen === undefined ? "from the seed" : chosen} of ${cls.styles}` : "no styles for this class");
+    (cls.styles ? `style ${shown} of ${cls.styles}` : "no styles for this class");
   if (!cls.styles) return;
   if (!thumbnails.has(c)) thumbnails.set(c, (await (await api(`/styles/${c}`)).json()).styles);
   for (const s of thumbnails.get(c)) {
@@ -222,6 +225,20 @@ function setStyle(id, k) {
   if (k === null) state.styles.delete(id); else state.styles.set(id, k);
   showObject();
   edited();
+}
+
+async function photoStyles() {
+  try {
+    const r = await (await api(`/samples/${encodeURIComponent(state.sample)}/photo-styles`)).json();
+    snapshot();
+    for (const [id, vector] of Object.entries(r.styles)) state.styles.set(Number(id), vector);
+    state.note = `styles of ${Object.keys(r.styles).length} objects taken from the photo of ${state.sample}`;
+    showObject();
+    edited();
+    if (!$("auto").checked) status(state.note);
+  } catch (e) {
+    status(`styles from the photo: ${e.message}`);
+  }
 }
 
 function randomStyle() {
@@ -277,7 +294,8 @@ async function render() {
       $("model").textContent = model;
       state.renders += 1;
       document.body.dataset.renders = state.renders;
-      status("");
+      status(state.note);
+      state.note = "";
     } while (state.again);
   } catch (e) {
     status(`render: ${e.message}`);
@@ -302,6 +320,8 @@ const b64bytes = (s) => Uint8Array.from(atob(s), (ch) => ch.charCodeAt(0));
 async function open(value) {
   try {
     if (value === "file:") return; // the file already open
+    state.sample = null;
+    $("photo-styles").disabled = true;
     if (value.startsWith("blank:")) {
       const [h, w] = value.slice(6).split("x").map(Number);
       return blank(h, w);
@@ -310,6 +330,7 @@ async function open(value) {
     const label = await decodeIds(b64bytes(s.label));
     const inst = s.instances ? await decodeIds(b64bytes(s.instances)) : label;
     setMap(label.width, label.height, Uint8Array.from(label.ids), Uint16Array.from(inst.ids));
+    if (s.photo && state.info.instance_feat) { state.sample = value; $("photo-styles").disabled = false; }
   } catch (e) {
     status(`open ${value}: ${e.message}`);
   }
@@ -317,6 +338,8 @@ async function open(value) {
 
 async function openFile(file) {
   try {
+    state.sample = null;
+    $("photo-styles").disabled = true;
     const label = await decodeIds(new Uint8Array(await file.arrayBuffer()));
     setMap(label.width, label.height, Uint8Array.from(label.ids), Uint16Array.from(label.ids));
     // the list names the opened file, so that choosing a blank or a sample afterwards is a change that opens it
@@ -351,6 +374,7 @@ async function main() {
   $("undo").onclick = () => restore(state.undo, state.redo);
   $("redo").onclick = () => restore(state.redo, state.undo);
   $("random-style").onclick = randomStyle;
+  $("photo-styles").onclick = photoStyles;
   $("auto-style").onclick = () => setStyle(state.selected, null);
   $("seed").onchange = edited;
   document.addEventListener("keydown", (e) => {
