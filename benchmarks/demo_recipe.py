@@ -40,7 +40,7 @@ def stage_batches(data_uri: str, cfg, k: int) -> list[dict]:
 
 
 def train_stage(cfg, k: int, batches: list[dict], previous: dict | None, seed: int) -> tuple[TrainStep, float]:
-    step = TrainStep(cfg.stage_model(k), seed=seed)
+    step = TrainStep(cfg.stage_model(k), seed=seed, precision=cfg.train.precision)
     if previous is not None:
         print(checkpoint.init_from_previous_stage(step, previous, k))
     g = torch.Generator().manual_seed(seed + k)
