@@ -308,6 +308,36 @@ def test_styles_and_seed_are_request_params(served):
     assert status == 400 and "it is a JSON object of instance id" in body["message"], body
 
 
+def test_a_photos_styles_are_request_params(served, registered):
+    """style_photo / style_instances (base64 files): the served image is the registered model's render with the
+    styles E encodes from that photo; a photo without its instance map is a 400 naming the pair."""
+    import base64
+
+    from data.layouts import list_maps
+    from orchestration.records.registry import load_generator
+    from serving.maps import decode_ids, decode_photo
+
+    src = registered["src"]
+    name = sorted(list_maps(str(src / "train_label")))[0]
+    files = {
+        d: Path(list_maps(str(src / d))[name].path).read_bytes() for d in ("train_label", "train_inst", "train_img")
+    }
+    maps = torch.from_numpy(np.stack([decode_ids(files[d], d) for d in ("train_label", "train_inst")])[None])
+    params = {
+        k: base64.b64encode(files[d]).decode()
+        for k, d in (("style_photo", "train_img"), ("style_instances", "train_inst"))
+    }
+    status, body = post(served, {"inputs": maps.tolist(), "params": params})
+    assert status == 200, body
+    bundle = load_generator(f"models:/{MODEL}@champion", registered["tracking"])
+    photo = torch.from_numpy(decode_photo(files["train_img"], "photo"))[None]
+    expected = bundle.render(maps, bundle.photo_styles(photo, maps[:, 1], maps).styles, seed=0)
+    assert np.abs(np.asarray(body["predictions"]) - expected.numpy()).max() < 1e-5
+    assert not np.allclose(np.asarray(body["predictions"]), bundle.render(maps, None, seed=0).numpy())
+    status, body = post(served, {"inputs": maps.tolist(), "params": {"style_photo": params["style_photo"]}})
+    assert status == 400 and "style_photo and style_instances go together" in body["message"], body
+
+
 def test_a_version_registered_as_a_pickle_is_refused_not_unpickled(registered, tmp_path):
     import mlflow
 

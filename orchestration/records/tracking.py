@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import queue
 import sys
@@ -314,6 +315,8 @@ class Tracker:
         self.run_id = find_or_create_run(client, exp, self.tags, self.run_name, parent, reopen=self.reopen)
         if self.system_metrics_s and self._monitor is None:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "Started monitoring ...": routine
 
             self._monitor = SystemMetricsMonitor(
                 self.run_id, sampling_interval=self.system_metrics_s, resume_logging=True, tracking_uri=self.uri
