@@ -236,3 +236,22 @@ def test_a_version_registered_from_reference_files_renders_through_mlflow_models
         maps, {26001: 4}, seed=2
     )
     assert (served - original).abs().max() < 1e-5
+
+
+def test_a_discriminator_trained_without_feature_matching_maps_its_flat_layers():
+    """--no_ganFeat_loss: the reference keeps each scale as one flat Sequential, `layer{i}.{n}`; its output is the
+    last of this project's blocks run in order."""
+    from model.reference import discriminator_from_reference, discriminator_to_reference
+
+    opt = load_config("configs/tiny.yaml", ["model.no_ganFeat_loss=true"]).stage_model(3)
+    step = TrainStep(opt, seed=3)
+    flat = discriminator_to_reference(step.D.state_dict(), opt)
+    assert all(re.fullmatch(r"layer[01]\.\d+\.(weight|bias)", n) for n in flat), sorted(flat)[:4]
+    assert discriminator_from_reference(flat, opt).keys() == step.D.state_dict().keys()
+    x = torch.randn(1, opt.discriminator_input_nc, 64, 128)
+    full = step.D.scales[0]  # full resolution: the reference's scale num_D-1
+    sequential = torch.nn.Sequential(*[m for block in full.layers for m in block])
+    sequential.load_state_dict(
+        {n.split(".", 1)[1]: t for n, t in flat.items() if n.startswith(f"layer{opt.num_D - 1}.")}
+    )
+    assert torch.equal(sequential(x), full(x)[-1])
