@@ -65,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_tracking(p)
     a = p.parse_args(argv)
     if a.format == "reference":
-        uri = resolve_tracking_uri(a.tracking_uri, ray_job=False) if a.model.startswith("models:/") else None
-        return cli.run("export", lambda: export_reference(a.model, a.out, uri) and None, also=(ValueError,))
+
+        def reference_files() -> None:
+            tracking_uri = (
+                resolve_tracking_uri(a.tracking_uri, ray_job=False) if a.model.startswith("models:/") else None
+            )
+            export_reference(a.model, a.out, tracking_uri)
+
+        return cli.run("export", reference_files, also=(ValueError,))
     try:
         import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
     except ImportError:

@@ -49,13 +49,6 @@ OPTIONS = (
     "lambda_feat",
     "no_ganFeat_loss",
 )
-# which options shape which tensors: what probably differs when a tensor does not fit
-SHAPED_BY = {
-    "G": "ngf, n_downsample_global, n_blocks_global, n_local_enhancers, n_blocks_local, label_nc, no_instance, "
-    "instance_feat/feat_num",
-    "D": "ndf, n_layers_D, num_D, label_nc, no_instance, output_nc",
-    "E": "nef, n_downsample_E, feat_num",
-}
 
 
 class ReferenceError(ValueError):
@@ -216,30 +209,32 @@ def _unflatten(index: int, lengths: list[int]) -> tuple[int, int]:
 # ---- the check ------------------------------------------------------------------------------------------------
 
 
-def check_fits(net: str, have: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor], where: str) -> None:
-    """Every tensor of this project's `want` is in `have` with its shape, and nothing more; else a ReferenceError
-    naming the first that does not fit and the options that probably differ."""
+def check_fits(net: str, have: Mapping[str, torch.Tensor], want: Mapping[str, list[int]], where: str) -> None:
+    """Every tensor of this project's `want` (name -> shape, `networks.network_shapes`) is in `have` with its shape,
+    and nothing more; else a ReferenceError naming the first that does not fit and the options that probably
+    differ."""
     for name in [*want, *(n for n in have if n not in want)]:  # in the network's order
-        a, b = have.get(name), want.get(name)
-        if a is not None and b is not None and a.shape == b.shape:
+        a = tuple(have[name].shape) if name in have else None
+        b = tuple(want[name]) if name in want else None
+        if a is not None and a == b:
             continue
         if a is None:
-            what = f"has no {name} (this project's {net} has it, {tuple(b.shape)})"
+            what = f"has no {name} (this project's {net} has it, {b})"
         elif b is None:
-            what = f"has {name} {tuple(a.shape)}, which this project's {net} does not have"
+            what = f"has {name} {a}, which this project's {net} does not have"
         else:
-            what = f"has {name} of shape {tuple(a.shape)}; this project's {net} expects {tuple(b.shape)}"
+            what = f"has {name} of shape {a}; this project's {net} expects {b}"
         raise ReferenceError(
             f"{where} {what}: the options differ, probably {_probable(net, name, a, b)}. Pass the run's opt.txt "
             f"(--opt) or set the model keys as it was trained"
         )
 
 
-def _probable(net: str, name: str, a: torch.Tensor | None, b: torch.Tensor | None) -> str:
+def _probable(net: str, name: str, a: tuple | None, b: tuple | None) -> str:
     if a is None or b is None:
         counts = {"G": "n_blocks_global / n_blocks_local / n_downsample_global / n_local_enhancers"}
         return {**counts, "D": "num_D / n_layers_D", "E": "n_downsample_E"}[net]
-    if a.dim() == 4 and a.shape[0] == b.shape[0] and a.shape[1] != b.shape[1] and _first_conv(net, name):
+    if len(a) == 4 and a[0] == b[0] and a[1] != b[1] and _first_conv(net, name):
         return {
             "G": "label_nc / no_instance / instance_feat and feat_num (G's input channels)",
             "D": "label_nc / no_instance / output_nc (D's input channels)",

@@ -328,10 +328,8 @@ class TrainStep:
         self.opt_D.load_state_dict(state["opt_D"])
         self.load_averages(state)
 
-    def load_averages(self, state: dict[str, Any]) -> bool:
-        """The averages a state holds; one it lacks (averaging turned on later) starts from the loaded weights.
-        Returns whether every average came from the state."""
-        found = True
+    def load_averages(self, state: dict[str, Any]) -> None:
+        """The averages a state holds; one it lacks (averaging turned on later) starts from the loaded weights."""
         for net, avg in (("G", self.G_avg), ("E", self.E_avg)):
             if avg is None:
                 continue
@@ -340,5 +338,3 @@ class TrainStep:
                 avg.updates = int(state.get(f"{net}_ema_updates", 0))
             else:
                 avg.restart()
-                found = False
-        return found

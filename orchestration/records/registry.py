@@ -476,6 +476,17 @@ def _load_files(folder: Path, model_uri: str, expected: dict[str, str] | None = 
     return pyfunc.load(folder / flavor["data"], expected)
 
 
+def store_clusters(
+    root: storage.Location, clusters: torch.Tensor, counts: torch.Tensor, meta: dict
+) -> storage.Location:
+    """Write a run's clusters file (`meta["checkpoint"]`: the checkpoint they belong to), atomically."""
+    buf = io.BytesIO()
+    torch.save({"clusters": clusters, "cluster_counts": counts, "meta": meta}, buf)
+    out = root.join(*CLUSTERS_FILE.split("/"))
+    storage.write_bytes_atomic(out, buf.getvalue())
+    return out
+
+
 def stored_clusters(root: storage.Location, checkpoint_uri: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The clusters jobs.cluster_features stored for this checkpoint, or None."""
     loc = root.join(*CLUSTERS_FILE.split("/"))

@@ -10,7 +10,6 @@ one batch at a time. The job reports both peaks.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import resource
 import tempfile
@@ -27,7 +26,7 @@ from evaluation.modules import pack_module, unpack_module
 from model.averaging import shipped
 from model.networks import build_encoder
 from model.styles import MIN_SHARE, cluster, instance_features
-from orchestration.records.registry import CLUSTERS_FILE, load_generator, register_clusters, resolve_version
+from orchestration.records.registry import load_generator, register_clusters, resolve_version, store_clusters
 from orchestration.run import checkpoint
 from orchestration.run.config import ConfigError, from_dict, pipeline_config
 from orchestration.run.run_state import RunState
@@ -88,10 +87,7 @@ def cluster_run(
     E.load_state_dict(shipped(ckpt, "E"))
     pcfg = dataclasses.replace(pipeline_config(cfg, 3), instance_output="ids", batch_size=8, verify="size")
     found = cluster_split(E, opt, data_uri, cfg.data.train_split, pcfg, final["checkpoint"], workers, cpus, gpus, log)
-    buf = io.BytesIO()
-    torch.save({"clusters": found.pop("clusters"), "cluster_counts": found.pop("cluster_counts"), "meta": found}, buf)
-    out = root.join(*CLUSTERS_FILE.split("/"))
-    storage.write_bytes_atomic(out, buf.getvalue())
+    out = store_clusters(root, found.pop("clusters"), found.pop("cluster_counts"), found)
     log(f"cluster_features: written to {out.uri}")
     return {**found, "uri": out.uri}
 

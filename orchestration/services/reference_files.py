@@ -5,7 +5,6 @@ a run's checkpoint or a registered version back out in the reference's files (mo
 from __future__ import annotations
 
 import dataclasses
-import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +15,15 @@ from data import shards, storage
 from data.layouts import label_set
 from model import reference
 from model.averaging import shipped
+from model.networks import network_shapes
 from model.step import TrainStep
 from orchestration.judging.selection import final_judgement, resolve_selection
-from orchestration.records.registry import CLUSTERS_FILE, load_generator, register_run, stored_clusters
+from orchestration.records.registry import load_generator, register_run, store_clusters, stored_clusters
 from orchestration.run import checkpoint
 from orchestration.run.config import Config, ConfigError, available_val_split, from_dict
 from orchestration.run.run_state import RunState, run_root
 
-IMPORTED = "imported_from"  # in the checkpoint's state and run.json: the folder the files came from
+IMPORTED = "imported_from"  # in run.json and the clusters' meta: the folder the files came from
 
 
 @dataclass
@@ -50,7 +50,7 @@ def read_reference(folder: str, cfg: Config, opt_file: str | None = None, epoch:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{opt_file}: {e}") from None
     opt = cfg.stage_model(3)
-    want = {net: module.state_dict() for net, module in _networks(opt).items() if module is not None}
+    want = network_shapes(opt)
     found = {}
     for net in reference.NETS:
         path = reference.network_file(base, net, epoch)
@@ -67,11 +67,6 @@ def read_reference(folder: str, cfg: Config, opt_file: str | None = None, epoch:
     if opt.instance_feat and (base / reference.CLUSTERS_NAME).exists():
         clusters = reference.read_clusters(base / reference.CLUSTERS_NAME, opt.label_nc, opt.feat_num)
     return ReferenceFiles(cfg, found, clusters, str(base))
-
-
-def _networks(opt) -> dict:
-    step = TrainStep(opt)  # the networks as this project builds them (the optimizers are what a fresh run has)
-    return {"G": step.G, "D": step.D, "E": step.E}
 
 
 def import_to_run(files: ReferenceFiles, storage_uri: str, run_id: str, data_uri: str | None, log=print) -> str:
@@ -92,10 +87,7 @@ def import_to_run(files: ReferenceFiles, storage_uri: str, run_id: str, data_uri
             storage.write_bytes_atomic(where.join(name), (d / name).read_bytes())
     sha = checkpoint.stored_sha256(where.uri)
     if files.clusters is not None:
-        buf = io.BytesIO()
-        meta = {"checkpoint": where.uri, IMPORTED: files.folder}
-        torch.save({"clusters": files.clusters[0], "cluster_counts": files.clusters[1], "meta": meta}, buf)
-        storage.write_bytes_atomic(root.join(*CLUSTERS_FILE.split("/")), buf.getvalue())
+        store_clusters(root, *files.clusters, {"checkpoint": where.uri, IMPORTED: files.folder})
     state.update(run_id=run_id, data_uri=data_uri, config=files.cfg.to_dict(), **{IMPORTED: files.folder})
     state.record(3, checkpoint=where.uri, checkpoint_sha256=sha, epochs=0, global_step=0, **{IMPORTED: files.folder})
     log(
