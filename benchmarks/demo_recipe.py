@@ -64,8 +64,15 @@ def seg_score(cfg, step: TrainStep, k: int, data_uri: str, networks, tmp: Path) 
     plan = EvalPlan(
         [str(ckpt)], data_uri, cfg.data.val_split, out=str(tmp / f"eval{k}"), load_size=half, networks=networks
     )
-    real, model = list(evaluate(plan, lambda *a: None)["results"].values())
-    return {"seg": model["seg_miou"], "real": real["seg_miou"], "ratio": model["seg_miou_ratio"]}
+    report = evaluate(plan, lambda *a: None)
+    real, model = list(report["results"].values())
+    per_class = list(report["per_class_iou"].values())[1]
+    return {
+        "seg": model["seg_miou"],
+        "real": real["seg_miou"],
+        "ratio": model["seg_miou_ratio"],
+        "per_class": {name: round(v, 3) for name, v in per_class.items()},
+    }
 
 
 def main() -> None:

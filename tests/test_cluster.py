@@ -796,14 +796,29 @@ def test_a_worker_host_cut_off_mid_stage_and_back_with_mlflow_down_meanwhile(bed
         timeout=60,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    wait_log(bed, sid, stepped_after("draining: checkpointed at step"), "a checkpoint for the notice", 120)
-    bed.stop("mlflow")
-    bed.cut("ray-worker-2")
-    cut_at = len(bed.job_logs(sid))
-    wait_log(bed, sid, lambda logs: STEP.search(logs, cut_at) is not None, "a step with the host cut off")
-    assert trainers() == ["ray-worker-1", "ray-worker-1"]  # the stage left the host that had notice
-    bed.restore("ray-worker-2")
-    bed.start("mlflow")
+    logs = wait_log(bed, sid, stepped_after("draining: checkpointed at step"), "a checkpoint for the notice", 120)
+    drained_at = logs.rfind("draining: checkpointed at step")
+    try:
+        bed.stop("mlflow")
+        bed.cut("ray-worker-2")
+        cut_at = len(bed.job_logs(sid))
+
+        def restarted_and_stepped(logs: str) -> bool:
+            """The worker group began again from a checkpoint since the notice (before or after the cut: Ray may
+            act on the drain or on the dead link), and a step was logged after the cut. Lines logged before the
+            cut can arrive after it, so a step alone says nothing of where the workers are."""
+            at = logs.find("resuming from its checkpoint", drained_at)
+            return at >= 0 and STEP.search(logs, max(at, cut_at)) is not None
+
+        wait_log(bed, sid, restarted_and_stepped, "a step of the group begun again with the host cut off")
+        deadline = time.monotonic() + 120  # the old group's actors end (the cut host's once its node is declared dead)
+        while (where := trainers()) != ["ray-worker-1", "ray-worker-1"]:  # the stage left the host that had notice
+            assert time.monotonic() < deadline, where
+            time.sleep(1)
+    finally:  # whatever happened, the bed's host and MLflow come back for the tests after this one
+        bed.restore("ray-worker-2")
+        if bed.services["mlflow"].stopped:
+            bed.start("mlflow")
     assert wait_job(bed, sid) == "SUCCEEDED", bed.job_logs(sid)[-4000:]
     deadline = time.monotonic() + 120  # the host's Ray node back (restarted by the restart policy)
     while not any(n["node_ip"] == bed.address("ray-worker-2") and n["state"] == "ALIVE" for n in bed.state("nodes")):
