@@ -58,15 +58,14 @@ def train_stage(cfg, k: int, batches: list[dict], previous: dict | None, seed: i
     return step, time.perf_counter() - t0
 
 
-def seg_score(cfg, step: TrainStep, k: int, data_uri: str, networks, tmp: Path) -> dict:
+def seg_score(cfg, step: TrainStep, k: int, data_uri: str, networks, tmp: Path, report: Path) -> dict:
+    """Stage k's seg-score; the evaluation's report (grid.png, per_class_iou.png, metrics.json) kept in `report`."""
     ckpt = checkpoint.save(tmp / f"stage{k}", step, stage=k, epoch=0, global_step=0, lr=0.0, config=cfg.to_dict())
     half = cfg.stage1.load_size if k == 1 else None
-    plan = EvalPlan(
-        [str(ckpt)], data_uri, cfg.data.val_split, out=str(tmp / f"eval{k}"), load_size=half, networks=networks
-    )
-    report = evaluate(plan, lambda *a: None)
-    real, model = list(report["results"].values())
-    per_class = list(report["per_class_iou"].values())[1]
+    plan = EvalPlan([str(ckpt)], data_uri, cfg.data.val_split, out=str(report), load_size=half, networks=networks)
+    scored = evaluate(plan, lambda *a: None)
+    real, model = list(scored["results"].values())
+    per_class = list(scored["per_class_iou"].values())[1]
     return {
         "seg": model["seg_miou"],
         "real": real["seg_miou"],
@@ -103,12 +102,11 @@ def main() -> None:
             step, took = train_stage(cfg, k, stage_batches(a.data, cfg, k), previous, a.seed)
             row[f"stage{k}"] = {
                 "seconds": round(took, 1),
-                **seg_score(cfg, step, k, a.data, (segmenter, None), Path(tmp)),
+                **seg_score(cfg, step, k, a.data, (segmenter, None), Path(tmp), saved / f"{a.name}.stage{k}"),
             }
             print(json.dumps(row[f"stage{k}"]), flush=True)
             previous = step.state_dict()
-            if k == 1:
-                torch.save(previous, saved / f"{a.name}.stage1.pt")
+            torch.save(previous, saved / f"{a.name}.stage{k}.pt")
     with open(a.out, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row))

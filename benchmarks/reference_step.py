@@ -52,6 +52,7 @@ class ReferenceStep(TrainStep):
             if self.vgg_loss is not None:
                 vgg = self.vgg_loss.vgg
                 loss_G_VGG = self._l1(vgg(fake), vgg(x.image), self.vgg_loss.WEIGHTS) * self.vgg_loss.lambda_vgg
+        loss_G_L1 = torch.zeros((), device=self.device)  # the reference has no L1 term (model.lambda_l1 is 0)
         loss_G = loss_G_GAN + loss_G_Feat + loss_G_VGG
         loss_D = 0.5 * (loss_D_fake + loss_D_real)
         self.opt_G.zero_grad()
@@ -60,5 +61,5 @@ class ReferenceStep(TrainStep):
         self.opt_D.zero_grad()
         loss_D.backward()
         self.opt_D.step()
-        losses = (loss_G_GAN, loss_G_Feat, loss_G_VGG, loss_D_real, loss_D_fake)
+        losses = (loss_G_GAN, loss_G_Feat, loss_G_VGG, loss_G_L1, loss_D_real, loss_D_fake)
         return {name: v.detach() for name, v in zip(LOSS_NAMES, losses, strict=True)}

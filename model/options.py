@@ -54,6 +54,9 @@ class ModelOptions:
     gan_mode: GanMode = "lsgan"
     lambda_feat: float = 10.0
     lambda_vgg: float = 10.0
+    # pix2pix's L1 between output and photo (Isola et al. 2017; 100 there). 0 = off, as in pix2pixHD, whose VGG loss
+    # took its place; a run without VGG weights (the demo: nothing downloads) can use it instead.
+    lambda_l1: float = 0.0
     no_ganFeat_loss: bool = False
     vgg_weights: str | None = None  # path to a torchvision-format vgg19 state dict
     use_vgg: bool | None = None  # None: on exactly when vgg_weights is given; True without weights is an error
@@ -82,7 +85,7 @@ class ModelOptions:
         for name in ("label_nc", "n_downsample_global", "n_blocks_global", "n_blocks_local", "pool_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"option {name}={getattr(self, name)} must be >= 0")
-        for name in ("lambda_feat", "lambda_vgg", "niter", "niter_decay"):
+        for name in ("lambda_feat", "lambda_vgg", "lambda_l1", "niter", "niter_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"option {name}={getattr(self, name)} must be >= 0")
         if not self.lr > 0:

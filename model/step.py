@@ -23,7 +23,7 @@ from torch import nn
 
 from model.averaging import Averaged
 from model.inputs import Inputs, prepare_inputs
-from model.losses import VGGLoss, feature_matching_loss, gan_loss
+from model.losses import VGGLoss, feature_matching_loss, gan_loss, l1_distance
 from model.networks import (
     LocalEnhancer,
     build_discriminator,
@@ -36,7 +36,7 @@ from model.options import ModelOptions
 from model.schedule import ImagePool, lr_at
 from model.vgg import VGG19Features
 
-LOSS_NAMES = ("G_GAN", "G_GAN_Feat", "G_VGG", "D_real", "D_fake")
+LOSS_NAMES = ("G_GAN", "G_GAN_Feat", "G_VGG", "G_L1", "D_real", "D_fake")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -288,8 +288,9 @@ class TrainStep:
                 else feature_matching_loss(pred_fake, pred_real, self.opt.n_layers_D, self.opt.lambda_feat)
             )
             loss_G_VGG = self.vgg_loss(fake, x.image) if self.vgg_loss is not None else zero
+            loss_G_L1 = self.opt.lambda_l1 * l1_distance(fake, x.image) if self.opt.lambda_l1 else zero
 
-        loss_G = loss_G_GAN + loss_G_Feat + loss_G_VGG
+        loss_G = loss_G_GAN + loss_G_Feat + loss_G_VGG + loss_G_L1
         loss_D = 0.5 * (loss_D_fake + loss_D_real)
         loss_G.backward()
         self.opt_G.step()
@@ -298,7 +299,7 @@ class TrainStep:
                 avg.update()
         loss_D.backward()
         self.opt_D.step()
-        losses = (loss_G_GAN, loss_G_Feat, loss_G_VGG, loss_D_real, loss_D_fake)
+        losses = (loss_G_GAN, loss_G_Feat, loss_G_VGG, loss_G_L1, loss_D_real, loss_D_fake)
         return {name: v.detach() for name, v in zip(LOSS_NAMES, losses, strict=True)}
 
     # ---- state -------------------------------------------------------------------------------

@@ -133,6 +133,19 @@ def test_vgg_loss_enters_the_step(tmp_path):
     assert losses["G_VGG"] > 0
 
 
+def test_l1_term_is_lambda_times_the_mean_absolute_error_and_trains_g():
+    batch = tiny_batch(tiny_options())
+    off, on = TrainStep(tiny_options(), seed=3), TrainStep(tiny_options(lambda_l1=5.0), seed=3)
+    with torch.no_grad():
+        fake = on.G(on.generator_input(on.prepare(batch)))
+    expected = 5.0 * (fake - batch["image"]).abs().mean()
+    a, b = off.step(batch), on.step(batch)
+    assert a["G_L1"] == 0  # off by default, as in pix2pixHD
+    torch.testing.assert_close(b["G_L1"], expected)
+    torch.testing.assert_close(b["G_GAN"], a["G_GAN"])  # same start: only the new term differs
+    assert changed(off.G.state_dict(), on.G)  # and it reached G's update
+
+
 def test_state_dict_round_trip_continues_identically(opt):
     batch = tiny_batch(opt)
     a = TrainStep(opt)
