@@ -3,7 +3,8 @@
     python -m jobs.sweep --config configs/X.yaml|s3://.../X.yaml --num-samples N [--stage 1] [--from-run RUN_ID]
         [--resume] [--name NAME] [--data URI] [--storage URI] [--tracking-uri URI] [--out best.yaml] [--set k=v ...]
 
-Ranges come from the config's `sweep` section (log-uniform lambda_feat, lambda_vgg; lr and gan_mode optional).
+Ranges come from the config's `sweep` section (log-uniform lambda_feat, lambda_vgg; lambda_l1, lr and gan_mode
+optional).
 On a cluster, submit it like jobs.train (`ray job submit ... -- python -m jobs.sweep ...`) with storage and
 tracking that the cluster reaches. The best trial's configuration is written as YAML into
 {storage}/sweeps/{name}/best.yaml, which `python -m jobs.train --config` accepts as a storage URI.

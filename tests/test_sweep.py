@@ -1,6 +1,8 @@
 """Sweeps: Ray Tune must not copy the driver's credentials into trial runtime envs (every node's log prints them).
 The sweep itself, with --resume, runs on the test bed of tests/test_cluster.py."""
 
+import pytest
+
 
 def test_tune_does_not_copy_credentials_into_trial_runtime_envs(monkeypatch):
     from ray.tune.execution.class_cache import _ActorClassCache
@@ -30,3 +32,16 @@ def test_a_swept_lr_reaches_the_stage_even_when_the_stage_sets_its_own():
     plain = load_config("configs/tiny.yaml", ["sweep.stage=1"])
     assert trial_config(plain, {"lr": 3e-5}).stage_model(1).lr == 3e-5
     assert trial_config(plain, {"lambda_feat": 2.0}).stage_model(1).lr == load_config("configs/tiny.yaml").model.lr
+
+
+def test_a_swept_l1_weight_is_in_the_space_and_reaches_the_trial():
+    from orchestration.run.config import ConfigError, load_config
+    from orchestration.training.sweep import search_space, trial_config
+
+    cfg = load_config("configs/tiny.yaml", ["sweep.lambda_l1=[3, 100]"])
+    space = search_space(cfg)
+    assert (space["lambda_l1"].lower, space["lambda_l1"].upper) == (3, 100)
+    assert "lambda_l1" not in search_space(load_config("configs/tiny.yaml"))  # not swept unless given
+    assert trial_config(cfg, {"lambda_l1": 20.0}).stage_model(1).lambda_l1 == 20.0
+    with pytest.raises(ConfigError, match=r"sweep\.lambda_l1=\[0\.0, 10\.0\]: give a range"):
+        load_config("configs/tiny.yaml", ["sweep.lambda_l1=[0, 10]"])

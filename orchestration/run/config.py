@@ -158,12 +158,13 @@ class StageConfig:
 
 @dataclass
 class SweepConfig:
-    """Ray Tune over the loss weights (log-uniform ranges); lr and gan_mode optionally."""
+    """Ray Tune over the loss weights (log-uniform ranges); lambda_l1, lr and gan_mode optionally."""
 
     stage: Literal[1, 2, 3] = 1
     num_samples: int = at_least(1, 8)
     lambda_feat: list[float] = field(default_factory=lambda: [1.0, 30.0])
     lambda_vgg: list[float] = field(default_factory=lambda: [1.0, 30.0])
+    lambda_l1: list[float] | None = None  # log-uniform range, e.g. [3, 100] (pix2pix's L1 term; off unless given)
     lr: list[float] | None = None  # log-uniform range, e.g. [5e-5, 5e-4]
     gan_mode: list[str] | None = None  # choices, e.g. [lsgan, hinge]
     metric: str = "auto"  # auto: the eval section's metric and direction (orchestration/judging/selection.py)
@@ -311,7 +312,7 @@ class Config:
             raise ConfigError("stage2.num_D must be >= stage1.num_D (stage 2 adds a discriminator scale)")
         if self.stage_model(3).num_D != self.stage_model(2).num_D:
             raise ConfigError("stage3.num_D must equal stage2.num_D (stage 3 continues stage 2's networks)")
-        for name in ("lambda_feat", "lambda_vgg", "lr"):
+        for name in ("lambda_feat", "lambda_vgg", "lambda_l1", "lr"):
             r = getattr(self.sweep, name)
             if r is not None and (len(r) != 2 or not 0 < r[0] <= r[1]):
                 raise ConfigError(f"sweep.{name}={r}: give a range [low, high] with 0 < low <= high")

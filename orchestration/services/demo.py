@@ -51,7 +51,7 @@ class DemoSettings:
     # per worker per step (4x the updates of batch 4 per epoch; the reference's batch is 1 too), fewer stage-1
     # epochs (its gains did not survive the full-resolution stages), generator averaging and bf16 autocast took
     # the final generator's seg-score from 0.83 to 0.87 of the real photos'; pix2pix's L1 term, in place of the
-    # VGG loss the demo has no weights for, to 0.93 (in one process; make demo: README).
+    # VGG loss the demo has no weights for, to 0.91 and 0.93 over two seeds (in one process; make demo: README).
     overrides: tuple[str, ...] = (
         "model.instance_feat=true",  # E and per-object styles: the registered model is one the editor can restyle
         "model.ema_beta=0.999",  # generator averaging: the average is judged, registered and rendered
