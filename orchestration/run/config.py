@@ -156,6 +156,9 @@ class StageConfig:
         return self.niter + self.niter_decay
 
 
+SWEPT_RANGES = ("lambda_feat", "lambda_vgg", "lambda_l1", "lr")  # SweepConfig's log-uniform [low, high] fields
+
+
 @dataclass
 class SweepConfig:
     """Ray Tune over the loss weights (log-uniform ranges); lambda_l1, lr and gan_mode optionally."""
@@ -312,7 +315,7 @@ class Config:
             raise ConfigError("stage2.num_D must be >= stage1.num_D (stage 2 adds a discriminator scale)")
         if self.stage_model(3).num_D != self.stage_model(2).num_D:
             raise ConfigError("stage3.num_D must equal stage2.num_D (stage 3 continues stage 2's networks)")
-        for name in ("lambda_feat", "lambda_vgg", "lambda_l1", "lr"):
+        for name in SWEPT_RANGES:
             r = getattr(self.sweep, name)
             if r is not None and (len(r) != 2 or not 0 < r[0] <= r[1]):
                 raise ConfigError(f"sweep.{name}={r}: give a range [low, high] with 0 < low <= high")

@@ -36,7 +36,7 @@ from orchestration.records.tracking import (
     send_kept_records,
     unsent_file,
 )
-from orchestration.run.config import Config, ConfigError, available_val_split
+from orchestration.run.config import SWEPT_RANGES, Config, ConfigError, available_val_split
 from orchestration.run.stopping import run_status
 from orchestration.training.curriculum import (
     checkpoint_uri,
@@ -47,7 +47,7 @@ from orchestration.training.curriculum import (
 )
 from orchestration.training.worker import StageContext
 
-SAMPLED = ("lambda_feat", "lambda_vgg", "lambda_l1", "lr", "gan_mode")
+SAMPLED = (*SWEPT_RANGES, "gan_mode")
 TRIAL_TAG = "p2p.trial"
 TRACKED = (*LOSS_NAMES, "val_L1", "val_VGG", *QUALITY, "lr", "img_per_s", "data_wait")
 
@@ -115,7 +115,7 @@ def search_space(cfg: Config, log=print) -> dict:
         "lambda_feat": "model.no_ganFeat_loss is true" if m.no_ganFeat_loss else None,
     }
     space = {}
-    for name in ("lambda_feat", "lambda_vgg", "lambda_l1", "lr"):
+    for name in SWEPT_RANGES:
         r = getattr(w, name)
         if r is None:
             continue
