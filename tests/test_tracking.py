@@ -2,12 +2,16 @@
 
 import io
 import re
+import socket
+import struct
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from data import storage
@@ -17,6 +21,7 @@ from orchestration.records.tracking import (
     UNREACHABLE_WAIT_S,
     Tracker,
     filter_value,
+    quiet_client,
     send_unsent,
     unsent_file,
     unsent_folder,
@@ -120,6 +125,70 @@ def test_an_unreachable_server_never_raises_or_blocks(tmp_path):
     assert late.close("FINISHED", timeout=30) is False
     assert time.monotonic() - start < UNREACHABLE_WAIT_S + 2
     assert not any("cannot log to" in m for m in messages)
+
+
+class ResettingServer:
+    """An HTTP server on 127.0.0.1 that answers the first request on each connection and keeps it alive, then
+    resets the connection (RST, no answer) when `reset_reused` and a second request comes on it: a server closing an
+    idle kept-alive connection just as the client sends on it. With `reset_all`, it resets every request."""
+
+    EXPERIMENT = b'{"experiment": {"experiment_id": "1", "name": "e", "lifecycle_stage": "active"}}'
+
+    def __init__(self, reset_all: bool = False):
+        self.reset_all, self.answered, self.resets = reset_all, 0, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        reader, first = conn.makefile("rb"), True
+        while reader.readline() not in (b"", b"\r\n"):  # the request line and headers (GETs have no body)
+            pass
+        with conn:
+            while True:
+                if self.reset_all or not first:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.resets += 1
+                    return
+                first = False
+                self.answered += 1
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(self.EXPERIMENT)}"
+                conn.sendall(head.encode() + b"\r\nConnection: keep-alive\r\n\r\n" + self.EXPERIMENT)
+                while reader.readline() not in (b"", b"\r\n"):
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_kept_alive_connection_reset_by_the_server_is_retried_once_and_at_once():
+    """CI saw MLflow's system-metrics thread warn "Connection reset by peer" into a job's log: uvicorn closes idle
+    connections after 5 s, the monitor asks every 5 s, and a request went out on a connection being closed. That
+    is retried on a new connection; a server that resets everything still fails in two tries, not minutes."""
+    server = ResettingServer()
+    try:
+        client = quiet_client(server.url)
+        for _ in range(3):
+            assert client.get_experiment("1").name == "e"
+        assert server.resets == 2 and server.answered == 3  # the 2nd and 3rd went out on a reset connection
+    finally:
+        server.close()
+    server = ResettingServer(reset_all=True)
+    try:
+        start = time.monotonic()
+        with pytest.raises(MlflowException, match="Connection reset by peer"):
+            quiet_client(server.url).get_experiment("1")
+        assert time.monotonic() - start < 2 and server.resets == 2
+    finally:
+        server.close()
 
 
 def test_records_kept_during_an_outage_reach_the_server_once_it_answers(s3, tmp_path):

@@ -4,10 +4,11 @@
 tracking server is unreachable the queue is kept and retried with backoff; a warning is printed once per
 outage. Runs are found again by tags, so a resumed or resubmitted run logs into the same MLflow runs, and a
 server that comes back mid-run receives everything logged meanwhile. An outage costs a bounded delay: each
-request gives up after MLFLOW_HTTP_REQUEST_TIMEOUT (10 s) without MLflow's own retries, and once the server is
-known to be unreachable, `flush` and `close` wait at most `UNREACHABLE_WAIT_S` for it. What a tracker with an
-`unsent` file could not send by then is written there (`{run}/tracking-unsent/*.json`) and `send_unsent` sends it
-later: the job driver after each stage and at the end, `jobs.register`, or the next job of that run id.
+request gives up after one immediate retry (MLFLOW_HTTP_REQUEST_TIMEOUT, 10 s, each) instead of MLflow's
+minutes-long backoff, and once the server is known to be unreachable, `flush` and `close` wait at most
+`UNREACHABLE_WAIT_S` for it. What a tracker with an `unsent` file could not send by then is written there
+(`{run}/tracking-unsent/*.json`) and `send_unsent` sends it later: the job driver after each stage and at the end,
+`jobs.register`, or the next job of that run id.
 
 Tracking URI: `--tracking-uri`, else MLFLOW_TRACKING_URI, else a local sqlite store (registry included) under
 outputs/mlflow (the embedded default).
@@ -78,7 +79,10 @@ def local_artifact_location(uri: str) -> str | None:
 
 
 MLFLOW_CLIENT_ENV = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    # one retry, at once (urllib3 waits only before a second): a kept-alive connection that the server closes as a
+    # request goes out on it (uvicorn closes idle ones after 5 s, the system metrics' interval) is reset, and that
+    # is not an outage; more retries would be MLflow's minutes of backoff, which our queue does better
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     # artifacts through the server: with S3 behind it, MLflow 3 servers hand clients presigned URLs of *their* S3
@@ -90,7 +94,7 @@ MLFLOW_CLIENT_ENV = {
 
 
 def configure_mlflow_client() -> None:
-    """MLflow requests in this process give up after one 10 s try instead of MLflow's minutes-long backoff (our
+    """MLflow requests in this process give up after a retry instead of MLflow's minutes-long backoff (our
     callers retry where it helps: the tracking queue, registration, and say so), and MLflow does not print a
     "View run" link each time a run ends (the job log says where tracking goes once). Call on the main thread
     before MLflow's first request: it writes the environment."""
