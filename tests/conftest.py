@@ -163,12 +163,14 @@ BED_SECRET = f"p2p-secret-{__import__('uuid').uuid4().hex}"  # the nodes' S3 sec
 BED_TOKEN = f"p2p-token-{__import__('uuid').uuid4().hex}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def testbed():
-    """docker/compose.yaml started as a cluster of hosts, once per session, shared by every cluster test: MinIO
-    (moto), its bucket, PostgreSQL, MLflow, a Ray head and two workers, and a client host. The env file is
-    docker/.env.example with fresh secrets; Ray token authentication on, as there. The one difference from the
-    file: Ray's head notices a lost node after 3 s (1 s x 3 health checks) instead of Ray's 15."""
+    """docker/compose.yaml started as a cluster of hosts, once per session: shared by every test of the module that
+    takes it (tests/test_cluster.py, the only one) and stopped when that module ends, so that the rest of the suite
+    does not run beside an idle cluster (its daemons made those tests ~7% slower). MinIO (moto), its bucket,
+    PostgreSQL, MLflow, a Ray head and two workers, and a client host. The env file is docker/.env.example with
+    fresh secrets; Ray token authentication on, as there. The one difference from the file: Ray's head notices a
+    lost node after 3 s (1 s x 3 health checks) instead of Ray's 15."""
     import shutil
     import tempfile
     from pathlib import Path
