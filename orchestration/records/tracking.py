@@ -93,13 +93,22 @@ MLFLOW_CLIENT_ENV = {
 }
 
 
+def _not_a_retry(record: logging.LogRecord) -> bool:
+    """urllib3 warns "Retrying (Retry(...)) after connection broken by ..." before its one retry: routine for a
+    kept-alive connection the server closed, and a retry that fails too raises, which our callers report."""
+    return not str(record.msg).startswith("Retrying (")
+
+
 def configure_mlflow_client() -> None:
     """MLflow requests in this process give up after a retry instead of MLflow's minutes-long backoff (our
-    callers retry where it helps: the tracking queue, registration, and say so), and MLflow does not print a
-    "View run" link each time a run ends (the job log says where tracking goes once). Call on the main thread
-    before MLflow's first request: it writes the environment."""
+    callers retry where it helps: the tracking queue, registration, and say so), the retry is not a warning in the
+    log, and MLflow does not print a "View run" link each time a run ends (the job log says where tracking goes
+    once). Call on the main thread before MLflow's first request: it writes the environment."""
     for key, value in MLFLOW_CLIENT_ENV.items():
         os.environ.setdefault(key, value)
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    if _not_a_retry not in pool_log.filters:
+        pool_log.addFilter(_not_a_retry)
 
 
 def quiet_client(uri: str):
