@@ -1,6 +1,7 @@
 """Tracker and registry bundle against a real (sqlite) MLflow store, no server."""
 
 import io
+import itertools
 import logging
 import re
 import socket
@@ -130,8 +131,8 @@ def test_an_unreachable_server_never_raises_or_blocks(tmp_path):
 
 class ResettingServer:
     """An HTTP server on 127.0.0.1 that answers the first request on each connection and keeps it alive, then
-    resets the connection (RST, no answer) when `reset_reused` and a second request comes on it: a server closing an
-    idle kept-alive connection just as the client sends on it. With `reset_all`, it resets every request."""
+    resets the connection (RST, no answer) when a second request comes on it: a server closing an idle kept-alive
+    connection just as the client sends on it. With `reset_all`, it resets every request."""
 
     EXPERIMENT = b'{"experiment": {"experiment_id": "1", "name": "e", "lifecycle_stage": "active"}}'
 
@@ -150,21 +151,17 @@ class ResettingServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn):
-        reader, first = conn.makefile("rb"), True
-        while reader.readline() not in (b"", b"\r\n"):  # the request line and headers (GETs have no body)
-            pass
-        with conn:
-            while True:
-                if self.reset_all or not first:
+        with conn, conn.makefile("rb") as reader:
+            for n in itertools.count():
+                while reader.readline() not in (b"", b"\r\n"):  # the request line and headers (GETs have no body)
+                    pass
+                if self.reset_all or n > 0:
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.resets += 1
                     return
-                first = False
                 self.answered += 1
                 head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(self.EXPERIMENT)}"
                 conn.sendall(head.encode() + b"\r\nConnection: keep-alive\r\n\r\n" + self.EXPERIMENT)
-                while reader.readline() not in (b"", b"\r\n"):
-                    pass
 
     def close(self):
         self.sock.close()
